@@ -1,0 +1,4 @@
+"""The SSD training pipeline: DVC stages, Ray Train, MLflow tracking and the command line.
+
+Imports flow one way: ``pipeline -> ssd_core``.
+"""

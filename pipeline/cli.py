@@ -1,0 +1,128 @@
+"""``python -m pipeline <command>``: one entry point for every stage.
+
+Every command takes ``--params FILE`` (default ``params.yaml``) and dotlist overrides such as
+``train.lr=0.01`` after its options. Parameters are validated before the command starts any work.
+Stage modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # module exposing ``main(args, params) -> int | None``
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    takes_inputs: bool = False  # positional arguments that are not KEY=VALUE are inputs
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("data/prepared"), help="index folder to write")
+    p.add_argument("--report", type=Path, default=Path("reports/prepare.json"), help="counts (DVC metric)")
+
+
+def _shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", type=Path, default=Path("data/prepared"), help="prepared index folder")
+    p.add_argument("--out", type=Path, default=Path("shards"), help="shard folder (with manifest.json)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", default="shards", help="shard folder or fsspec URL (with manifest.json)")
+    p.add_argument("--model-out", type=Path, default=Path("models/ssd.pt"), help="final model file")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    p.add_argument("--shards", default="shards", help="shard folder or URL (validation split is used)")
+    p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"), help="DVC metrics file")
+    p.add_argument("--plots", type=Path, default=Path("plots"), help="PR-curve data (DVC plots)")
+    p.add_argument("--out", type=Path, default=Path("eval"), help="PNGs and COCO-format JSON")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="JSON and drawn images")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn and written")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
+    p.add_argument("--out", type=Path, default=Path("models/ssd.onnx"), help="exported file")
+
+
+def _no_args(p: argparse.ArgumentParser) -> None:
+    del p
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("prepare", "pipeline.stages.prepare", "validate a VOC/COCO/synthetic source into an index",
+            _prepare_args),
+    Command("shard", "pipeline.stages.shard", "write WebDataset shards and their manifest", _shard_args),
+    Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
+    Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards",
+            _evaluate_args),
+    Command("predict", "pipeline.stages.predict", "detect objects in images or folders", _predict_args,
+            takes_inputs=True),
+    Command("export", "pipeline.stages.export", "export the model with box decoding (ONNX)", _export_args),
+    Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved",
+            _no_args),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="SSD training pipeline. Each command reads --params (default params.yaml) and "
+        "accepts KEY=VALUE overrides, e.g. `python -m pipeline train train.lr=0.01`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file")
+        command.add_arguments(p)
+        p.add_argument(
+            "rest",
+            nargs="*",
+            metavar="INPUT_OR_KEY=VALUE" if command.takes_inputs else "KEY=VALUE",
+            help="parameter overrides" + (", and images or folders to read" if command.takes_inputs else ""),
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    command = next(c for c in COMMANDS if c.name == args.command)
+    overrides = [a for a in args.rest if _OVERRIDE.match(a)]
+    args.inputs = [a for a in args.rest if not _OVERRIDE.match(a)]
+    if args.inputs and not command.takes_inputs:
+        parser.error(f"{command.name}: unexpected argument(s) {args.inputs}; overrides look like KEY=VALUE")
+    params_path = args.params if args.params.exists() or args.params != Path("params.yaml") else None
+    try:
+        params = load_params(params_path, overrides)
+    except ConfigError as error:
+        print(f"error: invalid parameters: {error}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(command.module)
+    return int(module.main(args, params) or 0)

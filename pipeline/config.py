@@ -1,0 +1,321 @@
+"""Typed, validated parameters: ``params.yaml`` + command-line dotlist overrides -> ``Params``.
+
+``params.yaml`` is the one source of values. It is merged over the dataclass schema below with
+OmegaConf, so that an unknown key, a wrong type or an out-of-range value fails before any work starts,
+with a message that names the full key path and what is allowed::
+
+    train.lrr: unknown key; did you mean train.lr?
+    train.lr: expected float, got 'fast' (str)
+    train.lr: must be > 0, got -0.1
+
+Environment interpolation (``${oc.env:VAR,default}``) is resolved once, here, on the driver; workers
+receive the resolved ``Params`` object and never re-read files.
+
+Paths are not parameters: ``dvc.yaml`` names them and passes them to the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A parameter file or override that does not fit the schema; the message names the key path."""
+
+
+def _p(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, help: str = "") -> Any:
+    """A schema field with its allowed range or choices (checked after merging) and a one-line reason."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "help": help}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class SyntheticConfig:
+    num_train: int = _p(1600, ge=1, help="images in the generated training split")
+    num_val: int = _p(200, ge=1, help="images in the generated validation split")
+    image_size: int = _p(160, ge=32, le=4096, help="side of the square generated images, pixels")
+    max_objects: int = _p(6, ge=1, le=50, help="upper bound on objects per image")
+    seed: int = _p(0, help="generator seed: one seed, one dataset")
+
+
+@dataclass
+class VocConfig:
+    train_sets: list[str] = _p(["trainval"], help="ImageSets/Main lists that make the training split")
+    val_sets: list[str] = _p(["test"], help="ImageSets/Main lists that make the validation split")
+    annotations_dir: str = _p("", help="flat layout: folder of XML files (empty: detect)")
+    images_dir: str = _p("", help="flat layout: folder of images (empty: detect)")
+
+
+@dataclass
+class CocoConfig:
+    train_json: str = _p("", help="instances JSON of the training split")
+    train_images: str = _p("", help="image folder of the training split")
+    val_json: str = _p("", help="instances JSON of the validation split")
+    val_images: str = _p("", help="image folder of the validation split")
+
+
+@dataclass
+class DataConfig:
+    source: str = _p("synthetic", choices=("synthetic", "voc", "coco"), help="where prepare reads from")
+    root: Any = _p("", help="voc: a dataset root, or a list of roots to combine (VOC07+12)")
+    classes: list[str] = _p([], help="class names in label order (empty: discovered from the data)")
+    strict_classes: bool = _p(False, help="fail on a class name not in data.classes instead of counting it")
+    val_fraction: float = _p(0.1, gt=0.0, lt=1.0, help="seeded validation split when no split lists exist")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    voc: VocConfig = field(default_factory=VocConfig)
+    coco: CocoConfig = field(default_factory=CocoConfig)
+
+    @property
+    def roots(self) -> list[str]:
+        """``root`` as a list, whether one path or several were given."""
+        if isinstance(self.root, str):
+            return [self.root] if self.root else []
+        return [str(r) for r in self.root]
+
+
+@dataclass
+class PrepareConfig:
+    max_bad_fraction: float = _p(0.05, ge=0.0, le=1.0, help="fail when more images than this are rejected")
+    max_image_pixels: int = _p(89_478_485, ge=1, help="decompression-bomb guard (PIL's default limit)")
+
+
+@dataclass
+class ShardConfig:
+    maxcount: int = _p(500, ge=1, help="samples per shard at most")
+    maxsize: int = _p(256_000_000, ge=1_000_000, help="bytes per shard at most")
+    max_side: int = _p(0, ge=0, help="downscale images whose longer side exceeds this (0: never)")
+    jpeg_quality: int = _p(95, ge=1, le=100, help="quality of re-encoded images")
+
+
+# -------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    preset: str = _p(
+        "ssd_tiny", choices=("ssd_tiny", "ssd300_vgg16", "ssd512_vgg16"), help="architecture and priors"
+    )
+    pretrained_backbone: str = _p("", help="path to an ImageNet VGG16 state dict (empty: random init)")
+
+
+@dataclass
+class AugmentConfig:
+    photometric: bool = _p(True, help="brightness, contrast, saturation, hue in random order")
+    expand: bool = _p(True, help="zoom out onto a mean-filled canvas")
+    expand_max_ratio: float = _p(4.0, ge=1.0, help="largest canvas side / image side")
+    crop: bool = _p(True, help="min-IoU random crop")
+    flip: bool = _p(True, help="horizontal flip with probability 0.5")
+
+
+# -------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    num_workers: int = _p(2, ge=1, help="Ray Train workers (DDP ranks)")
+    threads_per_worker: int = _p(1, ge=1, help="torch intra-op threads per worker")
+    use_gpu: bool = _p(False, help="one GPU per worker, NCCL backend")
+    loader_workers: int = _p(1, ge=0, help="DataLoader worker processes per rank")
+    batch_size: int = _p(32, ge=1, help="images per step per worker")
+    lr: float = _p(1e-3, gt=0.0, help="learning rate at lr_reference_batch global images per step")
+    lr_reference_batch: int = _p(32, ge=1, help="lr scales linearly with global batch / this")
+    momentum: float = _p(0.9, ge=0.0, lt=1.0, help="SGD momentum (paper)")
+    weight_decay: float = _p(5e-4, ge=0.0, help="L2 weight decay (paper)")
+    max_steps: int = _p(1000, ge=1, help="optimiser steps in the whole run")
+    warmup_steps: int = _p(100, ge=0, help="linear warm-up from lr/warmup_factor")
+    schedule: str = _p("cosine", choices=("multistep", "cosine"), help="decay after warm-up")
+    milestones: list[int] = _p([], help="multistep: steps at which lr is multiplied by gamma")
+    gamma: float = _p(0.1, gt=0.0, le=1.0, help="multistep decay factor")
+    grad_clip_norm: float = _p(10.0, ge=0.0, help="clip the global gradient norm (0: off)")
+    precision: str = _p("fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp16: GPU only)")
+    channels_last: bool = _p(False, help="NHWC memory format for convolutions")
+    iou_threshold: float = _p(0.5, gt=0.0, le=1.0, help="prior/box IoU that makes a positive")
+    neg_pos_ratio: int = _p(3, ge=1, help="hard negatives per positive (paper: 3)")
+    loss_normalize: str = _p("batch", choices=("batch", "per_image"), help="divide by N over the batch")
+    checkpoint_every_steps: int = _p(200, ge=1, help="rank 0 writes a checkpoint this often")
+    keep_checkpoints: int = _p(2, ge=1, help="newest checkpoints kept")
+    max_failures: int = _p(3, ge=0, help="worker-group restarts allowed")
+    max_consecutive_skips: int = _p(20, ge=1, help="non-finite steps in a row before the run stops")
+    resume: bool = _p(True, help="continue from the newest checkpoint of the same run")
+    run_name: str = _p("ssd", help="Ray Train run name; with storage_path, the identity used to resume")
+    storage_path: str = _p("runs", help="checkpoints: local path (relative to the repo) or fsspec URL")
+    log_every_steps: int = _p(10, ge=1, help="progress line and step metrics interval")
+
+
+# --------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvalConfig:
+    batch_size: int = _p(16, ge=1, help="images per forward pass")
+    score_threshold: float = _p(0.01, ge=0.0, lt=1.0, help="per-class score threshold (original: 0.01)")
+    nms_iou: float = _p(0.45, gt=0.0, le=1.0, help="NMS IoU threshold (original: 0.45)")
+    top_k: int = _p(400, ge=1, help="candidates per class before NMS (original: 400)")
+    max_detections: int = _p(200, ge=1, help="detections per image after NMS (original: 200)")
+    num_sample_images: int = _p(16, ge=0, help="validation images drawn in the detection grid")
+
+
+# --------------------------------------------------------------------------------------- tracking
+@dataclass
+class TrackingConfig:
+    enabled: bool = _p(True, help="record runs in MLflow")
+    experiment: str = _p("ssd", help="MLflow experiment name")
+    uri: str = _p("", help="tracking URI (empty: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)")
+    grad_stats_every: int = _p(50, ge=0, help="per-layer gradient statistics interval (0: off)")
+    connect_timeout_s: float = _p(10.0, gt=0.0, help="give up on an unreachable server after this long")
+    register_model: bool = _p(True, help="register the final model in the MLflow registry")
+    model_name: str = _p("ssd", help="registered model name")
+
+
+@dataclass
+class Params:
+    seed: int = _p(0, help="one seed for splits, initialisation, data order and augmentation")
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Params:
+    """Read ``path`` (a params.yaml; None: defaults only), apply dotlist ``overrides``, validate.
+
+    Raises:
+        ConfigError: naming the key path and what is allowed, for unknown keys, wrong types,
+            out-of-range values, malformed overrides and unreadable files.
+    """
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    try:
+        sources = [OmegaConf.structured(Params)]
+        if path is not None:
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, Mapping) and loaded is not None:
+                raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+            sources.append(loaded)
+        sources.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*sources)
+        params = OmegaConf.to_object(merged)  # resolves ${oc.env:...} interpolations, once
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: parameter file not found") from error
+    except ConfigKeyError as error:
+        raise ConfigError(_unknown_key_message(error)) from None
+    except ValidationError as error:
+        raise ConfigError(_type_message(error)) from None
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "params"
+        raise ConfigError(f"{key}: {_first_line(error)}") from None
+    assert isinstance(params, Params)
+    problems = list(_range_problems(params, ""))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return params
+
+
+def params_from_dict(values: Mapping[str, Any]) -> Params:
+    """Rebuild and re-validate ``Params`` from ``params_to_dict`` output (e.g. read from a checkpoint)."""
+    return load_params(None, [f"{k}={_dotlist_value(v)}" for k, v in flatten(values).items()])
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """Plain nested dict of ``params`` (JSON/YAML-safe), e.g. to store in a checkpoint."""
+    return dataclasses.asdict(params)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}} -> {"train.lr": 0.1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _dotlist_value(value: Any) -> str:
+    return OmegaConf.to_yaml({"v": value}).split(":", 1)[1].strip() if value != "" else "''"
+
+
+# ----------------------------------------------------------------------------------- messages
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _schema_at(path: list[str]) -> type | None:
+    """The dataclass type that holds the field at ``path`` (all but the last part), or None."""
+    node: Any = Params
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return None
+        node = typing.get_type_hints(node)[part]
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def _unknown_key_message(error: ConfigKeyError) -> str:
+    full_key = str(getattr(error, "full_key", "") or getattr(error, "key", "") or "")
+    parts = full_key.split(".") if full_key else []
+    holder = _schema_at(parts[:-1]) if parts else None
+    if holder is None:
+        return f"{full_key or 'params'}: {_first_line(error)}"
+    prefix = ".".join(parts[:-1])
+    names = [f.name for f in dataclasses.fields(holder)]
+    close = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.6)
+    where = f"{prefix}." if prefix else ""
+    if close:
+        return f"{full_key}: unknown key; did you mean {where}{close[0]}?"
+    return f"{full_key}: unknown key; allowed keys in {prefix or 'the top level'}: {', '.join(names)}"
+
+
+def _type_message(error: ValidationError) -> str:
+    full_key = str(getattr(error, "full_key", "") or "")
+    parts = full_key.split(".") if full_key else []
+    holder = _schema_at(parts[:-1]) if parts else None
+    got = getattr(error, "value", None)
+    if holder is None or parts[-1] not in typing.get_type_hints(holder):
+        return f"{full_key or 'params'}: {_first_line(error)}"
+    expected = typing.get_type_hints(holder)[parts[-1]]
+    expected_name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    if dataclasses.is_dataclass(expected):
+        expected_name = f"a mapping (section {full_key})"
+    return f"{full_key}: expected {expected_name}, got {got!r} ({type(got).__name__})"
+
+
+def _range_problems(node: Any, prefix: str) -> Iterable[str]:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _range_problems(value, key + ".")
+            continue
+        meta = f.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            allowed = ", ".join(repr(c) for c in meta["choices"])
+            yield f"{key}: must be one of {allowed}, got {value!r}"
+        for bound, ok, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+            ("lt", lambda v, b: v < b, "<"),
+        ):
+            limit = meta.get(bound)
+            if limit is not None and not ok(value, limit):
+                yield f"{key}: must be {word} {limit}, got {value!r}"
+    if isinstance(node, DataConfig):
+        root = node.root
+        if not (isinstance(root, str) or (isinstance(root, list) and all(isinstance(r, str) for r in root))):
+            yield f"{prefix}root: expected a path or a list of paths, got {root!r}"

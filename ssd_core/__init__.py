@@ -1,0 +1,6 @@
+"""A pure-PyTorch SSD library: priors, box coding, matching, MultiBox loss, model, post-processing.
+
+It imports only torch, numpy and the standard library, takes plain arguments (never a config object),
+and is usable on its own. Inside it, boxes are xyxy float32 normalised to [0, 1] and priors are cxcywh;
+class 0 is background and ``num_classes`` includes it.
+"""

@@ -105,6 +105,9 @@ class ModelConfig:
     preset: str = _p(
         "ssd_tiny", choices=("ssd_tiny", "ssd300_vgg16", "ssd512_vgg16"), help="architecture and priors"
     )
+    priors: str = _p(
+        "voc", choices=("voc", "coco"), help="VGG presets: default-box sizes of the Caffe VOC or COCO model"
+    )
     pretrained_backbone: str = _p("", help="path to an ImageNet VGG16 state dict (empty: random init)")
 
 

@@ -27,11 +27,11 @@ run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: install
-	$(PY) -m ruff check ssd_core pipeline tests benchmarks
+	$(PY) -m ruff check ssd_core pipeline tests benchmarks infra
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check ssd_core pipeline tests benchmarks
+	$(PY) -m ruff check ssd_core pipeline tests benchmarks infra
 
 # Re-generate the lock after changing pyproject.toml dependencies (run on a fresh venv).
 lock: install

@@ -1,0 +1,230 @@
+"""Training loader throughput and memory: shards vs the same images read from a VOC folder, vs decode-only.
+
+Data: the raccoon set (real photos, ~500 x 400, ``$SSD_RACCOON_DIR`` or ``../shared/datasets/raccoon``),
+prepared (seeded split) and sharded into a temporary folder; its training split (180 images) is used by
+all three paths, ``--epochs`` times each.
+
+Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 32):
+- ``shards``: ``pipeline.data.train_loader`` with the full SSD augmentation at 300 x 300;
+- ``folder``: the reference users would write first: a map-style Dataset over the VOC folder that parses
+  each XML (defusedxml), opens the JPEG, applies EXIF orientation, converts to RGB and runs the same
+  ``train_transform`` (same per-sample seeding), batched by the same collate;
+- ``shards_resize_only``: the shard loader with every augmentation step off (decode + resize to 300): what
+  the loader itself costs, without ``train_transform``'s augmentation work;
+- ``decode_only``: the ceiling: the same JPEG bytes, held in memory, only decoded to uint8 tensors.
+The paths run interleaved, one epoch each per round, so drifting machine load affects them alike.
+
+Memory: the resident set size (RSS) of the main process and of its DataLoader workers, sampled every
+50 ms while the shard loader runs; per epoch the peak of main + workers and main alone. "Flat" means the
+last epoch's peak is within 10 % of the first's.
+
+Run: ``.venv/bin/python benchmarks/bench_loader.py [--epochs 3]``; prints the figures and writes
+``benchmarks/results/bench_loader.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "bench_loader.json"
+sys.path[:0] = [str(REPO)]
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from pipeline.config import load_params  # noqa: E402
+from pipeline.data import collate_train, sample_seed, train_loader  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.sources.images import load_rgb  # noqa: E402
+from pipeline.sources.records import read_index, write_index  # noqa: E402
+from pipeline.sources.voc import parse_voc_xml  # noqa: E402
+from pipeline.stages.prepare import prepare  # noqa: E402
+from pipeline.stages.shard import shard  # noqa: E402
+from ssd_core.transforms import AugmentOptions, train_transform  # noqa: E402
+
+SIZE, BATCH, WORKERS, SEED = 300, 32, 2, 0
+MAX_PIXELS = 89_478_485
+FULL = AugmentOptions()
+RESIZE_ONLY = AugmentOptions(photometric=False, expand=False, crop=False, flip=False)
+
+
+class FolderDataset(Dataset):
+    """The straightforward VOC-folder loader: XML + JPEG from disk per sample, then the same augmentation."""
+
+    def __init__(self, items: list[tuple[Path, Path, str]], classes: list[str], epoch: int) -> None:
+        self.items, self.labels, self.epoch = items, {c: i + 1 for i, c in enumerate(classes)}, epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        xml_path, image_path, key = self.items[i]
+        parsed = parse_voc_xml(xml_path)
+        image = load_rgb(image_path, max_pixels=MAX_PIXELS)  # EXIF orientation + RGB
+        w, h = image.size
+        boxes = torch.tensor([o.box_px for o in parsed.objects], dtype=torch.float32).reshape(-1, 4)
+        boxes = (boxes / torch.tensor([w, h, w, h])).clamp(0, 1)
+        labels = torch.tensor([self.labels[o.name] for o in parsed.objects], dtype=torch.int64)
+        difficult = torch.tensor([o.difficult for o in parsed.objects], dtype=torch.bool)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        generator = torch.Generator().manual_seed(sample_seed(SEED, self.epoch, key))
+        return train_transform(pixels, boxes, labels, difficult, size=SIZE, options=FULL, generator=generator)
+
+
+class DecodeOnly(Dataset):
+    def __init__(self, blobs: list[bytes]) -> None:
+        self.blobs = blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(io.BytesIO(self.blobs[i])) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+class RssSampler:
+    """Peak RSS (MiB) of this process and of all its children, sampled in a thread."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period, self.me = period, psutil.Process()
+        self.peak_total = self.peak_main = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            main = self.me.memory_info().rss
+            total = main
+            for child in self.me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass  # a worker that exited between listing and reading
+            self.peak_main = max(self.peak_main, main / 2**20)
+            self.peak_total = max(self.peak_total, total / 2**20)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(batches) -> tuple[float, int]:
+    """(seconds, images) to exhaust ``batches``: TrainBatches, or lists of decoded images."""
+    images, start = 0, time.perf_counter()
+    for batch in batches:
+        images += len(batch.images if hasattr(batch, "images") else batch)
+    return time.perf_counter() - start, images
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    raccoon = Path(os.environ.get("SSD_RACCOON_DIR") or REPO.parent / "shared" / "datasets" / "raccoon")
+    if not raccoon.is_dir():
+        print(f"raccoon dataset not found at {raccoon}; set SSD_RACCOON_DIR", file=sys.stderr)
+        return 1
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        params = load_params(None, ["data.source=voc", f"data.root={raccoon}"])
+        result = prepare(params, work / "prepared", progress=False)
+        write_index(work / "prepared", result.records, result.classes)
+        shard(work / "prepared", work / "shards", params.shard, progress=False)
+        shards = str(work / "shards")
+        records = read_index(work / "prepared", "train")
+        manifest = load_manifest(shards, verify=True)
+        locations = [loc for s in manifest.split_shards("train") for loc in s.samples]
+        items = [(raccoon / "annotations" / f"{r.id.split('/', 1)[1]}.xml", r.image, loc.key)
+                 for r, loc in zip(records, locations, strict=True)]
+        blobs = [r.image.read_bytes() for r in records]
+        mean_pixels = float(np.mean([r.width * r.height for r in records]))
+
+        def shard_batches(epoch, augment=FULL):
+            return train_loader(shards, rank=0, world_size=1, batch_size=BATCH, image_size=SIZE,
+                                augment=augment, seed=SEED, epoch=epoch, num_workers=WORKERS)
+
+        def resize_only_batches(epoch):
+            return shard_batches(epoch, RESIZE_ONLY)
+
+        def folder_batches(epoch):
+            return DataLoader(FolderDataset(items, result.classes, epoch), batch_size=BATCH, num_workers=WORKERS,
+                              shuffle=True, generator=torch.Generator().manual_seed(epoch),
+                              collate_fn=lambda samples: collate_train(samples, SIZE))
+
+        def decode_batches(epoch):
+            return DataLoader(DecodeOnly(blobs), batch_size=BATCH, num_workers=WORKERS, collate_fn=list)
+
+        paths = {"shards": shard_batches, "folder": folder_batches, "shards_resize_only": resize_only_batches,
+                 "decode_only": decode_batches}
+        for make in paths.values():
+            timed(make(0))  # warm the page cache and the code paths once
+        # Rounds interleave the paths, so a change in machine load during the run hits all of them alike.
+        seconds, images, rss = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0), []
+        for epoch in range(args.epochs):
+            for name, make in paths.items():
+                with RssSampler() as sampler:
+                    spent, count = timed(make(epoch))
+                seconds[name] += spent
+                images[name] += count
+                if name == "shards":
+                    rss.append({"epoch": epoch, "peak_main_mib": round(sampler.peak_main, 1),
+                                "peak_main_plus_workers_mib": round(sampler.peak_total, 1)})
+
+    rates = {name: images[name] / seconds[name] for name in paths}
+    flat = rss[-1]["peak_main_plus_workers_mib"] <= 1.1 * rss[0]["peak_main_plus_workers_mib"]
+    report = {
+        "benchmark": "bench_loader",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
+        "setup": {"dataset": "raccoon train split", "images_per_epoch": len(records), "epochs": args.epochs,
+                  "mean_image_pixels": round(mean_pixels), "image_size": SIZE, "batch_size": BATCH,
+                  "dataloader_workers": WORKERS, "augmentation": "full SSD (photometric, expand, crop, flip)"},
+        "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratios": {"shards_over_folder": round(rates["shards"] / rates["folder"], 3),
+                   "shards_over_decode_only": round(rates["shards"] / rates["decode_only"], 3),
+                   "shards_resize_only_over_decode_only": round(rates["shards_resize_only"] / rates["decode_only"], 3)},
+        "goals": {"shards_over_folder": 1.5, "shards_over_decode_only": 0.6},
+        "rss_per_epoch": rss,
+        "rss_flat": flat,
+    }
+    print(f"loader, raccoon train ({len(records)} images of ~{mean_pixels / 1e3:.0f} kpixels), {args.epochs} epochs, "
+          f"{WORKERS} workers, batch {BATCH}, {SIZE}x{SIZE}")
+    for name, rate in rates.items():
+        print(f"  {name:12s} {rate:8.1f} images/s")
+    print(f"  shards / folder      = {report['ratios']['shards_over_folder']:.2f}  (goal >= 1.5)")
+    print(f"  shards / decode-only = {report['ratios']['shards_over_decode_only']:.2f}  (goal >= 0.6)")
+    print(f"  shards without augmentation (resize only) / decode-only = "
+          f"{report['ratios']['shards_resize_only_over_decode_only']:.2f}")
+    for row in rss:
+        print(f"  epoch {row['epoch']}: peak RSS main {row['peak_main_mib']:.0f} MiB, "
+              f"main + workers {row['peak_main_plus_workers_mib']:.0f} MiB")
+    print(f"  RSS flat over epochs: {flat}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

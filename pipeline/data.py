@@ -1,0 +1,403 @@
+"""Streaming loaders over the shards of ``python -m pipeline shard``: distributed training and evaluation.
+
+How a training epoch is cut (``rank_batches``; sample-level, not shard-level):
+
+1. The split's N samples (manifest order) are permuted by a generator seeded with ``(seed, epoch)``:
+   a fresh order every epoch, mixing samples of all shards (a stronger shuffle than shuffling the shard
+   order, and identical whatever the number of workers).
+2. The order is padded cyclically to ``ceil(N / W) * W`` and dealt to the W ranks like cards
+   (``rank::W``), so every rank gets exactly ``ceil(N / W)`` samples and every sample is used once per
+   global epoch (at most W - 1 are used twice to even out the ranks). Uneven shard sizes cannot make one
+   rank run out early and hang DDP.
+3. Each rank cuts its samples into ``ceil(ceil(N / W) / batch_size)`` batches (the last may be smaller,
+   equally on every rank); batch k goes to DataLoader worker ``k mod num_workers``, which reads exactly
+   those samples with ranged reads located by the manifest's member table, decodes and augments them.
+   The DataLoader hands batches back in order 0, 1, 2, ...
+
+A sample's augmentation draws from a ``torch.Generator`` seeded by ``(seed, epoch, sample key)``, so a
+batch is a function of (shards, seed, epoch, rank, world_size, batch index) only: the worker count changes
+nothing, and ``skip_batches=k`` starts at batch k without reading or decoding batches 0..k-1.
+
+A corrupt sample (unreadable bytes, bad JPEG, bad JSON) is skipped and counted in ``TrainBatch.num_bad``
+of the batch it belonged to; the batch is then smaller (in the extreme, empty: ``[0, 3, S, S]``), but the
+number of batches never changes. Nothing sleeps or retries. Evaluation, which must see every sample,
+raises ``ShardError`` instead.
+
+Shards may live in a local folder or at an fsspec URL. ``load_manifest(shards, verify=True)`` (sha256 +
+member counts) should run once before training; the loaders themselves check only that every shard
+exists with its recorded size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import fsspec
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.manifest import ShardError, ShardInfo, ShardManifest, join, load_manifest
+from pipeline.sources.images import ImageRejected, decode, open_checked
+from ssd_core.transforms import AugmentOptions, eval_transform, train_transform
+
+__all__ = [
+    "EvalBatch", "ShardError", "ShardManifest", "TrainBatch", "TrainLoader", "EvalLoader", "batches_per_epoch",
+    "eval_loader", "load_manifest", "rank_batches", "train_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+OPEN_SHARDS_PER_WORKER = 16  # file handles a worker keeps open (least recently used closed first)
+
+
+class TrainBatch(NamedTuple):
+    images: Tensor  # uint8 [B, 3, S, S]
+    boxes: Tensor  # float32 [B, G, 4] xyxy normalised; padding rows are 0
+    labels: Tensor  # int64 [B, G], 1..C-1; padding 0
+    difficult: Tensor  # bool [B, G]
+    mask: Tensor  # bool [B, G]: True for real boxes
+    num_bad: int  # corrupt samples skipped from this batch
+
+
+class EvalBatch(NamedTuple):
+    images: Tensor  # uint8 [B, 3, S, S]
+    keys: list[str]  # source ids, e.g. "VOC2007/000005"
+    sizes: Tensor  # int64 [B, 2] (width, height) of the stored image, pixels
+    boxes: list[Tensor]  # B x float32 [G, 4] xyxy pixels
+    labels: list[Tensor]  # B x int64 [G]
+    difficult: list[Tensor]  # B x bool [G]
+
+
+class _Decoded(NamedTuple):
+    image: Tensor  # uint8 [3, H, W]
+    meta: dict[str, Any]
+    boxes_px: Tensor  # float32 [G, 4]
+    labels: Tensor  # int64 [G]
+    difficult: Tensor  # bool [G]
+
+
+class _Corrupt(Exception):
+    """A sample that cannot be used; caught per sample, never escapes a loader."""
+
+
+# ------------------------------------------------------------------------------------------- plan
+def _seed_words(*values: int) -> list[int]:
+    return [int(v) % (1 << 64) for v in values]  # SeedSequence takes non-negative words; seeds may be negative
+
+
+def epoch_order(num_samples: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Permutation of ``range(num_samples)`` for one epoch, from ``(seed, epoch)`` only."""
+    return np.random.default_rng(_seed_words(seed, epoch)).permutation(num_samples)
+
+
+def batches_per_epoch(num_samples: int, *, world_size: int, batch_size: int) -> int:
+    """Batches each rank yields per epoch: ``ceil(ceil(N / W) / batch_size)``."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def rank_batches(
+    num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int
+) -> list[np.ndarray]:
+    """Sample indices (manifest order) of each batch of ``rank`` in ``epoch`` (see the module docstring)."""
+    if num_samples < 1:
+        raise ValueError(f"rank_batches: expected at least one sample, got {num_samples}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank_batches: expected 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"rank_batches: expected batch_size >= 1, got {batch_size}")
+    per_rank = math.ceil(num_samples / world_size)
+    padded = np.resize(epoch_order(num_samples, seed=seed, epoch=epoch), per_rank * world_size)  # cyclic padding
+    mine = padded[rank::world_size]  # [per_rank]
+    return [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """Augmentation seed of one sample in one epoch (63 bits of blake2b; independent of rank and worker)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------- reading
+class _ShardReader:
+    """Ranged reads of samples from the shards of one split; opened lazily inside each worker process."""
+
+    def __init__(self, root: str, shards: tuple[ShardInfo, ...]) -> None:
+        self.root = root
+        self.shards = shards
+        self.locations = [(s, loc) for s in shards for loc in s.samples]  # manifest order
+        self._fs: Any = None
+        self._base = ""
+        self._open: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def describe(self, index: int) -> str:
+        shard, loc = self.locations[index]
+        return f"{join(self.root, shard.name)} sample {loc.key}"
+
+    def read(self, index: int) -> tuple[bytes, bytes]:
+        """(jpg bytes, json bytes) of sample ``index``; ``_Corrupt`` when they cannot be read whole."""
+        shard, loc = self.locations[index]
+        start = min(loc.jpg_offset, loc.json_offset)
+        end = max(loc.jpg_offset + loc.jpg_size, loc.json_offset + loc.json_size)
+        try:
+            handle = self._handle(shard.name)
+            handle.seek(start)
+            data = handle.read(end - start)
+        except OSError as error:
+            raise _Corrupt(f"cannot read ({type(error).__name__}: {error})") from None
+        if len(data) != end - start:
+            raise _Corrupt(f"shard ends early: read {len(data)} of {end - start} bytes")
+        return (data[loc.jpg_offset - start : loc.jpg_offset - start + loc.jpg_size],
+                data[loc.json_offset - start : loc.json_offset - start + loc.json_size])
+
+    def _handle(self, name: str) -> Any:
+        if self._fs is None:
+            self._fs, self._base = fsspec.core.url_to_fs(self.root)
+        if name in self._open:
+            self._open.move_to_end(name)
+            return self._open[name]
+        if len(self._open) >= OPEN_SHARDS_PER_WORKER:
+            self._open.popitem(last=False)[1].close()
+        handle = self._fs.open(join(self._base, name), "rb")
+        self._open[name] = handle
+        return handle
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+def decode_sample(jpg: bytes, meta_bytes: bytes, num_classes: int) -> _Decoded:
+    """Decode one sample's members; ``_Corrupt`` for anything that does not match what shard wrote."""
+    try:
+        meta = json.loads(meta_bytes)
+        width, height = int(meta["width"]), int(meta["height"])
+        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)  # [G, 4] pixels
+        labels = torch.tensor(meta["labels"], dtype=torch.int64).reshape(-1)  # [G]
+        difficult = torch.tensor(meta["difficult"], dtype=torch.bool).reshape(-1)  # [G]
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise _Corrupt(f"bad JSON record ({type(error).__name__}: {error})") from None
+    if not (len(boxes) == len(labels) == len(difficult)) or not torch.isfinite(boxes).all():
+        raise _Corrupt("JSON record: boxes, labels and difficult disagree in length or hold non-finite values")
+    if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
+        raise _Corrupt(f"JSON record: labels outside 1..{num_classes}")
+    try:
+        image = open_checked(jpg, max_pixels=max(1, width * height))  # refuses a bomb before decoding
+        if image.size != (width, height):
+            raise _Corrupt(f"image is {image.size[0]}x{image.size[1]}, the record says {width}x{height}")
+        decode(image)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+    except ImageRejected as rejected:
+        raise _Corrupt(str(rejected)) from None
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] (HWC memory)
+    return _Decoded(pixels, meta, boxes, labels, difficult)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Compute a batch on one intra-op thread, as DataLoader workers do: some float ops round differently
+    with more threads, and the batches must not depend on where they are made (``num_workers=0`` included)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _iterate(dataset: IterableDataset, num_workers: int, **options: Any) -> Iterator[Any]:
+    """Batches of ``dataset`` in order: in this process, or from ``num_workers`` DataLoader workers (each makes
+    every ``num_workers``-th batch, see ``_worker_share``; the DataLoader returns them round-robin)."""
+    if num_workers == 0:
+        return iter(dataset)
+    return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, **options))
+
+
+def _worker_share(count: int) -> range:
+    """Positions ``0..count-1`` this DataLoader worker produces: ``worker_id, worker_id + num_workers, ...``."""
+    info = get_worker_info()
+    return range(0, count) if info is None else range(info.id, count, info.num_workers)
+
+
+# --------------------------------------------------------------------------------------- training
+class _TrainBatches(IterableDataset):
+    def __init__(self, reader: _ShardReader, batches: list[np.ndarray], *, image_size: int, augment: AugmentOptions,
+                 seed: int, epoch: int, num_classes: int) -> None:
+        self.reader, self.batches = reader, batches
+        self.image_size, self.augment, self.seed, self.epoch = image_size, augment, seed, epoch
+        self.num_classes = num_classes
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        try:
+            for position in _worker_share(len(self.batches)):
+                with _one_thread():
+                    batch = self._batch(self.batches[position])
+                yield batch
+        finally:
+            self.reader.close()
+
+    def _batch(self, indices: np.ndarray) -> TrainBatch:
+        samples, bad = [], 0
+        for index in indices.tolist():
+            try:
+                decoded = decode_sample(*self.reader.read(index), self.num_classes)
+            except _Corrupt as error:
+                bad += 1
+                logger.warning("skipped corrupt sample %s: %s", self.reader.describe(index), error)
+                continue
+            h, w = decoded.image.shape[1:]
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+            boxes = (decoded.boxes_px / scale).clamp_(0.0, 1.0)  # [G, 4] normalised
+            key = self.reader.locations[index][1].key
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, key))
+            samples.append(train_transform(decoded.image, boxes, decoded.labels, decoded.difficult,
+                                           size=self.image_size, options=self.augment, generator=generator))
+        return collate_train(samples, self.image_size, bad)
+
+
+def collate_train(samples: list[Any], image_size: int, num_bad: int = 0) -> TrainBatch:
+    """Stack ``Sample``s into a ``TrainBatch``, padding boxes to the batch's largest count G."""
+    b, g = len(samples), max((len(s.labels) for s in samples), default=0)
+    images = torch.stack([s.image for s in samples]) if samples else torch.empty(0, 3, image_size, image_size,
+                                                                                 dtype=torch.uint8)
+    boxes = torch.zeros(b, g, 4, dtype=torch.float32)
+    labels = torch.zeros(b, g, dtype=torch.int64)
+    difficult = torch.zeros(b, g, dtype=torch.bool)
+    mask = torch.zeros(b, g, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s.labels)
+        boxes[i, :n], labels[i, :n], difficult[i, :n], mask[i, :n] = s.boxes, s.labels, s.difficult, True
+    return TrainBatch(images, boxes, labels, difficult, mask, num_bad)
+
+
+class TrainLoader:
+    """One epoch of training batches for one rank. ``len()`` is the full epoch's batch count, the same on
+    every rank and whatever ``skip_batches`` is; iteration yields batches ``skip_batches .. len() - 1``."""
+
+    def __init__(self, manifest: ShardManifest, *, split: str, rank: int, world_size: int, batch_size: int,
+                 image_size: int, augment: AugmentOptions, seed: int, epoch: int, num_workers: int,
+                 skip_batches: int = 0, multiprocessing_context: str | None = None, pin_memory: bool = False) -> None:
+        if not isinstance(augment, AugmentOptions):
+            raise TypeError(f"train_loader: expected augment as an AugmentOptions, got {type(augment).__name__}")
+        if num_workers < 0:
+            raise ValueError(f"train_loader: expected num_workers >= 0, got {num_workers}")
+        self.manifest, self.epoch, self.num_workers = manifest, epoch, num_workers
+        self.loader_options = {"multiprocessing_context": multiprocessing_context, "pin_memory": pin_memory}
+        self.reader = _ShardReader(manifest.root, manifest.split_shards(split))
+        self.batches = rank_batches(len(self.reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                    batch_size=batch_size)
+        if not 0 <= skip_batches <= len(self.batches):
+            raise ValueError(f"train_loader: expected 0 <= skip_batches <= {len(self.batches)} (batches per "
+                             f"epoch), got {skip_batches}")
+        self.skip_batches = skip_batches
+        self.dataset = _TrainBatches(self.reader, self.batches[skip_batches:], image_size=image_size,
+                                     augment=augment, seed=seed, epoch=epoch, num_classes=len(manifest.classes))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def remaining(self) -> int:
+        """Batches this iteration yields: ``len(self) - skip_batches``."""
+        return len(self.batches) - self.skip_batches
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return _iterate(self.dataset, self.num_workers, **self.loader_options)
+
+
+def train_loader(shards: str, *, rank: int, world_size: int, batch_size: int, image_size: int,
+                 augment: AugmentOptions, seed: int, epoch: int, num_workers: int, skip_batches: int = 0,
+                 split: str = "train", verify: bool = False, multiprocessing_context: str | None = None,
+                 pin_memory: bool = False) -> TrainLoader:
+    """Training batches of one epoch for one rank (see the module docstring).
+
+    ``verify=True`` recomputes every shard's sha256 first (``load_manifest``); by default only the shard
+    sizes are checked, as the driver is expected to have verified once before training.
+    ``multiprocessing_context`` and ``pin_memory`` (for GPU training) go to the DataLoader.
+    """
+    manifest = load_manifest(shards, verify=verify)
+    return TrainLoader(manifest, split=split, rank=rank, world_size=world_size, batch_size=batch_size,
+                       image_size=image_size, augment=augment, seed=seed, epoch=epoch, num_workers=num_workers,
+                       skip_batches=skip_batches, multiprocessing_context=multiprocessing_context,
+                       pin_memory=pin_memory)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+class _EvalBatches(IterableDataset):
+    def __init__(self, reader: _ShardReader, batch_size: int, image_size: int, num_classes: int) -> None:
+        self.reader, self.batch_size, self.image_size, self.num_classes = reader, batch_size, image_size, num_classes
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.reader) / self.batch_size)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        try:
+            for position in _worker_share(len(self)):
+                start = position * self.batch_size
+                with _one_thread():
+                    batch = self._batch(range(start, min(start + self.batch_size, len(self.reader))))
+                yield batch
+        finally:
+            self.reader.close()
+
+    def _batch(self, indices: range) -> EvalBatch:
+        images, keys, sizes, boxes, labels, difficult = [], [], [], [], [], []
+        for index in indices:
+            try:
+                decoded = decode_sample(*self.reader.read(index), self.num_classes)
+            except _Corrupt as error:
+                raise ShardError(f"{self.reader.describe(index)}: {error}; evaluation needs every sample "
+                                 "(re-run the shard stage)") from None
+            images.append(eval_transform(decoded.image, self.image_size))
+            keys.append(str(decoded.meta["id"]))
+            sizes.append((decoded.image.shape[2], decoded.image.shape[1]))
+            boxes.append(decoded.boxes_px)
+            labels.append(decoded.labels)
+            difficult.append(decoded.difficult)
+        return EvalBatch(torch.stack(images), keys, torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
+                         boxes, labels, difficult)
+
+
+class EvalLoader:
+    """Every sample of a split exactly once, in manifest order, in batches of ``batch_size`` (last smaller)."""
+
+    def __init__(self, manifest: ShardManifest, *, split: str, batch_size: int, image_size: int,
+                 num_workers: int, multiprocessing_context: str | None = None, pin_memory: bool = False) -> None:
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"eval_loader: expected batch_size >= 1 and num_workers >= 0, got {batch_size}, "
+                             f"{num_workers}")
+        self.manifest, self.num_workers = manifest, num_workers
+        self.loader_options = {"multiprocessing_context": multiprocessing_context, "pin_memory": pin_memory}
+        self.dataset = _EvalBatches(_ShardReader(manifest.root, manifest.split_shards(split)), batch_size,
+                                    image_size, len(manifest.classes))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset.reader)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        return _iterate(self.dataset, self.num_workers, **self.loader_options)
+
+
+def eval_loader(shards: str, *, split: str = "val", batch_size: int, image_size: int, num_workers: int,
+                verify: bool = False, multiprocessing_context: str | None = None,
+                pin_memory: bool = False) -> EvalLoader:
+    """Evaluation batches: every sample of ``split`` once, in a fixed order, with source id, size and GT."""
+    manifest = load_manifest(shards, verify=verify)
+    return EvalLoader(manifest, split=split, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
+                      multiprocessing_context=multiprocessing_context, pin_memory=pin_memory)
+

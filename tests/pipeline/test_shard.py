@@ -1,0 +1,194 @@
+"""Shards: WebDataset round trip, byte-identical reruns, sizing, atomic writes, and the manifest check."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import ShardConfig
+from pipeline.manifest import ShardError, load_manifest
+from pipeline.shards import ShardWriteError, write_split
+from pipeline.sources.records import read_index, write_index
+from pipeline.stages.prepare import prepare
+from pipeline.stages.shard import shard
+from tests.pipeline.fixtures import Obj, image_with_box, make_params, make_voc_tree, save_jpeg, voc_xml
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    """A VOC tree (7 plain JPEGs) plus an EXIF-rotated and a grayscale image, prepared into an index."""
+    root = tmp_path_factory.mktemp("voc")
+    make_voc_tree(root / "VOC", trainval=[f"t{i}" for i in range(5)], test=["v0", "v1"])
+    # Same 80x60 stored image with orientation 6 as the hostile corpus: the upright box is [35, 10, 55, 30].
+    save_jpeg(root / "VOC" / "JPEGImages" / "t5.jpg", image_with_box((80, 60), (10, 5, 30, 25)), orientation=6)
+    save_jpeg(root / "VOC" / "JPEGImages" / "t6.jpg", image_with_box((48, 40), (3, 4, 12, 30)).convert("L"))
+    for stem, size in (("t5", (80, 60)), ("t6", (48, 40))):
+        obj = Obj("cat", 11, 6, 30, 25) if stem == "t5" else Obj("dog", 4, 5, 12, 30)
+        (root / "VOC" / "Annotations" / f"{stem}.xml").write_text(voc_xml(f"{stem}.jpg", size, [obj]))
+    lists = root / "VOC" / "ImageSets" / "Main" / "trainval.txt"
+    lists.write_text(lists.read_text() + "t5\nt6\n")
+    params = make_params(**{"data.source": "voc", "data.root": str(root / "VOC")})
+    result = prepare(params, root / "index", progress=False)
+    write_index(root / "index", result.records, result.classes)
+    return root / "index"
+
+
+def _stream(shards: Path, split: str) -> list[dict]:
+    """Read shards back the ordinary WebDataset way (sequential tar streaming, no manifest)."""
+    urls = sorted(str(p) for p in shards.glob(f"{split}-*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def test_round_trip_gives_identical_samples(index_dir, tmp_path):
+    manifest = shard(index_dir, tmp_path, ShardConfig(maxcount=3), progress=False)
+    for split in ("train", "val"):
+        records = read_index(index_dir, split)
+        samples = _stream(tmp_path, split)
+        assert [s["__key__"] for s in samples] == [f"{split}_{i:07d}" for i in range(len(records))]
+        for record, sample in zip(records, samples, strict=True):
+            meta = json.loads(sample["json"])
+            assert meta["id"] == record.id
+            assert (meta["width"], meta["height"]) == (record.width, record.height)
+            assert meta["original_size"] == [record.width, record.height]
+            assert (meta["boxes"], meta["labels"], meta["difficult"]) == (record.boxes, record.labels,
+                                                                          record.difficult)
+            with Image.open(io.BytesIO(sample["jpg"])) as image:
+                assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (record.width, record.height))
+            if not record.reencode:
+                assert sample["jpg"] == record.image.read_bytes()  # bytes kept as they are
+    assert manifest.splits["train"].samples == 7 and manifest.splits["val"].samples == 2
+    assert [s.count for s in manifest.split_shards("train")] == [3, 3, 1]
+
+
+def test_reencoded_images_are_upright_rgb(index_dir, tmp_path):
+    shard(index_dir, tmp_path, ShardConfig(), progress=False)
+    samples = {json.loads(s["json"])["id"]: s for s in _stream(tmp_path, "train")}
+    rotated = samples["VOC/t5"]
+    assert json.loads(rotated["json"])["boxes"] == [[35.0, 10.0, 55.0, 30.0]]
+    assert Image.open(io.BytesIO(rotated["jpg"])).getexif().get(0x0112) is None  # no orientation left to apply
+    pixels = np.asarray(Image.open(io.BytesIO(rotated["jpg"])))  # [80, 60, 3]: upright
+    assert pixels.shape == (80, 60, 3)
+    assert pixels[20, 45, 0] > 150 and pixels[20, 45, 2] < 100  # red at the centre of the upright box
+    assert pixels[60, 10, 2] > 150  # blue elsewhere
+    grey = np.asarray(Image.open(io.BytesIO(samples["VOC/t6"]["jpg"])))
+    assert grey.shape == (40, 48, 3)
+
+
+def test_two_runs_are_byte_identical(index_dir, tmp_path):
+    shard(index_dir, tmp_path / "a", ShardConfig(maxcount=4), progress=False)
+    shard(index_dir, tmp_path / "b", ShardConfig(maxcount=4), progress=False)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "manifest.json" in names and len(names) == 4  # 2 + 1 shards and the manifest
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_manifest_records_sha_sizes_and_totals(index_dir, tmp_path):
+    shard(index_dir, tmp_path, ShardConfig(maxcount=4), progress=False)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in data["shards"]:
+        blob = (tmp_path / entry["name"]).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(blob).hexdigest() and entry["bytes"] == len(blob)
+    assert data["classes"] == ["cat", "dog"]
+    assert data["totals"]["samples"] == 9 == sum(e["count"] for e in data["shards"])
+    index_boxes = sum(len(r.boxes) for s in ("train", "val") for r in read_index(index_dir, s))
+    assert data["totals"]["boxes"] == index_boxes
+
+
+def test_maxsize_closes_shards_by_bytes(index_dir, tmp_path):
+    records = read_index(index_dir, "train")
+    shards = write_split(records, "train", tmp_path, ShardConfig(maxcount=1000, maxsize=3000))
+    assert len(shards) > 1 and sum(s.count for s in shards) == len(records)
+    for info in shards[:-1]:  # a shard closes at the first sample that brings its payload to maxsize
+        payload = [loc.jpg_size + loc.json_size for loc in info.samples]
+        assert sum(payload) >= 3000 and sum(payload[:-1]) < 3000
+
+
+def test_max_side_downscales_image_and_boxes(index_dir, tmp_path):
+    shard(index_dir, tmp_path, ShardConfig(max_side=40), progress=False)
+    rotated = next(s for s in _stream(tmp_path, "train") if json.loads(s["json"])["id"] == "VOC/t5")
+    meta = json.loads(rotated["json"])
+    # Upright 60x80 scaled by 40 / 80 = 0.5 -> 30x40; the box [35, 10, 55, 30] halves.
+    assert (meta["width"], meta["height"], meta["original_size"]) == (30, 40, [60, 80])
+    assert meta["boxes"] == [[17.5, 5.0, 27.5, 15.0]]
+    assert Image.open(io.BytesIO(rotated["jpg"])).size == (30, 40)
+
+
+def test_interrupted_run_leaves_no_shard_that_looks_whole(index_dir, tmp_path):
+    records = read_index(index_dir, "train")
+    records[4].image.rename(records[4].image.with_suffix(".gone"))  # the 5th image vanished since prepare
+    try:
+        with pytest.raises(ShardWriteError, match="cannot read"):
+            shard(index_dir, tmp_path, ShardConfig(maxcount=3), progress=False)
+    finally:
+        records[4].image.with_suffix(".gone").rename(records[4].image)
+    # Shard 0 (samples 0-2) completed; shard 1 was being written when sample 4 failed.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
+
+
+def test_stale_shards_of_an_earlier_run_are_removed(index_dir, tmp_path):
+    (tmp_path / "train-000099.tar").write_bytes(b"old")
+    (tmp_path / "val-000000.tar.tmp").write_bytes(b"half")
+    shard(index_dir, tmp_path, ShardConfig(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train-000000.tar", "val-000000.tar"]
+
+
+@pytest.fixture
+def sharded(index_dir, tmp_path) -> Path:
+    shard(index_dir, tmp_path, ShardConfig(maxcount=3), progress=False)
+    assert load_manifest(str(tmp_path), verify=True).splits["train"].shards == 3
+    return tmp_path
+
+
+def test_manifest_catches_a_truncated_shard(sharded):
+    path = sharded / "train-000001.tar"
+    path.write_bytes(path.read_bytes()[:-1024])
+    for verify in (False, True):  # the size check runs even without hashing
+        with pytest.raises(ShardError, match=r"train-000001\.tar: truncated"):
+            load_manifest(str(sharded), verify=verify)
+
+
+def test_manifest_catches_a_missing_shard(sharded):
+    (sharded / "val-000000.tar").unlink()
+    with pytest.raises(ShardError, match=r"val-000000\.tar: missing"):
+        load_manifest(str(sharded), verify=False)
+
+
+def test_manifest_catches_a_tampered_shard(sharded):
+    path = sharded / "train-000002.tar"
+    blob = bytearray(path.read_bytes())
+    blob[700] ^= 0xFF  # one byte of JPEG data, same size
+    path.write_bytes(bytes(blob))
+    load_manifest(str(sharded), verify=False)  # sizes agree: only hashing can tell
+    with pytest.raises(ShardError, match=r"train-000002\.tar: sha256"):
+        load_manifest(str(sharded), verify=True)
+
+
+def test_manifest_catches_a_wrong_count_and_a_missing_manifest(sharded):
+    data = json.loads((sharded / "manifest.json").read_text())
+    data["shards"][0]["count"] += 1
+    (sharded / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="count 4 but 3 sample rows"):
+        load_manifest(str(sharded), verify=False)
+    data["shards"][0]["count"] -= 1
+    data["shards"][0]["samples"].pop()
+    data["shards"][0]["count"] -= 1
+    (sharded / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="holds 3 samples, the manifest lists 2"):
+        load_manifest(str(sharded), verify=True)
+    (sharded / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="no manifest"):
+        load_manifest(str(sharded))
+
+
+def test_shards_open_through_an_fsspec_url(sharded):
+    manifest = load_manifest(f"file://{sharded}", verify=True)
+    assert manifest.splits["train"].samples == 7

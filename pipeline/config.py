@@ -157,6 +157,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = _p(16, ge=1, help="images per forward pass")
+    num_workers: int = _p(1, ge=0, help="loader worker processes for evaluation")
     score_threshold: float = _p(0.01, ge=0.0, lt=1.0, help="per-class score threshold (original: 0.01)")
     nms_iou: float = _p(0.45, gt=0.0, le=1.0, help="NMS IoU threshold (original: 0.45)")
     top_k: int = _p(400, ge=1, help="candidates per class before NMS (original: 400)")

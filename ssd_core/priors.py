@@ -3,8 +3,10 @@
 For source level k with a ``f_k x f_k`` feature map and stride ``step_k`` (pixels), the location
 (i = row, j = column) has its centre at ``((j + 0.5) * step_k / S, (i + 0.5) * step_k / S)`` for an
 ``S x S`` input: the original Caffe ``PriorBox`` layer. With ``step_k = S / f_k`` this is the paper's
-``((j + 0.5) / f_k, (i + 0.5) / f_k)``; the Caffe SSD300 uses steps 100 and 300 for its 3x3 and 1x1
-maps, which shifts those centres slightly, and we reproduce it so converted weights line up.
+``((j + 0.5) / f_k, (i + 0.5) / f_k)``. The Caffe SSD300 rounds the steps of its 38, 19, 10 and 5 maps
+to 8, 16, 32 and 64 pixels (300 / f_k would be 7.89, 15.8, 30 and 60), which shifts those centres
+slightly (the 3x3 and 1x1 maps' steps 100 and 300 are exact); we reproduce it so converted weights
+line up.
 
 At each location the boxes are, in this order (the original model's order):
 1. a square of side ``s_k = min_size_k / S``;

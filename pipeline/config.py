@@ -133,7 +133,7 @@ class TrainConfig:
     momentum: float = _p(0.9, ge=0.0, lt=1.0, help="SGD momentum (paper)")
     weight_decay: float = _p(5e-4, ge=0.0, help="L2 weight decay (paper)")
     max_steps: int = _p(1000, ge=1, help="optimiser steps in the whole run")
-    warmup_steps: int = _p(100, ge=0, help="linear warm-up from lr/warmup_factor")
+    warmup_steps: int = _p(100, ge=0, help="linear warm-up from 0.001 x lr")
     schedule: str = _p("cosine", choices=("multistep", "cosine"), help="decay after warm-up")
     milestones: list[int] = _p([], help="multistep: steps at which lr is multiplied by gamma")
     gamma: float = _p(0.1, gt=0.0, le=1.0, help="multistep decay factor")
@@ -149,7 +149,7 @@ class TrainConfig:
     max_consecutive_skips: int = _p(20, ge=1, help="non-finite steps in a row before the run stops")
     resume: bool = _p(True, help="continue from the newest checkpoint of the same run")
     run_name: str = _p("ssd", help="Ray Train run name; with storage_path, the identity used to resume")
-    storage_path: str = _p("runs", help="checkpoints: local path (relative to the repo) or fsspec URL")
+    storage_path: str = _p("runs", help="checkpoints: local path or URL; the run folder is <run_name>-<digest>")
     log_every_steps: int = _p(10, ge=1, help="progress line and step metrics interval")
 
 

@@ -1,0 +1,161 @@
+"""``python -m pipeline train``: distributed training with Ray Train, then the model file.
+
+1. Resolve every location to an absolute path or URL here, on the driver: workers run in other working
+   directories and on other machines.
+2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
+3. Join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start fresh).
+4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
+5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
+   ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import uuid
+from pathlib import Path
+
+import fsspec
+from torch import nn
+
+from pipeline.config import Params, params_to_dict
+from pipeline.manifest import ShardError, load_manifest
+from pipeline.model_file import save_model_file
+from pipeline.tracking import TrackingError, create_tracker, default_tracking_uri
+from pipeline.training import checkpoint
+from pipeline.training.job import TrainJob, identity_digest
+from pipeline.training.optim import check_schedule
+from ssd_core.model import build_ssd
+
+logger = logging.getLogger(__name__)
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    repo_root = Path.cwd().resolve()
+    try:
+        job = build_job(str(args.shards), params, repo_root)
+    except (ShardError, ValueError) as error:
+        logger.error("train: %s", error)
+        return 2
+    from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
+
+    connected = connect_ray(job.params.train)
+    try:
+        train(job, params, Path(args.model_out).resolve())
+    except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
+        logger.error("train: %s", error)
+        return 1
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
+    """Absolute locations, the validated manifest and the run folder of this training run.
+
+    Raises:
+        ShardError: the manifest or a shard is missing, truncated or tampered with.
+        ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, or a missing
+            ``model.pretrained_backbone`` file.
+    """
+    shards = shards if "://" in shards else str((repo_root / shards).resolve())
+    manifest = load_manifest(shards, verify=True)
+    manifest.split_shards("train")  # ShardError when the split is empty
+    _check_last_batch(manifest.splits["train"].samples, params)
+    with fsspec.open(checkpoint.join(shards, "manifest.json"), "rb") as handle:
+        data_digest = hashlib.sha256(handle.read()).hexdigest()
+    check_schedule(params.train)
+    if params.train.precision == "fp16" and not params.train.use_gpu:
+        raise ValueError("train.precision: fp16 needs train.use_gpu=true (CPU autocast: use bf16 or fp32)")
+    storage = params.train.storage_path
+    storage = storage if "://" in storage else str((repo_root / storage).resolve())
+    backbone = params.model.pretrained_backbone
+    if backbone:
+        backbone = str((repo_root / backbone).resolve())
+        if not Path(backbone).is_file():
+            raise ValueError(f"model.pretrained_backbone: no file at {backbone}")
+    resolved = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, pretrained_backbone=backbone),
+        train=dataclasses.replace(params.train, storage_path=storage),
+        tracking=dataclasses.replace(params.tracking, uri=default_tracking_uri(repo_root, params.tracking.uri)),
+    )
+    run_uri = checkpoint.join(storage, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
+    return TrainJob(params=resolved, shards=shards, classes=tuple(manifest.classes), run_uri=run_uri,
+                    repo_root=str(repo_root), data_digest=data_digest)  # fmt: skip
+
+
+def _check_last_batch(samples: int, params: Params) -> None:
+    """Refuse a batch size that leaves each rank a last batch of one image when the model has batch norm
+    (``ssd_tiny``): training-mode batch norm cannot normalise a 1x1 map over a single image."""
+    cfg = params.train
+    per_rank = -(-samples // cfg.num_workers)  # the data loader pads every rank to ceil(N / W) samples
+    if per_rank % cfg.batch_size != 1 or per_rank == 1:
+        return
+    model = build_ssd(params.model.preset, 2)
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return
+    better = next(b for b in range(cfg.batch_size + 1, per_rank + 2) if per_rank % b != 1)
+    raise ValueError(
+        f"train.batch_size: {samples} training images on {cfg.num_workers} workers leave every rank a last "
+        f"batch of 1 image per epoch, which {params.model.preset}'s batch norm cannot train on; use another "
+        f"batch size, e.g. {better}"
+    )
+
+
+def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeout_s: int | None = None) -> None:
+    """Resume or start the run in ``job.run_uri``, train, write the model file; Ray must be connected.
+
+    ``params`` are the parameters as given (recorded in MLflow and in the model file); ``job.params`` are
+    the same with absolute locations. ``process_group_timeout_s`` bounds torch.distributed collectives
+    (default: Ray's 30 minutes; tests use less).
+    """
+    from pipeline.training.launcher import (
+        DEFAULT_PROCESS_GROUP_TIMEOUT_S,
+        TrainingError,
+        prepare_run_folder,
+        run_training,
+    )
+
+    cfg = job.params.train
+    found = prepare_run_folder(job.run_uri, resume=cfg.resume)
+    if found:
+        logger.info("resuming run %s from step %d of %d", job.run_uri, found[0].step, cfg.max_steps)
+    else:
+        logger.info("starting run %s (%d steps, %d workers)", job.run_uri, cfg.max_steps, cfg.num_workers)
+    tracker = create_tracker(job.params.tracking, enabled_here=True, run_id=found[0].tracking_run_id if found else None,
+                             run_name=cfg.run_name, repo_root=job.repo_root)  # fmt: skip
+    tracker.log_run_metadata(params_to_dict(params), world_size=cfg.num_workers,
+                             device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards)  # fmt: skip
+    tracker.set_tags({"run_folder": job.run_uri})
+    tracker.close(status=None)  # rank 0 continues this run during training
+    job = dataclasses.replace(job, tracking_run_id=tracker.run_id, invocation=uuid.uuid4().hex)
+    try:
+        outcome = run_training(job, process_group_timeout_s=process_group_timeout_s or DEFAULT_PROCESS_GROUP_TIMEOUT_S)
+        final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
+        model = build_ssd(final.state["preset"], job.num_classes)
+        model.load_state_dict(final.state["model"])
+        save_model_file(model_out, model, classes=list(job.classes), params=params_to_dict(params))
+    except (TrainingError, checkpoint.CheckpointError):
+        _finish_run(job, None, "FAILED")
+        raise
+    logger.info("train: %d steps (%d skipped, %d corrupt samples); model written to %s",
+                final.meta.step, outcome.metrics.get("skipped_steps", 0), outcome.metrics.get("bad_samples", 0),
+                model_out)  # fmt: skip
+    _finish_run(job, model_out, "FINISHED")
+
+
+def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
+    if job.tracking_run_id is None:
+        return
+    tracker = create_tracker(job.params.tracking, enabled_here=True, run_id=job.tracking_run_id,
+                             run_name=job.params.train.run_name, repo_root=job.repo_root)  # fmt: skip
+    if model_out is not None:
+        tracker.log_model_file(model_out)
+    tracker.close(status=status)

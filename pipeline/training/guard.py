@@ -1,0 +1,76 @@
+"""The NaN/inf guard, decided jointly by all ranks, and the one all-reduce per step that carries it.
+
+Every rank runs the same collectives every step whatever its values are: backward (DDP's gradient
+all-reduce), then ``reduce_step`` (one all-reduce of a small vector holding the "not finite" flag and the
+loss terms). The skip decision is read from the reduced vector, so all ranks skip together and a NaN on
+one rank can never leave the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class StepStats(NamedTuple):
+    """One step, summed over all ranks (losses averaged)."""
+
+    finite: bool  # every rank's loss and the (all-reduced) gradient norm were finite
+    loss: float  # mean over ranks of each rank's total loss
+    loss_loc: float
+    loss_conf: float
+    positives: float  # matched priors in the global batch
+    images: float  # images in the global batch
+    bad_samples: float  # corrupt samples the loaders skipped since the previous step
+
+
+def reduce_step(
+    *, local_finite: Tensor, loss: Tensor, loss_loc: Tensor, loss_conf: Tensor, positives: Tensor,
+    images: int, bad_samples: int,
+) -> StepStats:
+    """All-reduce this rank's step values (0-d tensors on the training device) in one collective."""
+    values = torch.stack([
+        (~local_finite).to(torch.float64),
+        loss.detach().to(torch.float64),
+        loss_loc.detach().to(torch.float64),
+        loss_conf.detach().to(torch.float64),
+        positives.detach().to(torch.float64),
+        torch.tensor(float(images), dtype=torch.float64, device=loss.device),
+        torch.tensor(float(bad_samples), dtype=torch.float64, device=loss.device),
+    ])
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    nonfinite, total, loc, conf, pos, n_images, bad = values.tolist()
+    return StepStats(nonfinite == 0, total / world, loc / world, conf / world, pos, n_images, bad)
+
+
+class SkipGuard:
+    """Counts skipped (non-finite) steps; after ``max_consecutive`` in a row, ``record`` says stop."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"SkipGuard: max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped_total = 0
+        self.consecutive = 0
+
+    def record(self, finite: bool) -> bool:
+        """Count one step; True when the run must stop (``max_consecutive`` non-finite steps in a row)."""
+        if finite:
+            self.consecutive = 0
+            return False
+        self.skipped_total += 1
+        self.consecutive += 1
+        return self.consecutive >= self.max_consecutive
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped_total = int(state["skipped_total"])
+        self.consecutive = int(state["consecutive"])

@@ -1,0 +1,77 @@
+"""What the driver hands to every worker: the resolved params and absolute locations, nothing to re-read.
+
+Ray workers run in their own working directory (and on other machines), so every path in a ``TrainJob``
+is absolute or a URL, and the params are the validated ``Params`` object itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.config import Params, flatten, params_to_dict
+
+# Params that change how a run is executed but not what it computes: a run may resume under other values.
+# Everything else under seed, model, augment and train is the run's identity (see ``identity_digest``).
+OPERATIONAL_TRAIN_KEYS = frozenset({
+    "num_workers", "threads_per_worker", "use_gpu", "loader_workers", "checkpoint_every_steps",
+    "keep_checkpoints", "max_failures", "max_consecutive_skips", "resume", "run_name", "storage_path",
+    "log_every_steps",
+})  # fmt: skip
+IDENTITY_SECTIONS = ("seed", "model", "augment", "train")
+# The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser).
+TRAINING_CODE = ("ssd_core", "pipeline/training", "pipeline/data.py", "pipeline/manifest.py",
+                 "pipeline/sources/images.py", "pipeline/config.py")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    params: Params  # validated; tracking.uri and train.storage_path already absolute
+    shards: str  # absolute folder or URL holding manifest.json
+    classes: tuple[str, ...]  # from the shard manifest; label i + 1 is classes[i]
+    run_uri: str  # <storage>/<run folder>: Ray's RunConfig(storage_path, name) joined
+    repo_root: str  # absolute; MLflow's default store and the git commit live here
+    data_digest: str  # sha256 of the shard manifest
+    tracking_run_id: str | None = None  # MLflow run to continue (from that checkpoint, or made by the driver)
+    invocation: str = ""  # unique per driver invocation: tells this attempt's outcome.json from an older one
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1
+
+
+def code_digest() -> str:
+    """sha256 over the sources that decide what training computes: ``TRAINING_CODE``, which is also the
+    code listed in the ``deps`` of DVC's train stage."""
+    root = Path(pipeline.__file__).resolve().parent.parent
+    files = []
+    for entry in TRAINING_CODE:
+        path = root / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def identity(params: Params, data_digest: str, code: str) -> dict[str, Any]:
+    """What a run computes: the flattened params that matter, the data digest and the code digest."""
+    flat = flatten({k: v for k, v in params_to_dict(params).items() if k in IDENTITY_SECTIONS})
+    kept = {k: v for k, v in flat.items()
+            if not (k.startswith("train.") and k.split(".", 1)[1] in OPERATIONAL_TRAIN_KEYS)}  # fmt: skip
+    return {**kept, "data.manifest_sha256": data_digest, "code.sha256": code}
+
+
+def identity_digest(params: Params, data_digest: str, code: str | None = None) -> str:
+    """8 hex digits naming a run's identity; the run folder is ``<train.run_name>-<digest>``.
+
+    ``code`` defaults to ``code_digest()``: changed training code starts a new run, as DVC re-runs the stage.
+    """
+    code = code_digest() if code is None else code
+    text = json.dumps(identity(params, data_digest, code), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]

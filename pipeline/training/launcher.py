@@ -1,0 +1,184 @@
+"""Driver side of training: join or start Ray, prepare the run folder, run the ``TorchTrainer``.
+
+Resuming. The run folder is ``<train.storage_path>/<train.run_name>-<identity digest>`` (``job.identity``):
+the same command with the same training params, data and code always lands in the same folder, and a
+change to any of them in a new one, so a changed learning rate never continues an old run by accident
+(``train.num_workers`` and the other keys of ``job.OPERATIONAL_TRAIN_KEYS`` are not part of the identity:
+a run may resume on more or fewer workers, with a warning, as the data is then split differently). In that
+folder Ray Train V2 keeps ``checkpoint_manager_snapshot.json`` and restores its newest checkpoint into
+``ray.train.get_checkpoint()`` on its own, both after a worker failure inside one ``fit()`` and when the
+whole command is run again. On top of that the driver
+
+- moves an unusable snapshot aside (unparsable, from another Ray version, or naming a deleted
+  checkpoint), which would otherwise make Ray refuse to start;
+- finds the newest *valid* checkpoint itself (hash-checked, see ``checkpoint.find_latest_valid``) to
+  report where the run resumes and which MLflow run it continues. The workers do the same at every
+  (re)start and take the newest checkpoint that loads, whether Ray registered it or not (a worker can
+  die after its checkpoint reached storage but before the controller took the report);
+- with ``train.resume=false`` moves an existing run folder aside (``<folder>.replaced-<UTC time>``) so the
+  run starts from scratch and nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, NamedTuple
+
+import pyarrow.fs
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.config import TrainConfig
+from pipeline.training import checkpoint, faults
+from pipeline.training.checkpoint import SNAPSHOT_FILE
+from pipeline.training.job import TrainJob
+from pipeline.training.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROCESS_GROUP_TIMEOUT_S = 1800  # torch.distributed collective timeout (Ray's default)
+
+
+class TrainingError(RuntimeError):
+    """The run stopped without finishing (too many non-finite steps, or failures beyond max_failures)."""
+
+
+class TrainOutcome(NamedTuple):
+    checkpoint_uri: str  # the final checkpoint (step train.max_steps)
+    metrics: dict[str, Any]  # outcome.json: status, step, skipped_steps, bad_samples...
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+def connect_ray(cfg: TrainConfig) -> bool:
+    """Attach to Ray: an initialised one, ``RAY_ADDRESS``'s cluster, or a new local one on 127.0.0.1.
+
+    Returns True when this call connected (the caller then calls ``ray.shutdown()`` at the end).
+    A local instance gets at least the CPUs the workers ask for (``num_workers * threads_per_worker``) so
+    that the trainer can always be scheduled; more than the machine has only oversubscribes it.
+    """
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    needed = cfg.num_workers * cfg.threads_per_worker
+    cores = os.cpu_count() or 1
+    if needed > cores:
+        logger.warning("train: %d workers x %d threads = %d CPUs requested on a %d-core machine (oversubscribed)",
+                       cfg.num_workers, cfg.threads_per_worker, needed, cores)  # fmt: skip
+    logger.info("starting a local Ray instance (%d CPUs) on 127.0.0.1", max(cores, needed))
+    # The dashboard serves the State API that Ray Train V2's placement-group cleaner polls; without it
+    # the cleaner logs a warning every second and cannot clean up after a crashed controller.
+    ray.init(num_cpus=max(cores, needed), include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", logging_level=logging.WARNING)  # fmt: skip
+    return True
+
+
+# ------------------------------------------------------------------------------------------ run folder
+def prepare_run_folder(run_uri: str, *, resume: bool) -> tuple[checkpoint.CheckpointMeta, str] | None:
+    """Make the run folder usable and return its newest valid checkpoint ``(meta, uri)``, if resuming."""
+    fs, path = checkpoint.resolve(run_uri)
+    exists = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    if not exists:
+        return None
+    if not resume:
+        _move_aside(fs, path, run_uri, "replaced")
+        return None
+    _check_snapshot(fs, path, run_uri)
+    return checkpoint.find_latest_valid(run_uri)
+
+
+def _move_aside(fs: pyarrow.fs.FileSystem, path: str, uri: str, reason: str) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = f"{path}.{reason}-{stamp}"
+    try:
+        fs.move(path, target)
+    except (OSError, NotImplementedError) as error:
+        raise TrainingError(
+            f"{uri}: cannot move it aside on this storage ({error}); delete it or choose another train.run_name"
+        ) from error
+    logger.warning("moved %s aside to %s", uri, f"{uri}.{reason}-{stamp}")
+
+
+def _check_snapshot(fs: pyarrow.fs.FileSystem, path: str, run_uri: str) -> None:
+    """Move Ray's checkpoint snapshot aside when Ray could not load it (it would refuse to start)."""
+    snapshot = f"{path}/{SNAPSHOT_FILE}"
+    if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.NotFound:
+        return
+    problem = None
+    try:
+        with fs.open_input_stream(snapshot) as handle:
+            state = json.loads(handle.read().decode())
+        if state.get("ray_version") != ray.__version__:
+            problem = f"written by Ray {state.get('ray_version')}, this is Ray {ray.__version__}"
+        else:
+            names = [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
+            latest = state.get("latest_checkpoint_result")
+            names += [latest["checkpoint_dir_name"]] if latest else []
+            missing = [n for n in names if fs.get_file_info(f"{path}/{n}").type == pyarrow.fs.FileType.NotFound]
+            if missing:
+                problem = f"names checkpoints that no longer exist: {missing}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    if problem:
+        logger.warning("Ray's checkpoint snapshot in %s is %s; resuming from the newest valid checkpoint instead",
+                       run_uri, problem)  # fmt: skip
+        _move_aside(fs, snapshot, f"{run_uri}/{SNAPSHOT_FILE}", "invalid")
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def build_trainer(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCESS_GROUP_TIMEOUT_S) -> TorchTrainer:
+    cfg = job.params.train
+    storage, name = job.run_uri.rstrip("/").rsplit("/", 1)
+    resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    env = {faults.ENV_VAR: os.environ[faults.ENV_VAR]} if os.environ.get(faults.ENV_VAR) else {}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=process_group_timeout_s),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),  # fmt: skip
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+
+
+def run_training(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCESS_GROUP_TIMEOUT_S) -> TrainOutcome:
+    """Run ``fit()`` and return the final checkpoint; Ray must be connected (``connect_ray``).
+
+    Raises:
+        TrainingError: non-finite steps beyond ``train.max_consecutive_skips`` (the last good checkpoint
+            is kept), or worker failures beyond ``train.max_failures``.
+    """
+    trainer = build_trainer(job, process_group_timeout_s=process_group_timeout_s)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingError(f"training run {job.run_uri} failed: {error}") from error
+    outcome = checkpoint.read_outcome(job.run_uri)
+    if outcome is None or outcome.get("invocation") != job.invocation:
+        raise TrainingError(f"training run {job.run_uri} ended without recording its outcome")
+    cfg = job.params.train
+    if outcome["status"] == STATUS_NONFINITE:
+        raise TrainingError(
+            f"training stopped at step {outcome['step']}: {outcome['consecutive_skips']} non-finite steps in a "
+            f"row (train.max_consecutive_skips={cfg.max_consecutive_skips}); the last good checkpoint (step "
+            f"{outcome['last_checkpoint_step']}) is kept in {job.run_uri}. Lower train.lr or check the data."
+        )
+    if outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps:
+        raise TrainingError(f"training run {job.run_uri} ended as {outcome['status']!r} at step {outcome['step']}")
+    final = checkpoint.dir_name(cfg.max_steps)
+    checkpoint.prune(job.run_uri, protect=frozenset({final}))  # Ray is done: drop what faults left unregistered
+    return TrainOutcome(checkpoint.join(job.run_uri, final), outcome)

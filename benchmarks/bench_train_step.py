@@ -1,0 +1,273 @@
+"""SSD300 train step on this CPU: ssd_core against torchvision's ``ssd300_vgg16``, side by side.
+
+One train step, batch 8 at 300x300, 21 classes, SGD (momentum 0.9, weight decay 5e-4):
+- ours: ``normalize_images`` (uint8 -> float) + ``SSD.forward`` + ``assign_targets`` + ``multibox_loss``
+  + ``backward()`` + ``optimizer.step()``;
+- torchvision: ``ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)`` in training mode,
+  ``model(images, targets)`` (its own normalisation, resize, anchors, matching and loss) + the summed
+  losses' ``backward()`` + ``optimizer.step()``, as its users run it.
+Both get the same images (random, as uint8; torchvision gets them /255 as it expects) and boxes.
+
+Configurations: fp32 in the default layout; bf16 autocast (``torch.autocast("cpu", torch.bfloat16)``
+around forward and loss) with the model in ``channels_last``. (torchvision batches its inputs itself, in
+the default layout; its weights are channels_last.) The learning rate is 1e-5 so neither model's loss
+blows up over the repetitions (a diverged model can hit slow denormal/inf arithmetic); the step costs the
+same at any rate.
+
+Timing: all models live in one process and the configurations take turns step by step (one round =
+one step of each), so a neighbour's load on this shared machine hits all of them alike; we report
+the median over rounds after one warm-up step each.
+
+Memory: each configuration also runs in a fresh subprocess (one warm-up step, one measured step);
+we report its peak resident set size (``VmHWM``: the whole process, Python and torch included)
+and the RSS just before the first step (model, optimizer, data), so ``peak - before`` is what the
+train step itself adds (activations, gradients, momentum buffers, allocator slack).
+
+Also: ``ssd_tiny`` forward + backward images/s at batch 32 on one thread (what one DDP worker of the
+embedded default runs), fp32 default layout, fp32 channels_last and bf16 + channels_last.
+
+Run: ``.venv/bin/python benchmarks/bench_train_step.py [--rounds N] [--threads T]``. Prints the
+figures and writes ``benchmarks/results/bench_train_step.json``. torchvision comes from ``.bench``
+(``make bench-deps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "bench_train_step.json"
+sys.path[:0] = [str(REPO), str(REPO / ".bench"), str(REPO.parent / "shared" / "tools")]
+
+import torch  # noqa: E402
+
+from ssd_core.loss import multibox_loss  # noqa: E402
+from ssd_core.matching import assign_targets  # noqa: E402
+from ssd_core.model import build_ssd  # noqa: E402
+from ssd_core.transforms import normalize_images  # noqa: E402
+
+try:
+    import torchvision_cpu_shim  # noqa: E402,F401  (must precede the torchvision import)
+    from torchvision.models.detection import ssd300_vgg16  # noqa: E402
+except ImportError as error:
+    sys.exit(
+        f"bench_train_step: torchvision is needed as the reference ({error}). Install it for benchmarks only with\n"
+        "    make bench-deps   (pip install --no-deps --target .bench torchvision==0.28.0)\n"
+        "and keep ../shared/tools/torchvision_cpu_shim.py in place."
+    )
+
+BATCH = 8
+SIZE = 300
+NUM_CLASSES = 21  # VOC: 20 classes + background
+MAX_BOXES = 6
+LR = 1e-5
+TINY_BATCH = 32  # per worker, the embedded default
+TINY_CLASSES = 7
+CONFIGS = ("ours_fp32", "ours_bf16_cl", "torchvision_fp32", "torchvision_bf16_cl", "ours_fp32_cl")
+TINY_CONFIGS = ("tiny_fp32", "tiny_fp32_cl", "tiny_bf16_cl")
+
+
+def make_batch(seed: int = 0) -> dict:
+    """uint8 images [B, 3, S, S], 1..MAX_BOXES boxes per image (xyxy normalised), labels 1..20."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen)
+    counts = torch.randint(1, MAX_BOXES + 1, (BATCH,), generator=gen)
+    xy = torch.rand(BATCH, MAX_BOXES, 2, generator=gen) * 0.7
+    wh = torch.rand(BATCH, MAX_BOXES, 2, generator=gen) * 0.25 + 0.05
+    boxes = torch.cat((xy, xy + wh), dim=-1)  # [B, G, 4]
+    labels = torch.randint(1, NUM_CLASSES, (BATCH, MAX_BOXES), generator=gen)
+    mask = torch.arange(MAX_BOXES)[None] < counts[:, None]  # [B, G]
+    return {"images": images, "boxes": boxes, "labels": labels, "mask": mask}
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def make_step(config: str, data: dict) -> Callable[[], float]:
+    """A closure running one full train step of ``config``; returns the loss."""
+    bf16 = "bf16" in config
+    channels_last = config.endswith("_cl")
+    torch.manual_seed(0)
+    if config.startswith("ours"):
+        model = build_ssd("ssd300_vgg16", NUM_CLASSES).train()
+        priors = model.priors()
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        images = data["images"].contiguous(memory_format=memory_format)
+        boxes, labels, mask = data["boxes"], data["labels"], data["mask"]
+
+        def loss_fn() -> torch.Tensor:
+            out = model(normalize_images(images))
+            targets = assign_targets(boxes, labels, mask, priors)
+            return multibox_loss(out.loc, out.cls_logits, targets.loc_targets, targets.cls_targets).total
+    else:
+        model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).train()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        images = [img.float() / 255 for img in data["images"]]  # what torchvision's users feed it
+        targets = [
+            {"boxes": b[m] * SIZE, "labels": lab[m]}
+            for b, lab, m in zip(data["boxes"], data["labels"], data["mask"], strict=True)
+        ]
+
+        def loss_fn() -> torch.Tensor:
+            losses = model(images, targets)
+            return losses["bbox_regression"] + losses["classification"]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> float:
+        with _autocast(bf16):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def make_tiny_step(config: str) -> Callable[[], float]:
+    """ssd_tiny forward + backward (no loss): the network's share of one worker's step."""
+    bf16 = "bf16" in config
+    memory_format = torch.channels_last if config.endswith("_cl") else torch.contiguous_format
+    torch.manual_seed(0)
+    model = build_ssd("ssd_tiny", TINY_CLASSES).train().to(memory_format=memory_format)
+    size = model.image_size
+    images = torch.randn(TINY_BATCH, 3, size, size).contiguous(memory_format=memory_format)
+
+    def step() -> float:
+        with _autocast(bf16):
+            out = model(images)
+        loss = out.loc.square().mean() + out.cls_logits.logsumexp(-1).mean()
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (VmRSS: resident now, VmHWM: peak resident) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def measure_memory(config: str) -> dict:
+    """Run in a fresh process: RSS before the first step, and peak RSS over a warm-up and a measured step.
+
+    VmHWM (not ``ru_maxrss``, which a child inherits from the parent that forked it) is the high-water
+    mark of this process's own resident memory since it started.
+    """
+    step = make_tiny_step(config) if config.startswith("tiny") else make_step(config, make_batch())
+    before = _status_mb("VmRSS")
+    step()
+    step()
+    peak = _status_mb("VmHWM")
+    return {"rss_before_step_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
+            "step_adds_mb": round(peak - before, 1)}
+
+
+def time_interleaved(steps: dict[str, Callable[[], float]], rounds: int, images_per_step: int) -> dict:
+    """Warm up each step once, then ``rounds`` rounds of one step each; median seconds and images/s."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses = {}
+    for name, step in steps.items():
+        losses[name] = step()
+    for r in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            losses[name] = step()
+            times[name].append(time.perf_counter() - start)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    return {
+        name: {
+            "step_s_median": round(statistics.median(t), 4),
+            "step_s_all": [round(x, 4) for x in t],
+            "images_per_s": round(images_per_step / statistics.median(t), 3),
+            "ms_per_image": round(1000 * statistics.median(t) / images_per_step, 2),
+            "last_loss": round(losses[name], 4),
+        }
+        for name, t in times.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--tiny-rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for SSD300")
+    parser.add_argument("--memory-only", default="", help=argparse.SUPPRESS)  # internal: child process
+    args = parser.parse_args()
+    if args.memory_only:
+        torch.set_num_threads(1 if args.memory_only.startswith("tiny") else args.threads)
+        print(json.dumps(measure_memory(args.memory_only)))
+        return
+
+    torch.set_num_threads(args.threads)
+    print(f"SSD300 train step, batch {BATCH}, {args.threads} threads, torch {torch.__version__}")
+    data = make_batch()
+    results = time_interleaved({c: make_step(c, data) for c in CONFIGS}, args.rounds, BATCH)
+
+    torch.set_num_threads(1)
+    print(f"ssd_tiny forward + backward, batch {TINY_BATCH}, 1 thread")
+    tiny = time_interleaved({c: make_tiny_step(c) for c in TINY_CONFIGS}, args.tiny_rounds, TINY_BATCH)
+
+    print("peak memory, one fresh process per configuration ...", flush=True)
+    for config in (*CONFIGS, *TINY_CONFIGS):
+        child = subprocess.run(
+            [sys.executable, __file__, "--memory-only", config, "--threads", str(args.threads)],
+            capture_output=True, text=True, check=True,
+        )
+        (results if config in results else tiny)[config].update(json.loads(child.stdout.splitlines()[-1]))
+
+    def speedup(a: str, b: str) -> float:
+        return round(results[b]["step_s_median"] / results[a]["step_s_median"], 3)
+
+    ratios = {
+        "ours_bf16_cl_vs_torchvision_fp32": speedup("ours_bf16_cl", "torchvision_fp32"),
+        "ours_bf16_cl_vs_torchvision_bf16_cl": speedup("ours_bf16_cl", "torchvision_bf16_cl"),
+        "ours_fp32_vs_torchvision_fp32": speedup("ours_fp32", "torchvision_fp32"),
+    }
+    goals = {
+        "ours_bf16_cl_vs_torchvision_fp32 >= 2.0": ratios["ours_bf16_cl_vs_torchvision_fp32"] >= 2.0,
+        "ours_bf16_cl_vs_torchvision_bf16_cl >= 1.1": ratios["ours_bf16_cl_vs_torchvision_bf16_cl"] >= 1.1,
+    }
+    report = {
+        "benchmark": "bench_train_step",
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                    "torch": torch.__version__, "threads": args.threads},
+        "batch": BATCH, "image_size": SIZE, "num_classes": NUM_CLASSES, "rounds": args.rounds,
+        "ssd300": results, "ratios": ratios, "goals_met": goals,
+        "ssd_tiny": {"batch": TINY_BATCH, "threads": 1, "num_classes": TINY_CLASSES, **tiny},
+    }
+    print()
+    for name, r in results.items():
+        print(f"{name:22s} {r['images_per_s']:6.2f} images/s  ({r['step_s_median']:.2f} s/step)  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (step adds {r['step_adds_mb']:.0f} MB)")
+    for name, value in ratios.items():
+        print(f"{name:40s} {value:.2f}x")
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'MISSED'}")
+    for name, r in tiny.items():
+        print(f"{name:14s} {r['ms_per_image']:6.2f} ms/image  {r['images_per_s']:7.1f} images/s (1 thread)  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,18 +53,6 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("eval"), help="PNGs and COCO-format JSON")
 
 
-def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
-    p.add_argument("--out", type=Path, default=Path("predictions"), help="JSON and drawn images")
-    p.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn and written")
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
-    p.add_argument("--out", type=Path, default=Path("models/ssd.onnx"), help="exported file")
-
-
 def _no_args(p: argparse.ArgumentParser) -> None:
     del p
 
@@ -76,9 +64,6 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
     Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards",
             _evaluate_args),
-    Command("predict", "pipeline.stages.predict", "detect objects in images or folders", _predict_args,
-            takes_inputs=True),
-    Command("export", "pipeline.stages.export", "export the model with box decoding (ONNX)", _export_args),
     Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved",
             _no_args),
 )

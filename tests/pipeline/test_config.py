@@ -120,5 +120,5 @@ def test_cli_reports_invalid_params_before_any_work(tmp_path):
 def test_cli_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=REPO, capture_output=True,
                             text=True, check=True)
-    for command in ("prepare", "shard", "train", "evaluate", "predict", "export"):
+    for command in ("prepare", "shard", "train", "evaluate", "check-params"):
         assert command in result.stdout

@@ -26,9 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_loss.json"
-sys.path[:0] = [str(REPO), str(REPO / ".bench"), str(REPO.parent / "shared" / "tools")]
+sys.path[:0] = [str(REPO)]
 
 import torch  # noqa: E402
+from _torchvision_reference import require_torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ssd_core.boxes import cxcywh_to_xyxy  # noqa: E402
@@ -36,17 +37,10 @@ from ssd_core.loss import multibox_loss  # noqa: E402
 from ssd_core.matching import assign_targets  # noqa: E402
 from ssd_core.priors import SSD300_VOC, generate_priors  # noqa: E402
 
-try:
-    import torchvision_cpu_shim  # noqa: E402,F401  (must precede the torchvision import)
-    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator  # noqa: E402
-    from torchvision.models.detection.ssd import SSD  # noqa: E402
-    from torchvision.ops import boxes as tv_box_ops  # noqa: E402
-except ImportError as error:
-    sys.exit(
-        f"bench_loss: torchvision is needed as the reference ({error}). Install it for benchmarks only with\n"
-        "    make bench-deps   (pip install --no-deps --target .bench torchvision==0.28.0)\n"
-        "and keep ../shared/tools/torchvision_cpu_shim.py in place."
-    )
+require_torchvision("bench_loss")
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator  # noqa: E402
+from torchvision.models.detection.ssd import SSD  # noqa: E402
+from torchvision.ops import boxes as tv_box_ops  # noqa: E402
 
 BATCH = 32
 NUM_CLASSES = 21  # VOC: 20 classes + background

@@ -47,24 +47,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bench_train_step.json"
-sys.path[:0] = [str(REPO), str(REPO / ".bench"), str(REPO.parent / "shared" / "tools")]
+sys.path[:0] = [str(REPO)]
 
 import torch  # noqa: E402
+from _torchvision_reference import require_torchvision  # noqa: E402
 
 from ssd_core.loss import multibox_loss  # noqa: E402
 from ssd_core.matching import assign_targets  # noqa: E402
 from ssd_core.model import build_ssd  # noqa: E402
 from ssd_core.transforms import normalize_images  # noqa: E402
 
-try:
-    import torchvision_cpu_shim  # noqa: E402,F401  (must precede the torchvision import)
-    from torchvision.models.detection import ssd300_vgg16  # noqa: E402
-except ImportError as error:
-    sys.exit(
-        f"bench_train_step: torchvision is needed as the reference ({error}). Install it for benchmarks only with\n"
-        "    make bench-deps   (pip install --no-deps --target .bench torchvision==0.28.0)\n"
-        "and keep ../shared/tools/torchvision_cpu_shim.py in place."
-    )
+require_torchvision("bench_train_step")
+from torchvision.models.detection import ssd300_vgg16  # noqa: E402
 
 BATCH = 8
 SIZE = 300

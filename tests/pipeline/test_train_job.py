@@ -15,6 +15,7 @@ from pipeline.stages.train import build_job
 from pipeline.training import checkpoint
 from pipeline.training.job import TRAINING_CODE, code_digest, identity_digest
 from pipeline.training.launcher import SNAPSHOT_FILE, prepare_run_folder
+from tests.pipeline.fixtures import make_params, prepare_and_shard
 
 DATA = "a" * 64
 REPO = Path(__file__).resolve().parents[2]
@@ -128,13 +129,9 @@ def test_a_snapshot_ray_would_refuse_is_moved_aside(tmp_path, write):
 
 
 def _tiny_shards(root) -> Path:
-    (root / "params.yaml").write_text("seed: 0\n")
-    synthetic = ["data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.image_size=64"]
-    assert cli_main(["prepare", "--params", str(root / "params.yaml"), "--out", str(root / "prepared"),
-                     "--report", str(root / "prepare.json"), *synthetic]) == 0  # fmt: skip
-    assert cli_main(["shard", "--params", str(root / "params.yaml"), "--index", str(root / "prepared"),
-                     "--out", str(root / "shards")]) == 0  # fmt: skip
-    return root / "shards"
+    params = make_params(**{"data.synthetic.num_train": 8, "data.synthetic.num_val": 4,
+                            "data.synthetic.image_size": 64})  # fmt: skip
+    return prepare_and_shard(params, root)[1]
 
 
 def test_train_validates_shards_and_params_before_starting_ray(tmp_path, caplog):

@@ -114,7 +114,7 @@ def test_paths_the_manifests_use_inside_the_image_are_where_the_dockerfile_puts_
 # ------------------------------------------------------------------------------------------ entry point
 def _entrypoint(args, env, *, as_nobody):
     """Run entrypoint.sh with a clean environment; as_nobody drops root first (setpriv) when we are root."""
-    command = ["bash", str(ENTRYPOINT), *args]
+    command = ["bash", env.pop("_SCRIPT", str(ENTRYPOINT)), *args]
     if as_nobody and os.geteuid() == 0:
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
     base = {"PATH": f"{env.pop('_BIN', '')}:/usr/bin:/bin"}
@@ -132,8 +132,13 @@ def shared_tmp():
 
 @pytest.fixture
 def sandbox(shared_tmp):
-    """A world-readable HOME and a fake `ray` on PATH that prints its arguments (no Ray is started)."""
+    """A world-readable HOME, a fake `ray` on PATH that prints its arguments (no Ray is started), and a
+    copy of entrypoint.sh that the unprivileged user can read wherever the checkout lies (a clone below a
+    0700 folder, as `mktemp -d` makes, is out of its reach)."""
     tmp_path = shared_tmp
+    script = tmp_path / "entrypoint.sh"
+    shutil.copy(ENTRYPOINT, script)
+    script.chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(mode=0o755)
     fake = bin_dir / "ray"
@@ -141,7 +146,7 @@ def sandbox(shared_tmp):
     fake.chmod(0o755)
     home = tmp_path / "home"
     home.mkdir(mode=0o777)
-    return {"HOME": str(home), "_BIN": str(bin_dir)}
+    return {"HOME": str(home), "_BIN": str(bin_dir), "_SCRIPT": str(script)}
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0, reason="needs setpriv to drop root")
@@ -152,7 +157,7 @@ def test_entrypoint_execs_its_arguments(sandbox):
 
 @pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0, reason="needs setpriv to drop root")
 def test_entrypoint_without_arguments_runs_bash(sandbox):
-    command = ["bash", str(ENTRYPOINT)]
+    command = ["bash", sandbox["_SCRIPT"]]
     if os.geteuid() == 0:
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
     result = subprocess.run(command, env={"PATH": "/usr/bin:/bin", "HOME": sandbox["HOME"]}, input="echo $0-ok\n",

@@ -53,6 +53,25 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("eval"), help="PNGs and COCO-format JSON")
 
 
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    p.add_argument("--out", type=Path, default=Path("predictions"),
+                   help="folder for detections.json (COCO results format) and the drawn images")
+    p.add_argument("--min-score", type=float, default=0.3, help="detections below this score are left out")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--no-draw", action="store_true", help="write detections.json only, no drawn copies")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
+    p.add_argument("--out", type=Path, default=Path("models/ssd.onnx"), help="file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--nms", action="store_true",
+                   help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores")
+
+
 def _no_args(p: argparse.ArgumentParser) -> None:
     del p
 
@@ -64,6 +83,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
     Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards",
             _evaluate_args),
+    Command("predict", "pipeline.stages.predict", "detect objects in images or folders (no Ray, no MLflow)",
+            _predict_args, takes_inputs=True),
+    Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
     Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved",
             _no_args),
 )

@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -c "import torch, sys; sys.exit(0 if not torch.version.cuda else 'a CUDA torch was installed')"
 	touch $(STAMP)
 
+# SSD_RUN_STARTED (read when make starts, before the install) lets the evaluate stage record the
+# whole run's wall time in metrics/eval.json; the summary prints the headline and the MLflow UI command.
+run: export SSD_RUN_STARTED := $(shell date +%s)
 run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	$(PY) -m pipeline summary
 
 test: install
 	$(PY) -m ruff check ssd_core pipeline tests benchmarks infra

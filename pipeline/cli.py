@@ -72,6 +72,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores")
 
 
+def _summary_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"), help="eval.json of the run")
+
+
 def _no_args(p: argparse.ArgumentParser) -> None:
     del p
 
@@ -86,6 +90,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("predict", "pipeline.stages.predict", "detect objects in images or folders (no Ray, no MLflow)",
             _predict_args, takes_inputs=True),
     Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
+    Command("summary", "pipeline.stages.summary", "headline metrics of the last run and the MLflow UI command",
+            _summary_args),
     Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved",
             _no_args),
 )

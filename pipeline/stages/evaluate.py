@@ -11,7 +11,7 @@ score the detections:
 Outputs (paths from the command line, i.e. from ``dvc.yaml``):
 
 ==========================  ==================================================================
-``--metrics`` eval.json      summary metrics, image count, throughput and wall time (DVC metrics)
+``--metrics`` eval.json      summary metrics, image count, throughput, wall times (DVC metrics)
 ``--plots`` pr/<class>.csv   precision-recall curve per class, columns recall, precision (DVC plots)
 ``--plots`` per_class_ap.csv AP per class (VOC07, VOC, COCO) and ground-truth count (DVC plots)
 ``--out`` pr_curves.png      the PR curves, one panel per class
@@ -19,6 +19,9 @@ Outputs (paths from the command line, i.e. from ``dvc.yaml``):
 ``--out`` coco_gt.json       the validation ground truth in COCO format (difficult -> iscrowd)
 ``--out`` coco_detections.json  the detections in COCO results format, re-scorable by any COCO tool
 ==========================  ==================================================================
+
+``run_wall_time_s`` in eval.json is the time since ``$SSD_RUN_STARTED`` (``make run`` sets it before it
+installs anything), so it measures a whole ``make run``; it is null when the variable is not set.
 
 With ``tracking.enabled`` the ``val/...`` metrics, the per-class table and the PNGs go to the MLflow run
 that logged this model file (found by the file's sha256; a new run if none did), and the registered model
@@ -32,6 +35,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_KEYS = ("map_voc07", "map_voc", "map_coco", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 MAX_CURVE_POINTS = 500  # PR-curve rows written per class for DVC plots
 GRID_SCORE_THRESHOLD = 0.3  # detections drawn in the sample grid
+RUN_STARTED_ENV = "SSD_RUN_STARTED"  # Unix time at which `make run` started (see run_wall_time_s)
 
 
 class Sample(NamedTuple):
@@ -239,11 +244,26 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
         "images_per_sec": round(n / collected.inference_s, 3) if collected.inference_s > 0 else None,
         "inference_time_s": round(collected.inference_s, 3),
         "wall_time_s": round(time.perf_counter() - started, 3),
+        "run_wall_time_s": run_wall_time_s(),
     })  # fmt: skip
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     paths["metrics"] = metrics_path
     return paths
+
+
+def run_wall_time_s(now: float | None = None) -> float | None:
+    """Seconds since ``$SSD_RUN_STARTED`` (Unix time, set by ``make run`` before it installs anything), so
+    eval.json records how long the whole ``make run`` took up to its last stage; None when not set."""
+    started = os.environ.get(RUN_STARTED_ENV, "").strip()
+    if not started:
+        return None
+    try:
+        elapsed = (time.time() if now is None else now) - float(started)
+    except ValueError:
+        logger.warning("%s=%r is not a Unix time; run_wall_time_s left empty", RUN_STARTED_ENV, started)
+        return None
+    return round(elapsed, 1) if elapsed >= 0 else None
 
 
 # ------------------------------------------------------------------------------------------- tracking

@@ -100,3 +100,35 @@ def test_biases_and_norm_scales_are_not_decayed():
     optimizer.step()
     lr = decay["lr"]
     assert torch.allclose(model[2].weight, w0 - lr * 5e-4 * w0)
+
+
+def test_adamw_decays_weights_decoupled_and_leaves_biases_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    cfg = _cfg(optimizer="adamw", weight_decay=0.05, momentum=0.9, lr=2e-3, lr_reference_batch=32, batch_size=16)
+    optimizer = build_optimizer(model, cfg, world_size=2)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay, no_decay = optimizer.param_groups
+    assert decay["betas"] == (0.9, 0.999)
+    assert decay["lr"] == pytest.approx(2e-3)  # 16 x 2 workers = the reference batch of 32
+    # With zero gradients Adam's update m / (sqrt(v) + eps) is 0, so only the decoupled decay moves the
+    # weights: w <- w (1 - lr wd); biases and the BatchNorm scale are not decayed and stay put.
+    weight0, bias0, scale0 = (t.detach().clone() for t in (model[0].weight, model[0].bias, model[1].weight))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.allclose(model[0].weight, weight0 * (1 - 2e-3 * 0.05))
+    assert torch.equal(model[0].bias, bias0) and torch.equal(model[1].weight, scale0)
+
+
+def test_adamw_step_matches_the_textbook_update():
+    # First Adam step with bias correction: m_hat = g, v_hat = g^2, so w <- w - lr g / (|g| + eps) = w - lr sign(g)
+    # (for |g| >> eps), after the decoupled decay w (1 - lr wd).
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    optimizer = build_optimizer(model, _cfg(optimizer="adamw", lr=0.1, weight_decay=0.5, lr_reference_batch=32,
+                                            batch_size=32), world_size=1)  # fmt: skip
+    model.weight.grad = torch.tensor([[3.0, -0.5]])
+    optimizer.step()
+    expected = torch.tensor([[1.0, -2.0]]) * (1 - 0.1 * 0.5) - 0.1 * torch.tensor([[1.0, -1.0]])
+    assert torch.allclose(model.weight, expected, atol=1e-6)

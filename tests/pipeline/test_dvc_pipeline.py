@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,3 +53,70 @@ def test_dvc_repro_runs_the_data_stages_once(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     third = _dvc(work, "repro", "shard")
     assert "Running stage 'prepare'" in third.stdout and "Running stage 'shard'" in third.stdout
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, timeout=60)
+
+
+def _mlflow_runs(database: Path) -> list[dict[str, str]]:
+    """Every run in the SQLite store: its id and its logged ``train.lr`` (read with sqlite3, no server)."""
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute(
+            "SELECT r.run_uuid, p.value FROM runs r LEFT JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'train.lr'"
+        ).fetchall()
+    return [{"run_id": run_id, "lr": lr} for run_id, lr in rows]
+
+
+def test_the_whole_pipeline_under_dvc_repro_and_dvc_exp_run(tmp_path):
+    """All four stages (train on local Ray with 2 workers), nothing re-runs, an experiment gets its own run."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("pipeline", "ssd_core"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["synthetic"].update(num_train=16, num_val=6, image_size=64)
+    params["train"].update(batch_size=4, max_steps=3, warmup_steps=1, checkpoint_every_steps=2, loader_workers=0)
+    params["eval"].update(num_workers=0, num_sample_images=2)
+    params["tracking"]["grad_stats_every"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / ".gitignore").write_text("__pycache__/\n/mlflow.db\n/mlartifacts/\n/runs/\n")
+    _git(work, "init", "-q")
+    _dvc(work, "init", "-q")
+    _dvc(work, "config", "core.analytics", "false")
+    _git(work, "add", "-A")
+    _git(work, "commit", "-q", "-m", "pipeline")
+
+    first = _dvc(work, "repro")
+    for stage in ("prepare", "shard", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout, first.stdout
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    assert metrics["num_images"] == 6 and 0.0 <= metrics["map_voc07"] <= 1.0
+    assert "Running stage" not in _dvc(work, "repro").stdout  # nothing changed, nothing runs
+
+    shown = json.loads(_dvc(work, "metrics", "show", "--json").stdout)
+    assert "metrics/eval.json" in json.dumps(shown)
+    classes = json.loads((work / "shards" / "manifest.json").read_text())["classes"]
+    plots = json.loads(_dvc(work, "plots", "show", "--json").stdout)["data"]
+    assert len([name for name in plots if name.startswith("plots/pr/")]) == len(classes)  # a PR curve per class
+    per_class = plots["plots/per_class_ap.csv"][0]["content"]["data"]["values"]
+    assert sorted(row["class"] for row in per_class) == sorted(classes)
+    _dvc(work, "plots", "show", "-o", "plots_html")
+    assert "vegaEmbed('#plots_per_class_ap_csv'" in (work / "plots_html" / "index.html").read_text()
+
+    runs_before = _mlflow_runs(work / "mlflow.db")
+    assert len(runs_before) == 1 and float(runs_before[0]["lr"]) == pytest.approx(params["train"]["lr"])
+    _git(work, "add", "-A")
+    _git(work, "commit", "-q", "-m", "first run")
+    experiment = _dvc(work, "exp", "run", "-S", "train.lr=0.0005")
+    assert "Running stage 'train'" in experiment.stdout and "Running stage 'prepare'" not in experiment.stdout
+    runs_after = _mlflow_runs(work / "mlflow.db")
+    new = [r for r in runs_after if r["run_id"] != runs_before[0]["run_id"]]
+    assert len(runs_after) == 2 and len(new) == 1 and float(new[0]["lr"]) == pytest.approx(0.0005)
+    shown = json.loads(_dvc(work, "exp", "show", "--json").stdout)
+    assert '"lr": 0.0005' in json.dumps(shown)  # the experiment is listed with its changed param

@@ -118,19 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Command, list[str]]:
+    """The parsed options (with ``args.inputs``), the command, and the KEY=VALUE overrides.
+
+    Inputs and overrides may come before or after options (``predict a.jpg --min-score 0.5 eval.top_k=100``):
+    argparse hands positionals that follow an option back as unknown, so they join the rest here.
+    Exits with a usage error (status 2) on an unknown option, or on inputs for a command that takes none.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    options = [a for a in unknown if a.startswith("-")]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    rest = [*args.rest, *unknown]
+    command = next(c for c in COMMANDS if c.name == args.command)
+    overrides = [a for a in rest if _OVERRIDE.match(a)]
+    args.inputs = [a for a in rest if not _OVERRIDE.match(a)]
+    if args.inputs and not command.takes_inputs:
+        parser.error(f"{command.name}: unexpected argument(s) {args.inputs}; overrides look like KEY=VALUE")
+    return args, command, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, command, overrides = parse_command_line(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    command = next(c for c in COMMANDS if c.name == args.command)
-    overrides = [a for a in args.rest if _OVERRIDE.match(a)]
-    args.inputs = [a for a in args.rest if not _OVERRIDE.match(a)]
-    if args.inputs and not command.takes_inputs:
-        parser.error(f"{command.name}: unexpected argument(s) {args.inputs}; overrides look like KEY=VALUE")
     params_path = args.params if args.params.exists() or args.params != Path("params.yaml") else None
     try:
         params = load_params(params_path, overrides)

@@ -67,7 +67,8 @@ def _mlflow_runs(database: Path) -> list[dict[str, str]]:
 
     with sqlite3.connect(database) as connection:
         rows = connection.execute(
-            "SELECT r.run_uuid, p.value FROM runs r LEFT JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'train.lr'"
+            "SELECT r.run_uuid, p.value FROM runs r "
+            "LEFT JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'train.lr'"
         ).fetchall()
     return [{"run_id": run_id, "lr": lr} for run_id, lr in rows]
 

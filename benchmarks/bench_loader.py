@@ -5,10 +5,14 @@ prepared (seeded split) and sharded into a temporary folder; its training split 
 all three paths, ``--epochs`` times each.
 
 Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 32):
-- ``shards``: ``pipeline.data.train_loader`` with the full SSD augmentation at 300 x 300;
+- ``shards``: ``pipeline.data.train_loader`` with the full SSD augmentation at 300 x 300. It plans each
+  sample's augmentation from the JSON record before decoding and decodes the JPEG at 1/2, 1/4 or 1/8 when
+  the crop window is that much larger than the output (see ``pipeline.data``); the share of samples
+  decoded at each scale is reported;
 - ``folder``: the reference users would write first: a map-style Dataset over the VOC folder that parses
   each XML (defusedxml), opens the JPEG, applies EXIF orientation, converts to RGB and runs the same
-  ``train_transform`` (same per-sample seeding), batched by the same collate;
+  ``train_transform`` (same per-sample seeding), batched by the same collate. It shares every speed-up of
+  the transform itself; what it lacks is what the shard format gives (sizes known before decoding, no XML);
 - ``shards_resize_only``: the shard loader with every augmentation step off (decode + resize to 300): what
   the loader itself costs, without ``train_transform``'s augmentation work;
 - ``decode_only``: the ceiling: the same JPEG bytes, held in memory, only decoded to uint8 tensors.
@@ -53,7 +57,7 @@ from pipeline.sources.records import read_index, write_index  # noqa: E402
 from pipeline.sources.voc import parse_voc_xml  # noqa: E402
 from pipeline.stages.prepare import prepare  # noqa: E402
 from pipeline.stages.shard import shard  # noqa: E402
-from ssd_core.transforms import AugmentOptions, train_transform  # noqa: E402
+from ssd_core.transforms import AugmentOptions, decode_reduction, plan_augmentation, train_transform  # noqa: E402
 
 SIZE, BATCH, WORKERS, SEED = 300, 32, 2, 0
 MAX_PIXELS = 89_478_485
@@ -127,6 +131,23 @@ class RssSampler:
         self._thread.join()
 
 
+def reduction_shares(records, keys: list[str], epochs: int) -> dict[str, float]:
+    """Share of the shard loader's samples decoded at 1/1, 1/2, 1/4, 1/8 (the same plans it makes)."""
+    counts = dict.fromkeys((1, 2, 4, 8), 0)
+    for epoch in range(epochs):
+        for record, key in zip(records, keys, strict=True):
+            w, h = record.width, record.height
+            boxes = (torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
+                     / torch.tensor([w, h, w, h], dtype=torch.float32)).clamp_(0.0, 1.0)
+            labels = torch.tensor(record.labels, dtype=torch.int64).reshape(-1)
+            difficult = torch.tensor(record.difficult, dtype=torch.bool).reshape(-1)
+            generator = torch.Generator().manual_seed(sample_seed(SEED, epoch, key))
+            plan = plan_augmentation(w, h, boxes, labels, difficult, options=FULL, generator=generator)
+            counts[decode_reduction(plan, SIZE)] += 1
+    total = sum(counts.values())
+    return {f"1/{r}": round(n / total, 3) for r, n in counts.items()}
+
+
 def timed(batches) -> tuple[float, int]:
     """(seconds, images) to exhaust ``batches``: TrainBatches, or lists of decoded images."""
     images, start = 0, time.perf_counter()
@@ -192,6 +213,7 @@ def main() -> int:
                                 "peak_main_plus_workers_mib": round(sampler.peak_total, 1)})
 
     rates = {name: images[name] / seconds[name] for name in paths}
+    shares = reduction_shares(records, [loc.key for loc in locations], args.epochs)
     flat = rss[-1]["peak_main_plus_workers_mib"] <= 1.1 * rss[0]["peak_main_plus_workers_mib"]
     report = {
         "benchmark": "bench_loader",
@@ -201,6 +223,7 @@ def main() -> int:
                   "mean_image_pixels": round(mean_pixels), "image_size": SIZE, "batch_size": BATCH,
                   "dataloader_workers": WORKERS, "augmentation": "full SSD (photometric, expand, crop, flip)"},
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "shards_decoded_at_scale": shares,
         "ratios": {"shards_over_folder": round(rates["shards"] / rates["folder"], 3),
                    "shards_over_decode_only": round(rates["shards"] / rates["decode_only"], 3),
                    "shards_resize_only_over_decode_only": round(rates["shards_resize_only"] / rates["decode_only"], 3)},
@@ -212,6 +235,7 @@ def main() -> int:
           f"{WORKERS} workers, batch {BATCH}, {SIZE}x{SIZE}")
     for name, rate in rates.items():
         print(f"  {name:12s} {rate:8.1f} images/s")
+    print("  shards decoded at " + ", ".join(f"{k}: {v:.0%}" for k, v in shares.items()))
     print(f"  shards / folder      = {report['ratios']['shards_over_folder']:.2f}  (goal >= 1.5)")
     print(f"  shards / decode-only = {report['ratios']['shards_over_decode_only']:.2f}  (goal >= 0.6)")
     print(f"  shards without augmentation (resize only) / decode-only = "

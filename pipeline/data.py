@@ -18,6 +18,17 @@ A sample's augmentation draws from a ``torch.Generator`` seeded by ``(seed, epoc
 batch is a function of (shards, seed, epoch, rank, world_size, batch index) only: the worker count changes
 nothing, and ``skip_batches=k`` starts at batch k without reading or decoding batches 0..k-1.
 
+Decoding a training sample uses what the shard format gives for free: the JSON record carries the stored
+image's size, so the whole augmentation is planned (``ssd_core.transforms.plan_augmentation``: every random
+draw, the crop window, the output boxes) before a pixel is decoded. When the window is at least 2, 4 or 8
+times the output side on both axes, the JPEG is decoded at 1/2, 1/4 or 1/8 of its size by the decoder's
+DCT scaling (PIL ``Image.draft``; ``decode_reduction``), which skips most of the inverse-DCT and colour work,
+and the window is sampled from the smaller image (``render_augmentation(..., reduction=r)``; close to, not
+bit-equal to, the full-size result: see ``ssd_core.transforms``). Orientation is not touched here: the
+shard stage stores every image upright (EXIF orientation applied and dropped), and the record's size and
+boxes are in that frame. The decoded pixels become a tensor with one copy (PIL's packed RGB bytes, wrapped
+as they are).
+
 A corrupt sample (unreadable bytes, bad JPEG, bad JSON) is skipped and counted in ``TrainBatch.num_bad``
 of the batch it belonged to; the batch is then smaller (in the extreme, empty: ``[0, 3, S, S]``), but the
 number of batches never changes. Nothing sleeps or retries. Evaluation, which must see every sample,
@@ -35,6 +46,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -42,12 +54,21 @@ from typing import Any, NamedTuple
 import fsspec
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.manifest import ShardError, ShardInfo, ShardManifest, join, load_manifest
 from pipeline.sources.images import ImageRejected, decode, open_checked
-from ssd_core.transforms import AugmentOptions, eval_transform, train_transform
+from ssd_core.transforms import (
+    AugmentOptions,
+    Sample,
+    decode_reduction,
+    eval_transform,
+    plan_augmentation,
+    reduced_size,
+    render_augmentation,
+)
 
 __all__ = [
     "EvalBatch", "ShardError", "ShardManifest", "TrainBatch", "TrainLoader", "EvalLoader", "batches_per_epoch",
@@ -178,30 +199,92 @@ class _ShardReader:
             self._open.popitem()[1].close()
 
 
-def decode_sample(jpg: bytes, meta_bytes: bytes, num_classes: int) -> _Decoded:
-    """Decode one sample's members; ``_Corrupt`` for anything that does not match what shard wrote."""
+class _Record(NamedTuple):
+    meta: dict[str, Any]
+    width: int
+    height: int
+    boxes_px: Tensor  # float32 [G, 4]
+    labels: Tensor  # int64 [G]
+    difficult: Tensor  # bool [G]
+
+
+def _numbers(values: Any, dtype: type, kinds: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A JSON list as a NumPy array of ``dtype`` and ``shape``; TypeError unless its items are of ``kinds``."""
+    array = np.asarray(values)
+    if array.size and array.dtype.kind not in kinds:
+        raise TypeError(f"expected numbers ({kinds}), got {array.dtype}")
+    return array.astype(dtype).reshape(shape)
+
+
+def _parse_record(meta_bytes: bytes, num_classes: int) -> _Record:
+    """The JSON member, checked; ``_Corrupt`` for anything that does not match what shard wrote."""
     try:
         meta = json.loads(meta_bytes)
         width, height = int(meta["width"]), int(meta["height"])
-        boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)  # [G, 4] pixels
-        labels = torch.tensor(meta["labels"], dtype=torch.int64).reshape(-1)  # [G]
-        difficult = torch.tensor(meta["difficult"], dtype=torch.bool).reshape(-1)  # [G]
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        boxes = _numbers(meta["boxes"], np.float32, "fiu", (-1, 4))  # [G, 4] pixels
+        labels = _numbers(meta["labels"], np.int64, "iu", (-1,))  # [G]
+        difficult = _numbers(meta["difficult"], np.bool_, "biu", (-1,))  # [G]
+    except (ValueError, KeyError, TypeError, OverflowError) as error:
         raise _Corrupt(f"bad JSON record ({type(error).__name__}: {error})") from None
-    if not (len(boxes) == len(labels) == len(difficult)) or not torch.isfinite(boxes).all():
+    if not (len(boxes) == len(labels) == len(difficult)) or not np.isfinite(boxes).all():
         raise _Corrupt("JSON record: boxes, labels and difficult disagree in length or hold non-finite values")
     if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
         raise _Corrupt(f"JSON record: labels outside 1..{num_classes}")
+    return _Record(meta, width, height, torch.from_numpy(boxes), torch.from_numpy(labels), torch.from_numpy(difficult))
+
+
+def _open_image(jpg: bytes, width: int, height: int) -> Image.Image:
+    """The JPEG member's header, refusing a bomb or a size other than the record's before decoding."""
     try:
-        image = open_checked(jpg, max_pixels=max(1, width * height))  # refuses a bomb before decoding
-        if image.size != (width, height):
-            raise _Corrupt(f"image is {image.size[0]}x{image.size[1]}, the record says {width}x{height}")
-        decode(image)
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        image = open_checked(jpg, max_pixels=max(1, width * height))
     except ImageRejected as rejected:
         raise _Corrupt(str(rejected)) from None
-    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] (HWC memory)
-    return _Decoded(pixels, meta, boxes, labels, difficult)
+    if image.size != (width, height):
+        raise _Corrupt(f"image is {image.size[0]}x{image.size[1]}, the record says {width}x{height}")
+    return image
+
+
+def _pixels(image: Image.Image) -> Tensor:
+    """Decode ``image`` -> uint8 ``[3, H, W]`` (HWC memory) wrapping PIL's packed RGB bytes (no further copy)."""
+    try:
+        decode(image)
+    except ImageRejected as rejected:
+        raise _Corrupt(str(rejected)) from None
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    with warnings.catch_warnings():  # the array is read-only (it wraps the decoded bytes); nothing writes to it
+        warnings.filterwarnings("ignore", message=".*not writable", category=UserWarning)
+        return torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)  # [3, H, W]
+
+
+def decode_sample(jpg: bytes, meta_bytes: bytes, num_classes: int) -> _Decoded:
+    """Decode one sample's members at full size; ``_Corrupt`` for anything that does not match what shard wrote.
+    The image is a writable tensor of its own (the training path keeps the read-only decoder bytes instead)."""
+    record = _parse_record(meta_bytes, num_classes)
+    pixels = _pixels(_open_image(jpg, record.width, record.height)).clone()
+    return _Decoded(pixels, record.meta, record.boxes_px, record.labels, record.difficult)
+
+
+def train_sample(jpg: bytes, meta_bytes: bytes, num_classes: int, *, image_size: int, augment: AugmentOptions,
+                 generator: torch.Generator) -> Sample:
+    """One augmented training sample from its shard members: plan from the record, decode as small as the
+    plan allows (module docstring), render. ``_Corrupt`` for anything that does not match what shard wrote."""
+    record = _parse_record(meta_bytes, num_classes)
+    w, h = record.width, record.height
+    image = _open_image(jpg, w, h)
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    boxes = (record.boxes_px / scale).clamp_(0.0, 1.0)  # [G, 4] normalised
+    plan = plan_augmentation(w, h, boxes, record.labels, record.difficult, options=augment, generator=generator)
+    reduction = decode_reduction(plan, image_size)
+    if reduction > 1:
+        image.draft("RGB", (max(1, w // reduction), max(1, h // reduction)))  # JPEG: DCT scaling to 1/reduction
+        reduction = next((r for r in (reduction, 1) if reduced_size(w, h, r) == image.size), 0)
+        if reduction == 0:
+            raise _Corrupt(f"decoder scaled {w}x{h} to {image.size[0]}x{image.size[1]}, not a supported 1/r")
+    pixels = _pixels(image)
+    if (pixels.shape[2], pixels.shape[1]) != image.size:
+        raise _Corrupt(f"decoded {pixels.shape[2]}x{pixels.shape[1]} pixels, the header says {image.size}")
+    return Sample(render_augmentation(pixels, plan, image_size, reduction=reduction), plan.boxes, plan.labels,
+                  plan.difficult)
 
 
 @contextlib.contextmanager
@@ -250,27 +333,30 @@ class _TrainBatches(IterableDataset):
     def _batch(self, indices: np.ndarray) -> TrainBatch:
         samples, bad = [], 0
         for index in indices.tolist():
+            key = self.reader.locations[index][1].key
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, key))
             try:
-                decoded = decode_sample(*self.reader.read(index), self.num_classes)
+                samples.append(train_sample(*self.reader.read(index), self.num_classes, image_size=self.image_size,
+                                            augment=self.augment, generator=generator))
             except _Corrupt as error:
                 bad += 1
                 logger.warning("skipped corrupt sample %s: %s", self.reader.describe(index), error)
-                continue
-            h, w = decoded.image.shape[1:]
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-            boxes = (decoded.boxes_px / scale).clamp_(0.0, 1.0)  # [G, 4] normalised
-            key = self.reader.locations[index][1].key
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, key))
-            samples.append(train_transform(decoded.image, boxes, decoded.labels, decoded.difficult,
-                                           size=self.image_size, options=self.augment, generator=generator))
         return collate_train(samples, self.image_size, bad)
 
 
 def collate_train(samples: list[Any], image_size: int, num_bad: int = 0) -> TrainBatch:
-    """Stack ``Sample``s into a ``TrainBatch``, padding boxes to the batch's largest count G."""
+    """Stack ``Sample``s into a ``TrainBatch``, padding boxes to the batch's largest count G.
+
+    In a DataLoader worker the images are stacked straight into shared memory (as PyTorch's default collate
+    does), so handing the batch to the main process copies nothing.
+    """
     b, g = len(samples), max((len(s.labels) for s in samples), default=0)
-    images = torch.stack([s.image for s in samples]) if samples else torch.empty(0, 3, image_size, image_size,
-                                                                                 dtype=torch.uint8)
+    shape = (b, 3, image_size, image_size)
+    if get_worker_info() is not None and b:
+        images = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+        torch.stack([s.image for s in samples], out=images)
+    else:
+        images = torch.stack([s.image for s in samples]) if samples else torch.empty(shape, dtype=torch.uint8)
     boxes = torch.zeros(b, g, 4, dtype=torch.float32)
     labels = torch.zeros(b, g, dtype=torch.int64)
     difficult = torch.zeros(b, g, dtype=torch.bool)

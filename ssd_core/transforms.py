@@ -20,10 +20,30 @@ has no IoU or centre constraint: it gets a random crop of the allowed shape (or 
 empty box set. Boxes that end up degenerate (zero width or height after clipping and float rounding)
 are dropped with their labels and difficult flags, so every output box is finite with positive area.
 
-Work is proportional to the image and the output, never to the zoomed-out canvas (up to 16 times the
-image): a crop window that reaches the mean-coloured canvas is sampled straight from the image with
-``grid_sample`` at the points ``interpolate`` would read (see ``_resize_window``); the 50 crop trials are
-evaluated at once.
+How it is computed (the literal chain's result up to float rounding, at most 1 grey level in rare pixels;
+much less work). The chain is split in two: :func:`plan_augmentation` draws every random number and does
+all the box geometry from the image size alone; :func:`render_augmentation` then makes the pixels.
+Rendering never builds the zoomed-out canvas (up to 16 times the image) and touches only the source
+pixels the output reads:
+
+- the photometric steps act on one pixel at a time, so they are applied only to the part of the image
+  inside the crop window: exactly the values the full-image order gives there (the order of the steps is
+  unchanged, the resize still comes after them);
+- the resize is separable: each output row (column) is the weighted sum of two source rows (columns), with
+  the bilinear weights of ``interpolate(align_corners=False)`` on the canvas window; a tap that falls on
+  the canvas instead of the image contributes the fill colour with its weight. Rows first (one
+  ``embedding_bag``: gather and weighted sum in one pass), then columns. The flip mirrors the uint8 result.
+
+Reduced-resolution sources (for decoders that can decode a JPEG at 1/2, 1/4 or 1/8 scale, see
+:func:`decode_reduction`): ``render_augmentation(..., reduction=r)`` takes the image decoded at ``1/r`` of
+its size (``ceil(W / r) x ceil(H / r)``; reduced pixel ``j`` covers full pixels ``[j r, (j + 1) r)``, so its
+centre is at ``(j + 0.5) r - 0.5``) and samples it at the same canvas positions, with the same fill share
+at the image's border. It is used only when the window is at least ``r * size`` pixels on both sides, so
+each output pixel still spans at least one reduced pixel. The result is close to, not equal to, the
+full-resolution one: the decoder's scaling averages each r x r block where the plain bilinear resize
+reads 2 x 2 pixels and skips the rest, so fine texture aliases less (measured on the raccoon photos at
+300 x 300: 0.75 grey levels mean absolute difference; tests bound it and check the reduced result is no
+farther than the full one from an antialiased resize). The geometry and the boxes are identical.
 
 Randomness comes only from the ``torch.Generator`` argument, in this order: photometric (11 numbers),
 expansion (4), crop (1 + 4 x 50), flip (1); a disabled step draws nothing. One seed gives one result.
@@ -35,12 +55,12 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssd_core.boxes import box_iou, degenerate_box_mask
-from ssd_core.photometric import photometric_distort
+from ssd_core.photometric import PhotometricParams, apply_photometric, sample_photometric
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # RGB on the 0..1 scale (ImageNet), what VGG16 weights expect
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -52,6 +72,7 @@ CROP_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -math.
 CROP_TRIALS = 50  # random crops tried per image before giving up (original)
 CROP_MIN_SCALE = 0.3  # smallest crop side / canvas side (original)
 CROP_ASPECT_RANGE = (0.5, 2.0)  # allowed crop height / width in pixels (original)
+DECODE_REDUCTIONS = (8, 4, 2)  # JPEG DCT scalings (1/8, 1/4, 1/2) that decode_reduction may choose
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,31 @@ class CropChoice(NamedTuple):
     min_iou: float | None
 
 
+class AugmentPlan(NamedTuple):
+    """Everything :func:`train_transform` draws and computes before touching a pixel.
+
+    Attributes:
+        width, height: the source image size in pixels.
+        photometric: the drawn photometric steps, or None when photometric distortion is off.
+        expansion: where the image sits on the canvas.
+        window: ``(x0, y0, x1, y1)`` canvas pixels that become the output (the whole canvas when not cropped).
+        flip: mirror the output horizontally.
+        boxes: float32 ``[G', 4]`` output boxes, xyxy normalised to the output, positive area.
+        labels: int64 ``[G']``.
+        difficult: bool ``[G']``.
+    """
+
+    width: int
+    height: int
+    photometric: PhotometricParams | None
+    expansion: Expansion
+    window: tuple[int, int, int, int]
+    flip: bool
+    boxes: Tensor
+    labels: Tensor
+    difficult: Tensor
+
+
 def _check_generator(name: str, generator: torch.Generator) -> None:
     if not isinstance(generator, torch.Generator):
         got = type(generator).__name__
@@ -143,6 +189,49 @@ def sample_expansion(width: int, height: int, max_ratio: float, generator: torch
     return Expansion(canvas_w, canvas_h, left, top)
 
 
+def _box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``ssd_core.boxes.box_iou`` for float64 ``[N, 4]`` and ``[M, 4]`` NumPy arrays -> ``[N, M]``, the same
+    operations in the same order (so the same values); NumPy is ~10x cheaper than torch at these sizes."""
+    wh = np.maximum(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0.0)
+    inter = wh[..., 0] * wh[..., 1]  # [N, M]
+    area_a = np.maximum(a[:, 2] - a[:, 0], 0.0) * np.maximum(a[:, 3] - a[:, 1], 0.0)
+    area_b = np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / np.maximum(union, np.finfo(np.float64).tiny), 0.0)
+
+
+def _sample_crop_np(boxes_px: np.ndarray, width: int, height: int, generator: torch.Generator,
+                    max_trials: int) -> tuple[tuple[int, int, int, int] | None, np.ndarray, float | None]:
+    """:func:`sample_crop` on a float64 ``[G, 4]`` array: (window, keep ``[G]`` bool array, min_iou)."""
+    g = boxes_px.shape[0]
+    draws = torch.rand(1 + 4 * max_trials, generator=generator, dtype=torch.float64).numpy()
+    min_iou = CROP_MIN_IOUS[min(int(draws[0] * len(CROP_MIN_IOUS)), len(CROP_MIN_IOUS) - 1)]
+    keep_all = np.ones(g, dtype=bool)
+    if min_iou is None:
+        return None, keep_all, None
+    u = draws[1:].reshape(max_trials, 4)
+    w = width * (CROP_MIN_SCALE + (1.0 - CROP_MIN_SCALE) * u[:, 0])  # [T]
+    h = height * (CROP_MIN_SCALE + (1.0 - CROP_MIN_SCALE) * u[:, 1])  # [T]
+    left, top = u[:, 2] * (width - w), u[:, 3] * (height - h)  # [T]
+    rects = np.floor(np.stack((left, top, left + w, top + h), axis=-1))  # [T, 4] integer pixels
+    aspect = h / w
+    ok = (aspect >= CROP_ASPECT_RANGE[0]) & (aspect <= CROP_ASPECT_RANGE[1])
+    ok &= (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
+    inside = np.zeros((max_trials, g), dtype=bool)
+    if g > 0:
+        ok &= _box_iou_np(rects, boxes_px).max(axis=1) >= min_iou
+        centres = (boxes_px[:, :2] + boxes_px[:, 2:]) / 2  # [G, 2]
+        inside = ((rects[:, None, :2] < centres) & (centres < rects[:, None, 2:])).all(axis=-1)  # [T, G]
+        ok &= inside.any(axis=1)
+    hits = np.flatnonzero(ok)
+    if hits.size == 0:
+        return None, keep_all, min_iou
+    t = int(hits[0])
+    x0, y0, x1, y1 = (int(v) for v in rects[t])
+    return (x0, y0, x1, y1), inside[t], min_iou
+
+
 def sample_crop(
     boxes_px: Tensor, width: int, height: int, generator: torch.Generator, *, max_trials: int = CROP_TRIALS
 ) -> CropChoice:
@@ -157,33 +246,9 @@ def sample_crop(
     Returns:
         :class:`CropChoice`; ``window`` is None for the whole-image option and when no trial succeeds.
     """
-    g = boxes_px.shape[0]
-    draws = torch.rand(1 + 4 * max_trials, generator=generator, dtype=torch.float64)
-    min_iou = CROP_MIN_IOUS[min(int(draws[0] * len(CROP_MIN_IOUS)), len(CROP_MIN_IOUS) - 1)]
-    keep_all = torch.ones(g, dtype=torch.bool)
-    if min_iou is None:
-        return CropChoice(None, keep_all, None)
-    u = draws[1:].view(max_trials, 4)
-    w = width * (CROP_MIN_SCALE + (1.0 - CROP_MIN_SCALE) * u[:, 0])  # [T]
-    h = height * (CROP_MIN_SCALE + (1.0 - CROP_MIN_SCALE) * u[:, 1])  # [T]
-    left, top = u[:, 2] * (width - w), u[:, 3] * (height - h)  # [T]
-    rects = torch.stack((left, top, left + w, top + h), dim=-1).floor()  # [T, 4] integer pixels
-    aspect = h / w
-    ok = (aspect >= CROP_ASPECT_RANGE[0]) & (aspect <= CROP_ASPECT_RANGE[1])
-    ok &= (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
-    inside = torch.zeros(max_trials, g, dtype=torch.bool)
-    if g > 0:
-        boxes64 = boxes_px.to(torch.float64)
-        ok &= box_iou(rects, boxes64).amax(dim=1) >= min_iou
-        centres = (boxes64[:, :2] + boxes64[:, 2:]) / 2  # [G, 2]
-        inside = ((rects[:, None, :2] < centres) & (centres < rects[:, None, 2:])).all(dim=-1)  # [T, G]
-        ok &= inside.any(dim=1)
-    hits = ok.nonzero()
-    if hits.numel() == 0:
-        return CropChoice(None, keep_all, min_iou)
-    t = int(hits[0, 0])
-    x0, y0, x1, y1 = (int(v) for v in rects[t].tolist())
-    return CropChoice((x0, y0, x1, y1), inside[t], min_iou)
+    boxes = boxes_px.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1, 4)
+    window, keep, min_iou = _sample_crop_np(boxes, width, height, generator, max_trials)
+    return CropChoice(window, torch.from_numpy(keep), min_iou)
 
 
 def canvas_window(image: Tensor, expansion: Expansion, window: tuple[int, int, int, int] | None = None) -> Tensor:
@@ -212,47 +277,159 @@ def canvas_window(image: Tensor, expansion: Expansion, window: tuple[int, int, i
 
 
 def _resize(image: Tensor, size: int) -> Tensor:
-    """float or uint8 ``[3, h, w]`` -> uint8 ``[3, size, size]``, bilinear, rounded to the nearest value."""
+    """float or uint8 ``[3, h, w]`` -> uint8 ``[3, size, size]`` with ``interpolate`` (bilinear, no antialias).
+
+    The literal resize, kept as the reference the separable one (:func:`_resize_window`) is checked against.
+    """
     x = image if image.is_floating_point() else image.float()
     if tuple(x.shape[1:]) != (size, size):
         x = F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False)[0]
     return x.round().clamp_(0.0, 255.0).to(torch.uint8)
 
 
-def _source_positions(start: int, length: int, size: int) -> Tensor:
-    """Where ``interpolate(bilinear, align_corners=False)`` samples a ``length``-pixel span for ``size`` outputs.
+# ------------------------------------------------------------------------------------ resampling
+class _Taps(NamedTuple):
+    """The two source pixels each output pixel reads along one axis, and their weights.
 
-    Pixel ``i`` reads ``(i + 0.5) * length / size - 0.5``, clamped to the span (edge pixels repeat),
-    shifted by ``start``. float64 ``[size]``.
+    ``first``/``second``: int64 ``[S]`` indices into the source axis; ``w_first``/``w_second``: float64 ``[S]``
+    bilinear weights already multiplied by ``coverage``, the image's share of the sample (1 inside the
+    image, 0 on the fill, in between on the one-pixel border). ``lo``/``hi``: the source range read with a
+    positive weight (``hi`` exclusive); ``lo == hi`` when every sample falls on the fill.
     """
-    i = torch.arange(size, dtype=torch.float64)
-    return ((i + 0.5) * (length / size) - 0.5).clamp(0.0, length - 1.0) + start
+
+    first: np.ndarray
+    second: np.ndarray
+    w_first: np.ndarray
+    w_second: np.ndarray
+    coverage: np.ndarray
+    lo: int
+    hi: int
+
+
+def _axis_taps(start: int, length: int, size: int, offset: int, image_len: int, reduction: int = 1,
+               source_len: int | None = None) -> _Taps:
+    """Bilinear taps of ``size`` outputs over the canvas span ``[start, start + length)`` along one axis.
+
+    Output ``i`` reads canvas position ``p = clamp((i + 0.5) * length / size - 0.5, 0, length - 1) + start``
+    (what ``interpolate(bilinear, align_corners=False)`` reads on the window). The image covers canvas
+    pixels ``[offset, offset + image_len)``; ``u = p - offset`` is the full-resolution image coordinate. On
+    the canvas the sample is ``c image(u) + (1 - c) fill`` with coverage ``c = clamp(min(u + 1, image_len - u),
+    0, 1)``: the same two-pixel blend as reading the literal canvas (an image pixel next to a fill pixel).
+    ``image(u)`` is read from a source decoded at ``1 / reduction`` (``source_len`` pixels) at ``q = (u + 0.5) /
+    reduction - 0.5``, clamped to the source.
+    """
+    n = image_len if source_len is None else source_len
+    p = (np.arange(size, dtype=np.float64) + 0.5) * (length / size) - 0.5
+    u = np.minimum(np.maximum(p, 0.0), length - 1.0) + (start - offset)  # [S] full-resolution image coordinates
+    coverage = np.minimum(np.maximum(np.minimum(u + 1.0, image_len - u), 0.0), 1.0)  # [S]
+    q = u if reduction == 1 else (u + 0.5) / reduction - 0.5
+    q = np.minimum(np.maximum(q, 0.0), max(n - 1.0, 0.0))
+    first = q.astype(np.int64)  # floor: q >= 0
+    lam = q - first
+    second = np.minimum(first + 1, max(n - 1, 0))
+    touching = np.flatnonzero(coverage > 0)  # outputs that read the image; q rises with the output index
+    if touching.size == 0:
+        return _Taps(first * 0, second * 0, lam * 0, lam * 0, coverage, 0, 0)
+    lo, hi = int(first[touching[0]]), int(first[touching[-1]]) + 1
+    if lam[touching].any():
+        hi = max(hi, int(second[touching][lam[touching] > 0].max()) + 1)
+    first, second = np.minimum(np.maximum(first, lo), hi - 1), np.minimum(np.maximum(second, lo), hi - 1)
+    return _Taps(first, second, (1.0 - lam) * coverage, lam * coverage, coverage, lo, hi)
+
+
+def _weighted_rows(table: Tensor, taps: _Taps, blocks: int, extra: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> Tensor:
+    """Per block of ``table [blocks * n (+ extra rows), d]``, the ``S`` rows ``w_first * row[first] + w_second *
+    row[second]`` -> ``[blocks * S, d]`` with one ``embedding_bag`` (gather and weighted sum in one pass).
+
+    ``extra = (rows [blocks, k], weights [S, k])`` adds ``k`` more taps per output row: rows of ``table``
+    beyond the blocks (e.g. constant fill rows), each block its own.
+    """
+    n = (table.shape[0] if extra is None else table.shape[0] - extra[0].size) // blocks
+    bags = np.stack((taps.first, taps.second), axis=1)[None] + (np.arange(blocks) * n)[:, None, None]  # [blocks, S, 2]
+    weights = np.stack((taps.w_first, taps.w_second), axis=1)  # [S, 2]
+    if extra is not None:
+        rows, extra_weights = extra
+        bags = np.concatenate((bags, np.broadcast_to(rows[:, None, :], (blocks, *extra_weights.shape))), axis=2)
+        weights = np.concatenate((weights, extra_weights), axis=1)  # [S, 2 + k]
+    weights = np.broadcast_to(weights.astype(np.float32), bags.shape).reshape(-1, bags.shape[2])
+    return F.embedding_bag(torch.from_numpy(bags.reshape(-1, bags.shape[2])), table,
+                           per_sample_weights=torch.from_numpy(weights), mode="sum")
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    """float32 ``[3, S, S]`` (any strides) -> uint8, rounded to the nearest integer and clamped to [0, 255]."""
+    x = x.round_().clamp_(0.0, 255.0)
+    # NumPy's cast is several times faster than torch's here; a strided result is cast first, then made
+    # contiguous as uint8 (a quarter of the bytes to move).
+    return torch.from_numpy(np.ascontiguousarray(x.numpy().astype(np.uint8)))
+
+
+def _resample(image: Tensor, rows: _Taps, cols: _Taps, size: int, *, interpolate_cols: bool = False) -> Tensor:
+    """uint8 ``[3, S, S]`` from the source pixels ``image`` (``[3, h, w]``, uint8 or float, any layout).
+
+    ``rows``/``cols`` index ``image``. Rows first: each output row is the weighted sum of two source rows
+    (``[3, S, w]``); then columns the same way, on the transposed rows. The fill colour's share of a pixel,
+    ``1 - c_row c_col``, enters as extra constant rows of the column pass. With ``interpolate_cols`` the
+    columns of ``image`` must be exactly the window's, all inside the image: the column pass is then
+    ``interpolate(linear)``, which reads the same taps with the same weights and needs no transpose.
+    """
+    s = size
+    x = image
+    if image.dtype != torch.float32 or not image.is_contiguous():
+        x = torch.empty(image.shape, dtype=torch.float32).copy_(image)  # conversion and layout in one pass
+    _, h, w = x.shape
+    blended = _weighted_rows(x.view(3 * h, w), rows, 3).view(3, s, w)  # [3, S, w]
+    fill = torch.tensor(FILL_COLOUR, dtype=torch.float32)
+    row_gap = (1.0 - rows.coverage).astype(np.float32)  # [S] fill share from the rows alone
+    if interpolate_cols:  # every column inside the image: the fill share is 1 - c_row
+        out = F.interpolate(blended, size=s, mode="linear", align_corners=False)  # [3, S, S]
+        if row_gap.any():
+            out.addcmul_(fill.view(3, 1, 1), torch.from_numpy(row_gap).view(1, s, 1))
+        return _to_uint8(out)
+    by_column = torch.empty(3 * w + 6, s)  # [3 w + 6, S]: columns as rows, then two fill rows per channel
+    by_column[: 3 * w].view(3, w, s).copy_(blended.transpose(1, 2))
+    by_column[3 * w : 3 * w + 3] = fill.view(3, 1) * torch.from_numpy(row_gap).view(1, s)  # fill (1 - c_row)
+    by_column[3 * w + 3 :] = fill.view(3, 1)  # fill
+    fill_rows = 3 * w + np.array([[0, 3], [1, 4], [2, 5]])  # [3, 2] per channel
+    # fill share 1 - c_row c_col = c_col (1 - c_row) + (1 - c_col): two extra taps per output column
+    fill_weights = np.stack((cols.coverage, 1.0 - cols.coverage), axis=1)  # [S, 2]
+    out = _weighted_rows(by_column, cols, 3, (fill_rows, fill_weights)).view(3, s, s)  # [3, S(x), S(y)]
+    return _to_uint8(out.transpose(1, 2))
+
+
+def _fill_image(size: int) -> Tensor:
+    fill = torch.tensor(FILL_COLOUR, dtype=torch.float32).round().to(torch.uint8)
+    return fill.view(3, 1, 1).expand(3, size, size).contiguous()
+
+
+def _shifted(taps: _Taps) -> _Taps:
+    """``taps`` relative to a source cropped to ``[lo, hi)``."""
+    return taps._replace(first=taps.first - taps.lo, second=taps.second - taps.lo, lo=0, hi=taps.hi - taps.lo)
 
 
 def _resize_window(image: Tensor, expansion: Expansion, window: tuple[int, int, int, int], size: int) -> Tensor:
     """``_resize(canvas_window(image, expansion, window), size)`` without building the window.
 
-    A window inside the image is a view, resized as in :func:`eval_transform`. A window that reaches
-    the mean-coloured canvas is sampled straight from the image at the same points with ``grid_sample``
-    on ``image - fill`` (zero padding then reads as the fill colour), so the cost is ``O(size^2)`` rather
-    than the area of a canvas up to 16 times the image.
+    Separable bilinear sampling at the same points (see :func:`_axis_taps`), reading only the image rows
+    and columns that some output pixel reads; the cost is ``O(S (S + w))`` for a read span ``w``, never the
+    area of a canvas up to 16 times the image. A float32 contiguous ``image`` is read in place.
     """
     height, width = image.shape[1:]
     x0, y0, x1, y1 = window
     left, top = expansion.left, expansion.top
-    if x0 >= left and y0 >= top and x1 <= left + width and y1 <= top + height:
-        return _resize(image[:, y0 - top : y1 - top, x0 - left : x1 - left], size)
-    sx = _source_positions(x0 - left, x1 - x0, size)  # [S] image column of each output column
-    sy = _source_positions(y0 - top, y1 - y0, size)  # [S] image row of each output row
-    gx = (2.0 * sx + 1.0) / width - 1.0  # grid_sample's normalised coordinates (align_corners=False)
-    gy = (2.0 * sy + 1.0) / height - 1.0
-    grid = torch.stack(torch.broadcast_tensors(gx.view(1, size), gy.view(size, 1)), dim=-1)  # [S, S, 2] (x, y)
-    fill = torch.tensor(FILL_COLOUR, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    shifted = (image - fill).unsqueeze(0)  # [1, 3, H, W]; the canvas is 0 outside the image
-    out = F.grid_sample(
-        shifted, grid.to(shifted).unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=False
-    )[0]  # [3, S, S]
-    return out.add_(fill).round_().clamp_(0.0, 255.0).to(torch.uint8)
+    rows = _axis_taps(y0, y1 - y0, size, top, height)
+    cols = _axis_taps(x0, x1 - x0, size, left, width)
+    if rows.lo == rows.hi or cols.lo == cols.hi:
+        return _fill_image(size)
+    aligned = x0 >= left and x1 <= left + width  # all columns inside the image: the interpolate column pass
+    if aligned:
+        cols = cols._replace(lo=x0 - left, hi=x1 - left)  # exactly the window's columns
+    in_place = image.dtype == torch.float32 and image.is_contiguous()
+    if in_place and (not aligned or (cols.lo, cols.hi) == (0, width)):
+        return _resample(image, rows, cols, size, interpolate_cols=aligned)
+    source = image[:, rows.lo : rows.hi, cols.lo : cols.hi]  # converted to float once, only this part
+    return _resample(source, _shifted(rows), _shifted(cols), size, interpolate_cols=aligned)
 
 
 def _check_image(name: str, image: Tensor) -> None:
@@ -272,7 +449,144 @@ def eval_transform(image: Tensor, size: int) -> Tensor:
     """Resize only: uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]`` (the same resize as training)."""
     _check_image("eval_transform", image)
     _check_size("eval_transform", size)
-    return _resize(image, size)
+    height, width = image.shape[1:]
+    return _resize_window(image, Expansion(width, height, 0, 0), (0, 0, width, height), size)
+
+
+# ---------------------------------------------------------------------------------- augmentation
+def plan_augmentation(
+    width: int,
+    height: int,
+    boxes: Tensor,
+    labels: Tensor,
+    difficult: Tensor,
+    *,
+    options: AugmentOptions,
+    generator: torch.Generator,
+) -> AugmentPlan:
+    """Draw every random choice of :func:`train_transform` and compute the output boxes, without pixels.
+
+    Args:
+        width, height: source image size in pixels (>= 1).
+        boxes: float ``[G, 4]`` xyxy normalised to [0, 1].
+        labels: int64 ``[G]`` class indices.
+        difficult: bool ``[G]`` VOC difficult flags.
+        options: which steps to apply.
+        generator: the only source of randomness (CPU); draws in the order of the module docstring.
+
+    Returns:
+        :class:`AugmentPlan`; :func:`render_augmentation` makes its image.
+    """
+    name = "plan_augmentation"
+    if not isinstance(options, AugmentOptions):
+        raise TypeError(f"{name}: expected options as an AugmentOptions, got {type(options).__name__}")
+    _check_generator(name, generator)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (width, height)):
+        raise ValueError(f"{name}: expected the image size as two positive ints, got {width!r} x {height!r}")
+    if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+        got = f"{boxes.dtype} {list(boxes.shape)}" if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"{name}: expected float boxes [G, 4] (xyxy normalised), got {got}")
+    g = boxes.shape[0]
+    if labels.shape != (g,) or difficult.shape != (g,):
+        raise ValueError(
+            f"{name}: expected labels [G] and difficult [G] with G = {g} (one per box), "
+            f"got {list(labels.shape)} and {list(difficult.shape)}"
+        )
+    photometric = sample_photometric(generator, channel_swap=options.channel_swap) if options.photometric else None
+    expansion = Expansion(width, height, 0, 0)
+    if options.expand:
+        expansion = sample_expansion(width, height, options.expand_max_ratio, generator)
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    offset = np.array([expansion.left, expansion.top] * 2, dtype=np.float64)
+    boxes_px = boxes.detach().cpu().to(torch.float64).numpy() * scale + offset  # [G, 4] canvas pixels
+    keep = np.ones(g, dtype=bool)
+    window = (0, 0, expansion.canvas_width, expansion.canvas_height)
+    if options.crop:
+        crop, inside, _ = _sample_crop_np(boxes_px, expansion.canvas_width, expansion.canvas_height, generator,
+                                          CROP_TRIALS)
+        if crop is not None:
+            window, keep = crop, inside
+            boxes_px = boxes_px[keep]
+
+    x0, y0, x1, y1 = window
+    lower, upper = np.array([x0, y0] * 2, dtype=np.float64), np.array([x1, y1] * 2, dtype=np.float64)
+    extent = np.array([x1 - x0, y1 - y0] * 2, dtype=np.float64)
+    out = ((np.minimum(np.maximum(boxes_px, lower), upper) - lower) / extent).astype(np.float32)  # [G', 4]
+    flip = options.flip and float(torch.rand((), generator=generator, dtype=torch.float64)) < 0.5
+    if flip:
+        out = np.stack((1 - out[:, 2], out[:, 1], 1 - out[:, 0], out[:, 3]), axis=-1)
+    out = np.minimum(np.maximum(out, 0.0), 1.0)
+    good = np.isfinite(out).all(axis=1) & (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])  # positive area
+    select = torch.from_numpy(np.flatnonzero(keep)[good])
+    return AugmentPlan(
+        width, height, photometric, expansion, window, flip, torch.from_numpy(np.ascontiguousarray(out[good])),
+        labels.to(torch.int64)[select], difficult.to(torch.bool)[select],
+    )
+
+
+def decode_reduction(plan: AugmentPlan, size: int) -> int:
+    """Largest ``r`` in 1, 2, 4, 8 with the crop window at least ``r * size`` canvas pixels on both sides.
+
+    Decoding the image at ``1 / r`` then still leaves at least one source pixel per output pixel, so
+    :func:`render_augmentation` with ``reduction=r`` loses no resolution the output can show.
+    """
+    _check_size("decode_reduction", size)
+    x0, y0, x1, y1 = plan.window
+    side = min(x1 - x0, y1 - y0)
+    return next((r for r in DECODE_REDUCTIONS if side >= r * size), 1)
+
+
+def reduced_size(width: int, height: int, reduction: int) -> tuple[int, int]:
+    """(width, height) of an image decoded at ``1 / reduction``: ``ceil`` of each side, as JPEG decoders do."""
+    return -(-width // reduction), -(-height // reduction)
+
+
+def render_augmentation(image: Tensor, plan: AugmentPlan, size: int, *, reduction: int = 1) -> Tensor:
+    """The output image of ``plan``: photometric, expansion, crop, resize and flip (module docstring).
+
+    Args:
+        image: uint8 ``[3, H, W]`` RGB, any memory layout; with ``reduction = r`` the image decoded at
+            ``1 / r``, of size :func:`reduced_size` of the plan's size. Not modified.
+        plan: from :func:`plan_augmentation` for this image's size.
+        size: output side S.
+        reduction: 1 (full resolution), 2, 4 or 8.
+
+    Returns:
+        uint8 ``[3, S, S]``, contiguous.
+    """
+    name = "render_augmentation"
+    _check_image(name, image)
+    _check_size(name, size)
+    if reduction not in (1, *DECODE_REDUCTIONS):
+        raise ValueError(f"{name}: expected reduction 1, 2, 4 or 8, got {reduction!r}")
+    want = reduced_size(plan.width, plan.height, reduction)
+    if (image.shape[2], image.shape[1]) != want:
+        raise ValueError(f"{name}: expected a {want[0]}x{want[1]} image (the plan's {plan.width}x{plan.height} "
+                         f"at 1/{reduction}), got {image.shape[2]}x{image.shape[1]}")
+    e, (x0, y0, x1, y1) = plan.expansion, plan.window
+    photometric = plan.photometric if plan.photometric is not None and not plan.photometric.is_identity else None
+    if reduction == 1:
+        # The image's part of the window: the only pixels the output reads, so the only ones distorted.
+        ix0, iy0 = max(x0, e.left), max(y0, e.top)
+        ix1, iy1 = min(x1, e.left + plan.width), min(y1, e.top + plan.height)
+        if ix1 <= ix0 or iy1 <= iy0:
+            out = _fill_image(size)
+        else:
+            region = image[:, iy0 - e.top : iy1 - e.top, ix0 - e.left : ix1 - e.left]
+            if photometric is not None:
+                region = apply_photometric(region, photometric)  # float32 [3, h, w]
+            out = _resize_window(region, e._replace(left=ix0, top=iy0), plan.window, size)
+    else:
+        rows = _axis_taps(y0, y1 - y0, size, e.top, plan.height, reduction, image.shape[1])
+        cols = _axis_taps(x0, x1 - x0, size, e.left, plan.width, reduction, image.shape[2])
+        if rows.lo == rows.hi or cols.lo == cols.hi:
+            out = _fill_image(size)
+        else:
+            region = image[:, rows.lo : rows.hi, cols.lo : cols.hi]
+            if photometric is not None:
+                region = apply_photometric(region, photometric)
+            out = _resample(region, _shifted(rows), _shifted(cols), size)
+    return out.flip(-1) if plan.flip else out
 
 
 def train_transform(
@@ -305,48 +619,9 @@ def train_transform(
     if not isinstance(options, AugmentOptions):
         raise TypeError(f"{name}: expected options as an AugmentOptions, got {type(options).__name__}")
     _check_generator(name, generator)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
-        got = f"{boxes.dtype} {list(boxes.shape)}"
-        raise ValueError(f"{name}: expected float boxes [G, 4] (xyxy normalised), got {got}")
-    g = boxes.shape[0]
-    if labels.shape != (g,) or difficult.shape != (g,):
-        raise ValueError(
-            f"{name}: expected labels [G] and difficult [G] with G = {g} (one per box), "
-            f"got {list(labels.shape)} and {list(difficult.shape)}"
-        )
-
     height, width = image.shape[1:]
-    x = image
-    if options.photometric:
-        x = photometric_distort(image.float(), generator, channel_swap=options.channel_swap)  # float [3, H, W]
-    expansion = Expansion(width, height, 0, 0)
-    if options.expand:
-        expansion = sample_expansion(width, height, options.expand_max_ratio, generator)
-    scale = torch.tensor([width, height, width, height], dtype=torch.float64)
-    offset = torch.tensor([expansion.left, expansion.top] * 2, dtype=torch.float64)
-    boxes_px = boxes.to(torch.float64) * scale + offset  # [G, 4] canvas pixels
-    labels, difficult = labels.to(torch.int64), difficult.to(torch.bool)
-    window = (0, 0, expansion.canvas_width, expansion.canvas_height)
-    if options.crop:
-        choice = sample_crop(boxes_px, expansion.canvas_width, expansion.canvas_height, generator)
-        if choice.window is not None:
-            window = choice.window
-            boxes_px, labels, difficult = boxes_px[choice.keep], labels[choice.keep], difficult[choice.keep]
-
-    x0, y0, x1, y1 = window
-    origin = torch.tensor([x0, y0, x0, y0], dtype=torch.float64)
-    extent = torch.tensor([x1 - x0, y1 - y0] * 2, dtype=torch.float64)
-    lower, upper = torch.tensor([x0, y0] * 2, dtype=torch.float64), torch.tensor([x1, y1] * 2, dtype=torch.float64)
-    out_boxes = ((boxes_px.clamp(lower, upper) - origin) / extent).to(torch.float32)  # [G', 4] normalised
-    out = _resize_window(x, expansion, window, size)  # [3, S, S]
-
-    if options.flip and float(torch.rand((), generator=generator, dtype=torch.float64)) < 0.5:
-        out = out.flip(-1)
-        out_boxes = torch.stack((1 - out_boxes[:, 2], out_boxes[:, 1], 1 - out_boxes[:, 0], out_boxes[:, 3]), dim=-1)
-
-    out_boxes = out_boxes.clamp(0.0, 1.0)
-    good = ~degenerate_box_mask(out_boxes)
-    return Sample(out, out_boxes[good], labels[good], difficult[good])
+    plan = plan_augmentation(width, height, boxes, labels, difficult, options=options, generator=generator)
+    return Sample(render_augmentation(image, plan, size), plan.boxes, plan.labels, plan.difficult)
 
 
 def normalize_images(images: Tensor) -> Tensor:

@@ -1,12 +1,20 @@
-"""SSD augmentation: output contract, determinism, and the geometry of each step checked directly."""
+"""SSD augmentation: output contract, determinism, the geometry of each step checked directly, and the fast
+rendering (window-only photometric, separable resize, reduced-resolution sources) against the literal chain."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssd_core.boxes import box_iou
-from ssd_core.photometric import colour_matrix, photometric_distort
+from ssd_core.photometric import (
+    PHOTOMETRIC_DRAWS,
+    apply_photometric,
+    colour_matrix,
+    photometric_distort,
+    sample_photometric,
+)
 from ssd_core.transforms import (
     CROP_MIN_IOUS,
     FILL_COLOUR,
@@ -18,8 +26,12 @@ from ssd_core.transforms import (
     _resize,
     _resize_window,
     canvas_window,
+    decode_reduction,
     eval_transform,
     normalize_images,
+    plan_augmentation,
+    reduced_size,
+    render_augmentation,
     sample_crop,
     sample_expansion,
     train_transform,
@@ -372,3 +384,219 @@ def test_bad_inputs_are_rejected():
         eval_transform(image, 0)
     with pytest.raises(ValueError, match="expand_max_ratio"):
         AugmentOptions(expand_max_ratio=0.5)
+
+
+# ------------------------------------------------------------------- fast rendering vs the literal chain
+def literal_train_transform(image, boxes, labels, difficult, *, size, options, generator):
+    """The chain written out literally (the slow reference): photometric on the whole image in float, the whole
+    zoom-out canvas built, the crop window cut out of it and resized with ``interpolate``, then the flip.
+    Draws the same numbers in the same order as the module docstring says."""
+    height, width = image.shape[1:]
+    x = image.float()
+    if options.photometric:
+        x = photometric_distort(x, generator, channel_swap=options.channel_swap)
+    e = Expansion(width, height, 0, 0)
+    if options.expand:
+        e = sample_expansion(width, height, options.expand_max_ratio, generator)
+    boxes_px = boxes.double() * torch.tensor([width, height] * 2) + torch.tensor([e.left, e.top] * 2)
+    window, keep = (0, 0, e.canvas_width, e.canvas_height), torch.ones(len(boxes), dtype=torch.bool)
+    if options.crop:
+        choice = sample_crop(boxes_px, e.canvas_width, e.canvas_height, generator)
+        if choice.window is not None:
+            window, keep = choice.window, choice.keep
+    x0, y0, x1, y1 = window
+    out = _resize(canvas_window(x, e)[:, y0:y1, x0:x1], size)
+    lo, hi = torch.tensor([x0, y0] * 2, dtype=torch.float64), torch.tensor([x1, y1] * 2, dtype=torch.float64)
+    out_boxes = ((torch.minimum(torch.maximum(boxes_px[keep], lo), hi) - lo) / (hi - lo)).float()
+    if options.flip and float(torch.rand((), generator=generator, dtype=torch.float64)) < 0.5:
+        out = out.flip(-1)
+        out_boxes = torch.stack((1 - out_boxes[:, 2], out_boxes[:, 1], 1 - out_boxes[:, 0], out_boxes[:, 3]), -1)
+    out_boxes = out_boxes.clamp(0, 1)
+    good = (out_boxes[:, 2] > out_boxes[:, 0]) & (out_boxes[:, 3] > out_boxes[:, 1])
+    return Sample(out, out_boxes[good], labels[keep][good], difficult[keep][good])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_train_transform_equals_the_literal_chain(seed):
+    # Photometric only inside the window and the separable resize read the same pixels with the same weights
+    # as the literal chain; only float rounding differs (at most 1 grey level, rarely).
+    image, boxes, labels, difficult = random_sample(100 + seed)
+    if seed % 2:  # HWC memory, as decoders hand it over
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    options = AugmentOptions(channel_swap=seed % 3 == 0)
+    size = 72 if seed % 4 else 160  # down- and upscaling
+    fast = train_transform(image, boxes, labels, difficult, size=size, options=options, generator=gen(seed))
+    slow = literal_train_transform(image, boxes, labels, difficult, size=size, options=options, generator=gen(seed))
+    assert torch.equal(fast.boxes, slow.boxes)
+    assert torch.equal(fast.labels, slow.labels) and torch.equal(fast.difficult, slow.difficult)
+    diff = (fast.image.int() - slow.image.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    assert fast.image.is_contiguous()
+
+
+def test_plan_is_the_geometry_and_render_the_pixels():
+    image, boxes, labels, difficult = random_sample(6)
+    h, w = image.shape[1:]
+    plan = plan_augmentation(w, h, boxes, labels, difficult, options=ALL, generator=gen(5))
+    sample = train_transform(image, boxes, labels, difficult, size=40, options=ALL, generator=gen(5))
+    assert torch.equal(plan.boxes, sample.boxes) and torch.equal(plan.labels, sample.labels)
+    assert torch.equal(render_augmentation(image, plan, 40), sample.image)
+    # The plan draws everything: photometric 11, expansion 4, crop 1 + 4 x 50, flip 1.
+    g = gen(5)
+    plan_augmentation(w, h, boxes, labels, difficult, options=ALL, generator=g)
+    reference = gen(5)
+    torch.rand(PHOTOMETRIC_DRAWS + 4 + 1 + 4 * 50 + 1, generator=reference, dtype=torch.float64)
+    assert torch.equal(g.get_state(), reference.get_state())
+
+
+def test_window_on_the_fill_only_gives_the_fill_colour():
+    image = torch.full((3, 10, 10), 7, dtype=torch.uint8)
+    e = Expansion(40, 40, 30, 30)  # image in the bottom-right corner
+    out = _resize_window(image, e, (0, 0, 20, 20), 8)
+    assert torch.equal(out, torch.tensor(FILL_COLOUR).round().to(torch.uint8).view(3, 1, 1).expand(3, 8, 8))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_resize_window_any_input_layout(seed):
+    # uint8 or float, contiguous, HWC memory or a strided view: the same result as the literal window.
+    g = gen(seed)
+    base = torch.randint(0, 256, (3, 30, 45), dtype=torch.uint8, generator=g)
+    e = Expansion(90, 60, int(torch.randint(0, 46, (), generator=g)), int(torch.randint(0, 31, (), generator=g)))
+    x0, y0 = int(torch.randint(0, 60, (), generator=g)), int(torch.randint(0, 40, (), generator=g))
+    window = (x0, y0, x0 + 5 + int(torch.randint(0, 90 - x0 - 4, (), generator=g)),
+              y0 + 5 + int(torch.randint(0, 60 - y0 - 4, (), generator=g)))
+    want = _resize(canvas_window(base, e, window), 23).int()
+    for image in (base, base.float(), base.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+                  torch.cat([base, base], 2)[:, :, :45]):
+        assert ((_resize_window(image, e, window, 23).int() - want).abs() <= 1).all()
+
+
+def test_eval_transform_matches_interpolate():
+    image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=gen(1))
+    for size in (8, 32, 64, 100):
+        want = F.interpolate(image.float()[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        assert ((eval_transform(image, size).int() - want.round().int()).abs() <= 1).all()
+
+
+def test_photometric_is_per_pixel_so_any_region_gets_the_same_values():
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=gen(2))
+    hwc = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    for seed in range(20):
+        params = sample_photometric(gen(seed), channel_swap=True)
+        whole = apply_photometric(image, params)
+        torch.testing.assert_close(whole, apply_photometric(image.float(), params), rtol=0, atol=1e-4)
+        torch.testing.assert_close(whole[:, 5:31, 7:44], apply_photometric(hwc[:, 5:31, 7:44], params),
+                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(whole, photometric_distort(image.float(), gen(seed), channel_swap=True),
+                                   rtol=0, atol=1e-4)
+
+
+def test_photometric_steps_and_orders_by_hand():
+    # Golden values: pixel (R, G, B) = (200, 100, 50); brightness +40 -> (240, 140, 90) ; contrast 1.5 ->
+    # (360 -> 255, 210, 135) when first; after: ((240, 140, 90) * 1.5 -> 255, 210, 135) too without colour.
+    image = torch.tensor([200.0, 100.0, 50.0]).view(3, 1, 1)
+    ident = torch.eye(3)
+    from ssd_core.photometric import PhotometricParams
+
+    first = apply_photometric(image, PhotometricParams(40.0, 1.5, True, None, None))
+    assert first.flatten().tolist() == [255.0, 210.0, 135.0]
+    # The two orders differ once a step clamps: grey-out (saturation 0) of (255, 210, 135) gives the luma
+    # 0.299 * 255 + 0.587 * 210 + 0.114 * 135 = 214.905 for every channel; with contrast after, the luma of
+    # (240, 140, 90) is 164.2, times 1.5 = 246.3.
+    grey = colour_matrix(0.0, 0.0)
+    a = apply_photometric(image, PhotometricParams(40.0, 1.5, True, grey, None)).flatten()
+    b = apply_photometric(image, PhotometricParams(40.0, 1.5, False, grey, None)).flatten()
+    torch.testing.assert_close(a, torch.full((3,), 214.905), rtol=0, atol=1e-3)
+    torch.testing.assert_close(b, torch.full((3,), 246.3), rtol=0, atol=1e-3)
+    swapped = apply_photometric(image, PhotometricParams(None, None, True, ident, (2, 0, 1))).flatten()
+    assert swapped.tolist() == [50.0, 200.0, 100.0]
+
+
+# ----------------------------------------------------------------- reduced-resolution sources
+def natural_image(seed, height, width):
+    """A photo-like test image: a smooth colour field, mild pixel noise (what survives JPEG) and a few flat
+    objects with hard edges."""
+    g = gen(seed)
+    field = F.interpolate(torch.rand(1, 3, 5, 7, generator=g) * 255, size=(height, width), mode="bicubic",
+                          align_corners=False)[0]
+    image = field + torch.randn(3, height, width, generator=g) * 1.5
+    for _ in range(5):
+        x0, y0 = (int(torch.randint(0, side - 20, (), generator=g)) for side in (width, height))
+        x1 = x0 + int(torch.randint(8, width - x0, (), generator=g))
+        y1 = y0 + int(torch.randint(8, height - y0, (), generator=g))
+        image[:, y0:y1, x0:x1] = torch.rand(3, 1, 1, generator=g) * 255
+    return image.round().clamp(0, 255).to(torch.uint8)
+
+
+def block_mean(image, r):
+    """The image at 1/r as a JPEG decoder's DCT scaling gives it, approximately: each r x r block averaged
+    (edge blocks padded by repeating the last row/column, as JPEG pads partial blocks)."""
+    h, w = image.shape[1:]
+    rw, rh = reduced_size(w, h, r)
+    padded = F.pad(image.float()[None], (0, rw * r - w, 0, rh * r - h), mode="replicate")
+    return F.avg_pool2d(padded, r)[0].round().to(torch.uint8)
+
+
+def test_decode_reduction_rule():
+    boxes, labels, difficult = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+    seen = set()
+    for seed in range(200):
+        plan = plan_augmentation(500, 400, boxes, labels, difficult, options=ALL, generator=gen(seed))
+        r = decode_reduction(plan, 100)
+        x0, y0, x1, y1 = plan.window
+        side = min(x1 - x0, y1 - y0)
+        assert side >= r * 100 and (r == 8 or side < 2 * r * 100)  # the largest power of two that fits, up to 8
+        seen.add(r)
+    assert seen == {1, 2, 4, 8}
+    assert reduced_size(650, 417, 4) == (163, 105) and reduced_size(8, 8, 8) == (1, 1)
+
+
+def smooth_image(seed, height, width):
+    """A smooth colour field only (gradients of ~3 grey levels per pixel): any misplaced sample shows."""
+    g = gen(seed)
+    field = F.interpolate(torch.rand(1, 3, 5, 7, generator=g) * 255, size=(height, width), mode="bicubic",
+                          align_corners=False)[0]
+    return field.round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reduced_source_is_aligned_and_close(seed):
+    # With a reduced source the output samples the same canvas positions: on a smooth field the result is
+    # the full-resolution one up to rounding (a shift of half a reduced pixel would cost ~5 grey levels).
+    # On a photo-like image it is close, and closer to a properly filtered (antialiased) resize of the window
+    # than the full-resolution bilinear resize, which reads 2 x 2 pixels and skips the rest (aliasing).
+    smooth, natural = smooth_image(seed, 330, 470), natural_image(seed, 330, 470)
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.7], [0.45, 0.3, 0.95, 0.9]])
+    labels, difficult = torch.tensor([3, 4]), torch.tensor([False, True])
+    size, options, reduced = 96, AugmentOptions(photometric=seed % 2 == 0), 0
+    for draw in range(6):
+        plan = plan_augmentation(470, 330, boxes, labels, difficult, options=options, generator=gen(seed * 100 + draw))
+        r = decode_reduction(plan, size)
+        if r == 1:
+            continue
+        reduced += 1
+        full = render_augmentation(smooth, plan, size).float()
+        assert (full - render_augmentation(block_mean(smooth, r), plan, size, reduction=r).float()).abs().mean() < 0.5
+        if plan.photometric is not None:
+            continue  # the filtered reference below has no photometric step
+        full = render_augmentation(natural, plan, size).float()
+        small = render_augmentation(block_mean(natural, r), plan, size, reduction=r).float()
+        window = canvas_window(natural, plan.expansion, plan.window)
+        ideal = F.interpolate(window[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        ideal = ideal.flip(-1) if plan.flip else ideal
+        assert (full - small).abs().mean() < 3.0  # grey levels
+        assert (small - ideal).abs().mean() <= (full - ideal).abs().mean() + 0.25
+    assert reduced > 0
+
+
+def test_reduced_render_checks_the_source_size():
+    image = natural_image(0, 64, 96)
+    empty = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+    plan = plan_augmentation(96, 64, *empty, options=NONE, generator=gen(0))
+    assert render_augmentation(block_mean(image, 2), plan, 16, reduction=2).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="48x32"):
+        render_augmentation(image, plan, 16, reduction=2)
+    with pytest.raises(ValueError, match="reduction"):
+        render_augmentation(image, plan, 16, reduction=3)
+    with pytest.raises(ValueError, match="image size"):
+        plan_augmentation(0, 64, *empty, options=NONE, generator=gen(0))

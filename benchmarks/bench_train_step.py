@@ -1,6 +1,7 @@
 """SSD300 train step on this CPU: ssd_core against torchvision's ``ssd300_vgg16``, side by side.
 
-One train step, batch 8 at 300x300, 21 classes, SGD (momentum 0.9, weight decay 5e-4):
+One train step, batch 8 at 300x300, 21 classes, SGD (momentum 0.9, weight decay 5e-4; ours fused, as the
+pipeline trains):
 - ours: ``normalize_images`` (uint8 -> float) + ``SSD.forward`` + ``assign_targets`` + ``multibox_loss``
   + ``backward()`` + ``optimizer.step()``;
 - torchvision: ``ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)`` in training mode,
@@ -119,7 +120,10 @@ def make_step(config: str, data: dict) -> Callable[[], float]:
             losses = model(images, targets)
             return losses["bbox_regression"] + losses["classification"]
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    # Ours steps with the fused SGD kernel, as pipeline.training.optim does; torchvision's users (and its
+    # detection references) use the default multi-tensor SGD.
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4,
+                                fused=config.startswith("ours"))  # fmt: skip
 
     def step() -> float:
         with _autocast(bf16):

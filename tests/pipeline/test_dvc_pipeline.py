@@ -86,7 +86,7 @@ def test_the_whole_pipeline_under_dvc_repro_and_dvc_exp_run(tmp_path):
     params["eval"].update(num_workers=0, num_sample_images=2)
     params["tracking"]["grad_stats_every"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    (work / ".gitignore").write_text("__pycache__/\n/mlflow.db\n/mlartifacts/\n/runs/\n")
+    shutil.copy(REPO / ".gitignore", work / ".gitignore")  # the repository's own: metrics must reach git
     _git(work, "init", "-q")
     _dvc(work, "init", "-q")
     _dvc(work, "config", "core.analytics", "false")
@@ -120,4 +120,6 @@ def test_the_whole_pipeline_under_dvc_repro_and_dvc_exp_run(tmp_path):
     new = [r for r in runs_after if r["run_id"] != runs_before[0]["run_id"]]
     assert len(runs_after) == 2 and len(new) == 1 and float(new[0]["lr"]) == pytest.approx(0.0005)
     shown = json.loads(_dvc(work, "exp", "show", "--json").stdout)
-    assert '"lr": 0.0005' in json.dumps(shown)  # the experiment is listed with its changed param
+    experiments = [rev for entry in shown for exp in entry.get("experiments") or [] for rev in exp["revs"]]
+    assert len(experiments) == 1 and experiments[0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.0005
+    assert "map_voc07" in experiments[0]["data"]["metrics"]["metrics/eval.json"]["data"]  # its metrics are kept

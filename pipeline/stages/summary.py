@@ -43,7 +43,7 @@ def headline(metrics: dict[str, Any]) -> str:
             f"on {metrics.get('num_images', '?')} validation images")  # fmt: skip
     run_s = metrics.get("run_wall_time_s")
     if isinstance(run_s, (int, float)):
-        line += f"; whole make run {_minutes(run_s)} (install included)"
+        line += f"; the make run that measured them took {_minutes(run_s)} (install included)"
     return line
 
 

@@ -20,7 +20,7 @@ def test_headline_names_the_metrics_and_the_whole_run_time():
     line = headline({"map_voc07": 0.81234, "map_voc": 0.85, "map_coco": 0.4, "num_images": 200,
                      "run_wall_time_s": 725.4})  # fmt: skip
     assert line == ("VOC07 mAP@0.5 0.812 | VOC mAP@0.5 0.850 | COCO mAP 0.400 on 200 validation images; "
-                    "whole make run 12 min 05 s (install included)")  # fmt: skip
+                    "the make run that measured them took 12 min 05 s (install included)")  # fmt: skip
 
 
 def test_headline_without_a_run_time_or_with_missing_metrics():

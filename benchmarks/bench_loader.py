@@ -6,16 +6,21 @@ all three paths, ``--epochs`` times each.
 
 Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 32):
 - ``shards``: ``pipeline.data.train_loader`` with the full SSD augmentation at 300 x 300. It plans each
-  sample's augmentation from the JSON record before decoding and decodes the JPEG at 1/2, 1/4 or 1/8 when
-  the crop window is that much larger than the output (see ``pipeline.data``); the share of samples
-  decoded at each scale is reported;
+  sample's augmentation from the JSON record before decoding and decodes the JPEG (libjpeg-turbo through
+  simplejpeg, ``pipeline.jpeg``) at 1/2, 1/4 or 1/8 when the crop window is that much larger than the
+  output (see ``pipeline.data``); the share of samples decoded at each scale is reported;
 - ``folder``: the reference users would write first: a map-style Dataset over the VOC folder that parses
-  each XML (defusedxml), opens the JPEG, applies EXIF orientation, converts to RGB and runs the same
-  ``train_transform`` (same per-sample seeding), batched by the same collate. It shares every speed-up of
-  the transform itself; what it lacks is what the shard format gives (sizes known before decoding, no XML);
+  each XML (defusedxml), opens the JPEG with PIL, applies EXIF orientation, converts to RGB and runs the
+  same ``train_transform`` (same per-sample seeding), batched by the same collate. It shares every
+  speed-up of the transform itself; what it lacks is what the shard loader gives (sizes known before
+  decoding, no XML, the faster decoder);
+- ``folder_same_decoder``: the folder loader decoding with the shard loader's decoder (``pipeline.jpeg``
+  instead of PIL; none of the raccoon photos carries an EXIF rotation, checked at start), to show how much
+  of the gap is the decoder and how much the shard format;
 - ``shards_resize_only``: the shard loader with every augmentation step off (decode + resize to 300): what
   the loader itself costs, without ``train_transform``'s augmentation work;
-- ``decode_only``: the ceiling: the same JPEG bytes, held in memory, only decoded to uint8 tensors.
+- ``decode_only``: the ceiling: the same JPEG bytes, held in memory, only decoded to uint8 tensors with the
+  shard loader's decoder; ``decode_only_pil`` the same with PIL, for reference.
 The paths run interleaved, one epoch each per round, so drifting machine load affects them alike.
 
 Memory: the resident set size (RSS) of the main process and of its DataLoader workers, sampled every
@@ -51,8 +56,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import collate_train, sample_seed, train_loader  # noqa: E402
+from pipeline.jpeg import decode_rgb, jpeg_size  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
-from pipeline.sources.images import load_rgb  # noqa: E402
+from pipeline.sources.images import inspect_image, load_rgb  # noqa: E402
 from pipeline.sources.records import read_index, write_index  # noqa: E402
 from pipeline.sources.voc import parse_voc_xml  # noqa: E402
 from pipeline.stages.prepare import prepare  # noqa: E402
@@ -65,11 +71,26 @@ FULL = AugmentOptions()
 RESIZE_ONLY = AugmentOptions(photometric=False, expand=False, crop=False, flip=False)
 
 
+def _pil_pixels(image_path: Path) -> torch.Tensor:
+    """uint8 ``[3, H, W]``: PIL decode, EXIF orientation, RGB (``load_rgb``, as prepare reads images)."""
+    image = load_rgb(image_path, max_pixels=MAX_PIXELS)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _fast_pixels(image_path: Path) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` with the shard loader's decoder (no EXIF handling: see the module docstring)."""
+    data = image_path.read_bytes()
+    width, height = jpeg_size(data)
+    return torch.from_numpy(decode_rgb(data, width=width, height=height)).permute(2, 0, 1)
+
+
 class FolderDataset(Dataset):
     """The straightforward VOC-folder loader: XML + JPEG from disk per sample, then the same augmentation."""
 
-    def __init__(self, items: list[tuple[Path, Path, str]], classes: list[str], epoch: int) -> None:
+    def __init__(self, items: list[tuple[Path, Path, str]], classes: list[str], epoch: int,
+                 read_pixels=_pil_pixels) -> None:
         self.items, self.labels, self.epoch = items, {c: i + 1 for i, c in enumerate(classes)}, epoch
+        self.read_pixels = read_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -77,27 +98,31 @@ class FolderDataset(Dataset):
     def __getitem__(self, i: int):
         xml_path, image_path, key = self.items[i]
         parsed = parse_voc_xml(xml_path)
-        image = load_rgb(image_path, max_pixels=MAX_PIXELS)  # EXIF orientation + RGB
-        w, h = image.size
+        pixels = self.read_pixels(image_path)  # [3, H, W]
+        h, w = pixels.shape[1:]
         boxes = torch.tensor([o.box_px for o in parsed.objects], dtype=torch.float32).reshape(-1, 4)
         boxes = (boxes / torch.tensor([w, h, w, h])).clamp(0, 1)
         labels = torch.tensor([self.labels[o.name] for o in parsed.objects], dtype=torch.int64)
         difficult = torch.tensor([o.difficult for o in parsed.objects], dtype=torch.bool)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         generator = torch.Generator().manual_seed(sample_seed(SEED, self.epoch, key))
         return train_transform(pixels, boxes, labels, difficult, size=SIZE, options=FULL, generator=generator)
 
 
 class DecodeOnly(Dataset):
-    def __init__(self, blobs: list[bytes]) -> None:
-        self.blobs = blobs
+    """The JPEG bytes held in memory, decoded to uint8 ``[3, H, W]``: with ``pipeline.jpeg`` or with PIL."""
+
+    def __init__(self, blobs: list[bytes], pil: bool = False) -> None:
+        self.blobs, self.pil = blobs, pil
 
     def __len__(self) -> int:
         return len(self.blobs)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(io.BytesIO(self.blobs[i])) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        if self.pil:
+            with Image.open(io.BytesIO(self.blobs[i])) as image:
+                return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        width, height = jpeg_size(self.blobs[i])
+        return torch.from_numpy(decode_rgb(self.blobs[i], width=width, height=height)).permute(2, 0, 1)
 
 
 class RssSampler:
@@ -179,6 +204,9 @@ def main() -> int:
         items = [(raccoon / "annotations" / f"{r.id.split('/', 1)[1]}.xml", r.image, loc.key)
                  for r, loc in zip(records, locations, strict=True)]
         blobs = [r.image.read_bytes() for r in records]
+        rotated = [r.image.name for r in records if inspect_image(r.image, max_pixels=MAX_PIXELS).orientation != 1]
+        if rotated:
+            raise SystemExit(f"folder_same_decoder ignores EXIF orientation, but {rotated} carry one")
         mean_pixels = float(np.mean([r.width * r.height for r in records]))
 
         def shard_batches(epoch, augment=FULL):
@@ -188,16 +216,23 @@ def main() -> int:
         def resize_only_batches(epoch):
             return shard_batches(epoch, RESIZE_ONLY)
 
-        def folder_batches(epoch):
-            return DataLoader(FolderDataset(items, result.classes, epoch), batch_size=BATCH, num_workers=WORKERS,
-                              shuffle=True, generator=torch.Generator().manual_seed(epoch),
+        def folder_batches(epoch, read_pixels=_pil_pixels):
+            return DataLoader(FolderDataset(items, result.classes, epoch, read_pixels), batch_size=BATCH,
+                              num_workers=WORKERS, shuffle=True, generator=torch.Generator().manual_seed(epoch),
                               collate_fn=lambda samples: collate_train(samples, SIZE))
 
-        def decode_batches(epoch):
-            return DataLoader(DecodeOnly(blobs), batch_size=BATCH, num_workers=WORKERS, collate_fn=list)
+        def folder_same_decoder_batches(epoch):
+            return folder_batches(epoch, _fast_pixels)
 
-        paths = {"shards": shard_batches, "folder": folder_batches, "shards_resize_only": resize_only_batches,
-                 "decode_only": decode_batches}
+        def decode_batches(epoch, pil=False):
+            return DataLoader(DecodeOnly(blobs, pil), batch_size=BATCH, num_workers=WORKERS, collate_fn=list)
+
+        def decode_pil_batches(epoch):
+            return decode_batches(epoch, pil=True)
+
+        paths = {"shards": shard_batches, "folder": folder_batches, "folder_same_decoder": folder_same_decoder_batches,
+                 "shards_resize_only": resize_only_batches, "decode_only": decode_batches,
+                 "decode_only_pil": decode_pil_batches}
         for make in paths.values():
             timed(make(0))  # warm the page cache and the code paths once
         # Rounds interleave the paths, so a change in machine load during the run hits all of them alike.
@@ -225,6 +260,7 @@ def main() -> int:
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "shards_decoded_at_scale": shares,
         "ratios": {"shards_over_folder": round(rates["shards"] / rates["folder"], 3),
+                   "shards_over_folder_same_decoder": round(rates["shards"] / rates["folder_same_decoder"], 3),
                    "shards_over_decode_only": round(rates["shards"] / rates["decode_only"], 3),
                    "shards_resize_only_over_decode_only": round(rates["shards_resize_only"] / rates["decode_only"], 3)},
         "goals": {"shards_over_folder": 1.5, "shards_over_decode_only": 0.6},
@@ -237,6 +273,8 @@ def main() -> int:
         print(f"  {name:12s} {rate:8.1f} images/s")
     print("  shards decoded at " + ", ".join(f"{k}: {v:.0%}" for k, v in shares.items()))
     print(f"  shards / folder      = {report['ratios']['shards_over_folder']:.2f}  (goal >= 1.5)")
+    print(f"  shards / folder with the shard loader's decoder = "
+          f"{report['ratios']['shards_over_folder_same_decoder']:.2f}")
     print(f"  shards / decode-only = {report['ratios']['shards_over_decode_only']:.2f}  (goal >= 0.6)")
     print(f"  shards without augmentation (resize only) / decode-only = "
           f"{report['ratios']['shards_resize_only_over_decode_only']:.2f}")

@@ -22,12 +22,13 @@ Decoding a training sample uses what the shard format gives for free: the JSON r
 image's size, so the whole augmentation is planned (``ssd_core.transforms.plan_augmentation``: every random
 draw, the crop window, the output boxes) before a pixel is decoded. When the window is at least 2, 4 or 8
 times the output side on both axes, the JPEG is decoded at 1/2, 1/4 or 1/8 of its size by the decoder's
-DCT scaling (PIL ``Image.draft``; ``decode_reduction``), which skips most of the inverse-DCT and colour work,
-and the window is sampled from the smaller image (``render_augmentation(..., reduction=r)``; close to, not
-bit-equal to, the full-size result: see ``ssd_core.transforms``). Orientation is not touched here: the
-shard stage stores every image upright (EXIF orientation applied and dropped), and the record's size and
-boxes are in that frame. The decoded pixels become a tensor with one copy (PIL's packed RGB bytes, wrapped
-as they are).
+DCT scaling (``decode_reduction``), which skips most of the inverse-DCT and colour work, and the window is
+sampled from the smaller image (``render_augmentation(..., reduction=r)``; close to, not bit-equal to, the
+full-size result: see ``ssd_core.transforms``). Orientation is not touched here: the shard stage stores
+every image as an upright RGB JPEG (EXIF orientation applied and dropped), and the record's size and boxes
+are in that frame. Decoding is libjpeg-turbo through simplejpeg (``pipeline.jpeg``: the same pixels as
+PIL, decoded straight into the array that becomes the tensor, ~30% faster); the JPEG header must match
+the record's size before any pixel is decoded.
 
 A corrupt sample (unreadable bytes, bad JPEG, bad JSON) is skipped and counted in ``TrainBatch.num_bad``
 of the batch it belonged to; the batch is then smaller (in the extreme, empty: ``[0, 3, S, S]``), but the
@@ -46,7 +47,6 @@ import hashlib
 import json
 import logging
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -54,19 +54,17 @@ from typing import Any, NamedTuple
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.jpeg import JpegError, decode_rgb
 from pipeline.manifest import ShardError, ShardInfo, ShardManifest, join, load_manifest
-from pipeline.sources.images import ImageRejected, decode, open_checked
 from ssd_core.transforms import (
     AugmentOptions,
     Sample,
     decode_reduction,
     eval_transform,
     plan_augmentation,
-    reduced_size,
     render_augmentation,
 )
 
@@ -233,34 +231,19 @@ def _parse_record(meta_bytes: bytes, num_classes: int) -> _Record:
     return _Record(meta, width, height, torch.from_numpy(boxes), torch.from_numpy(labels), torch.from_numpy(difficult))
 
 
-def _open_image(jpg: bytes, width: int, height: int) -> Image.Image:
-    """The JPEG member's header, refusing a bomb or a size other than the record's before decoding."""
+def _pixels(jpg: bytes, width: int, height: int, reduction: int = 1) -> Tensor:
+    """Decode the JPEG member at ``1 / reduction`` -> uint8 ``[3, H', W']`` (HWC memory, its own storage).
+    The header must give the record's size (checked before decoding: no bomb, no tampered member)."""
     try:
-        image = open_checked(jpg, max_pixels=max(1, width * height))
-    except ImageRejected as rejected:
-        raise _Corrupt(str(rejected)) from None
-    if image.size != (width, height):
-        raise _Corrupt(f"image is {image.size[0]}x{image.size[1]}, the record says {width}x{height}")
-    return image
-
-
-def _pixels(image: Image.Image) -> Tensor:
-    """Decode ``image`` -> uint8 ``[3, H, W]`` (HWC memory) wrapping PIL's packed RGB bytes (no further copy)."""
-    try:
-        decode(image)
-    except ImageRejected as rejected:
-        raise _Corrupt(str(rejected)) from None
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    with warnings.catch_warnings():  # the array is read-only (it wraps the decoded bytes); nothing writes to it
-        warnings.filterwarnings("ignore", message=".*not writable", category=UserWarning)
-        return torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)  # [3, H, W]
+        return torch.from_numpy(decode_rgb(jpg, width=width, height=height, reduction=reduction)).permute(2, 0, 1)
+    except JpegError as error:
+        raise _Corrupt(str(error)) from None
 
 
 def decode_sample(jpg: bytes, meta_bytes: bytes, num_classes: int) -> _Decoded:
-    """Decode one sample's members at full size; ``_Corrupt`` for anything that does not match what shard wrote.
-    The image is a writable tensor of its own (the training path keeps the read-only decoder bytes instead)."""
+    """Decode one sample's members at full size; ``_Corrupt`` for anything that does not match what shard wrote."""
     record = _parse_record(meta_bytes, num_classes)
-    pixels = _pixels(_open_image(jpg, record.width, record.height)).clone()
+    pixels = _pixels(jpg, record.width, record.height)
     return _Decoded(pixels, record.meta, record.boxes_px, record.labels, record.difficult)
 
 
@@ -270,19 +253,11 @@ def train_sample(jpg: bytes, meta_bytes: bytes, num_classes: int, *, image_size:
     plan allows (module docstring), render. ``_Corrupt`` for anything that does not match what shard wrote."""
     record = _parse_record(meta_bytes, num_classes)
     w, h = record.width, record.height
-    image = _open_image(jpg, w, h)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     boxes = (record.boxes_px / scale).clamp_(0.0, 1.0)  # [G, 4] normalised
     plan = plan_augmentation(w, h, boxes, record.labels, record.difficult, options=augment, generator=generator)
     reduction = decode_reduction(plan, image_size)
-    if reduction > 1:
-        image.draft("RGB", (max(1, w // reduction), max(1, h // reduction)))  # JPEG: DCT scaling to 1/reduction
-        reduction = next((r for r in (reduction, 1) if reduced_size(w, h, r) == image.size), 0)
-        if reduction == 0:
-            raise _Corrupt(f"decoder scaled {w}x{h} to {image.size[0]}x{image.size[1]}, not a supported 1/r")
-    pixels = _pixels(image)
-    if (pixels.shape[2], pixels.shape[1]) != image.size:
-        raise _Corrupt(f"decoded {pixels.shape[2]}x{pixels.shape[1]} pixels, the header says {image.size}")
+    pixels = _pixels(jpg, w, h, reduction)  # [3, ceil(h / r), ceil(w / r)]
     return Sample(render_augmentation(pixels, plan, image_size, reduction=reduction), plan.boxes, plan.labels,
                   plan.difficult)
 

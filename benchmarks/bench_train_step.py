@@ -25,6 +25,15 @@ we report its peak resident set size (``VmHWM``: the whole process, Python and t
 and the RSS just before the first step (model, optimizer, data), so ``peak - before`` is what the
 train step itself adds (activations, gradients, momentum buffers, allocator slack).
 
+Where the time goes (``--no-profile`` skips it): one more step of each bf16 + channels_last model under
+``torch.profiler``, split into convolution kernels (``aten::mkldnn_convolution`` forward,
+``aten::convolution_backward``) and everything else. Both models run the same 35 convolutions with the
+same shapes, so ``torchvision step / our convolution time`` bounds the ratio reachable under identical
+settings even if everything of ours but the convolutions took no time at all. The convolutions' nominal
+multiply-accumulates per step (forward, plus grad-input and grad-weight backward; conv1_1 needs no
+grad-input) divided by their time gives their arithmetic rate, compared with a large bf16 matmul in the same
+process: how close oneDNN already runs them to what this CPU can do.
+
 Also: ``ssd_tiny`` forward + backward images/s at batch 32 on one thread (what one DDP worker of the
 embedded default runs), fp32 default layout, fp32 channels_last and bf16 + channels_last.
 
@@ -156,6 +165,59 @@ def make_tiny_step(config: str) -> Callable[[], float]:
     return step
 
 
+def conv_macs_per_step(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Nominal multiply-accumulates of one train step's convolutions: forward + grad-weight for every conv,
+    grad-input for all but those reading the input image (autograd skips it there)."""
+    forward: dict[torch.nn.Module, int] = {}
+
+    def count(module, args, out):
+        kh, kw = module.kernel_size
+        forward[module] = out.numel() * (module.in_channels // module.groups) * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first = sum(macs for m, macs in forward.items() if m.in_channels == 3)  # conv1_1: no grad-input
+    return 3 * sum(forward.values()) - first
+
+
+def bf16_matmul_gmacs(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best bf16 ``[n, n] @ [n, n]`` rate in GMAC/s: the CPU's practical bf16 arithmetic peak."""
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n).bfloat16()
+    b = torch.randn(n, n).bfloat16()
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+CONV_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def profile_step(step: Callable[[], float]) -> dict:
+    """One step under ``torch.profiler``: seconds in convolution kernels (self time) and in everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    conv = sum(e.self_cpu_time_total for e in events if e.key in CONV_KERNELS) / 1e6
+    calls = sum(e.count for e in events if e.key == "aten::mkldnn_convolution")
+    return {"profiled_step_s": round(total, 4), "conv_s": round(conv, 4), "other_s": round(total - conv, 4),
+            "conv_share": round(conv / total, 4), "conv_forward_calls": calls}
+
+
 def _status_mb(field: str) -> float:
     """A ``/proc/self/status`` memory field (VmRSS: resident now, VmHWM: peak resident) in MiB."""
     with open("/proc/self/status") as f:
@@ -210,6 +272,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per configuration (after 1 warm-up)")
     parser.add_argument("--tiny-rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for SSD300")
+    parser.add_argument("--no-profile", action="store_true", help="skip the where-the-time-goes profile")
     parser.add_argument("--memory-only", default="", help=argparse.SUPPRESS)  # internal: child process
     args = parser.parse_args()
     if args.memory_only:
@@ -222,7 +285,23 @@ def main() -> None:
     print(f"SSD300 train step, batch {BATCH}, {args.threads} threads, torch {torch.__version__}, "
           f"load average {load_start} on {os.cpu_count()} CPUs")
     data = make_batch()
-    results = time_interleaved({c: make_step(c, data) for c in CONFIGS}, args.rounds, BATCH)
+    steps = {c: make_step(c, data) for c in CONFIGS}
+    results = time_interleaved(steps, args.rounds, BATCH)
+    breakdown = {}
+    if not args.no_profile:
+        print("profiling one bf16 + channels_last step of each ...", flush=True)
+        torch.manual_seed(0)
+        macs = conv_macs_per_step(build_ssd("ssd300_vgg16", NUM_CLASSES), normalize_images(data["images"]))
+        peak = bf16_matmul_gmacs(args.threads)
+        torch.set_num_threads(args.threads)
+        for config in ("ours_bf16_cl", "torchvision_bf16_cl"):
+            breakdown[config] = profile_step(steps[config])
+            breakdown[config]["conv_gmac_per_s"] = round(macs / breakdown[config]["conv_s"] / 1e9, 1)
+        ours, theirs = breakdown["ours_bf16_cl"], breakdown["torchvision_bf16_cl"]
+        breakdown["conv_gmac_per_step"] = round(macs / 1e9, 2)
+        breakdown["bf16_matmul_gmac_per_s"] = round(peak, 1)
+        breakdown["bound_ours_vs_torchvision_bf16_cl"] = round(theirs["profiled_step_s"] / ours["conv_s"], 3)
+    del steps
 
     torch.set_num_threads(1)
     print(f"ssd_tiny forward + backward, batch {TINY_BATCH}, 1 thread")
@@ -258,6 +337,7 @@ def main() -> None:
         "batch": BATCH, "image_size": SIZE, "num_classes": NUM_CLASSES, "rounds": args.rounds,
         "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
         "ssd300": results, "ratios": ratios, "ratios_of_medians": ratios_of_medians, "goals_met": goals,
+        "bf16_cl_breakdown": breakdown,
         "ssd_tiny": {"batch": TINY_BATCH, "threads": 1, "num_classes": TINY_CLASSES, **tiny},
     }
     print()
@@ -269,6 +349,16 @@ def main() -> None:
         print(f"{name:40s} {value:.2f}x  (medians: {ratios_of_medians[name]:.2f}x)")
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'MISSED'}")
+    if breakdown:
+        for config in ("ours_bf16_cl", "torchvision_bf16_cl"):
+            b = breakdown[config]
+            print(f"{config:22s} profiled step {b['profiled_step_s']:.2f} s: convolutions {b['conv_s']:.2f} s "
+                  f"({b['conv_share']:.0%}, {b['conv_forward_calls']} forward calls, "
+                  f"{b['conv_gmac_per_s']:.0f} GMAC/s), other {b['other_s']:.2f} s")
+        print(f"convolutions: {breakdown['conv_gmac_per_step']:.0f} GMAC per step; bf16 matmul peak in this process "
+              f"{breakdown['bf16_matmul_gmac_per_s']:.0f} GMAC/s")
+        print(f"bound under identical settings (torchvision step / our convolutions alone): "
+              f"{breakdown['bound_ours_vs_torchvision_bf16_cl']:.2f}x")
     for name, r in tiny.items():
         print(f"{name:14s} {r['ms_per_image']:6.2f} ms/image  {r['images_per_s']:7.1f} images/s (1 thread)  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB")

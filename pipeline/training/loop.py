@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -92,45 +93,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger.info("rank %d/%d on %s: starting at step %d of %d (%d steps per epoch)",
                 rank, world, device, step, cfg.max_steps, steps_per_epoch)  # fmt: skip
 
-    while step < cfg.max_steps and status == STATUS_COMPLETED:
-        epoch, first_batch = divmod(step, steps_per_epoch)
-        for batch in train_loader(**loader_args, epoch=epoch, skip_batches=first_batch):
-            seed_step(params.seed, epoch, step)
-            if p.faults:
-                p.faults.before_update(rank, step)
-            poison = bool(p.faults and p.faults.poison_loss(rank, step))
-            stats = _forward_backward(p, batch, priors, device, poison)  # the same on every rank
-            due = grad_stats is not None and stats.finite and grad_stats.is_due(step + 1)
-            if stats.finite:
-                if due:
-                    grad_stats.before_step()
-                p.scaler.step(p.optimizer)
-                p.scaler.update()
-                if due:
-                    p.tracker.log_metrics(grad_stats.after_step(step + 1), step + 1)
-            stop = p.guard.record(stats.finite)
-            p.optimizer.zero_grad(set_to_none=True)
-            lr = p.scheduler.get_last_lr()[0]
-            p.scheduler.step()  # skipped steps advance the schedule too: every step counts
-            step += 1
-            if p.faults:
-                p.faults.record_step(rank, step, p.model, stats.loss, stats.finite)
-            if rank == 0:
-                progress.update(stats)
-                if step % cfg.log_every_steps == 0 or step == cfg.max_steps or stop:
-                    p.tracker.log_metrics(progress.report(step, lr, p.guard.skipped_total, epoch), step)
-            if stop:
-                status = STATUS_NONFINITE
-                logger.error("rank %d: %d non-finite steps in a row at step %d; stopping (last good checkpoint "
-                             "at step %d)", rank, p.guard.consecutive, step, saved_step)  # fmt: skip
-                break
-            if step % steps_per_epoch == 0 and grad_stats is not None:
-                _log_epoch_artifacts(grad_stats, p.tracker, epoch)
-            if step % cfg.checkpoint_every_steps == 0 and step < cfg.max_steps:
-                _report(p, step, steps_per_epoch, progress, status)
-                saved_step = step
-            if step >= cfg.max_steps:
-                break
+    # One loader for every remaining step: its workers run on across epoch boundaries (pipeline.data).
+    first_epoch, first_batch = divmod(step, steps_per_epoch)
+    epochs = math.ceil(cfg.max_steps / steps_per_epoch) - first_epoch
+    batches = train_loader(**loader_args, epoch=first_epoch, skip_batches=first_batch, epochs=max(epochs, 1),
+                           max_batches=cfg.max_steps - step)  # fmt: skip
+    for batch in batches:
+        epoch = step // steps_per_epoch
+        seed_step(params.seed, epoch, step)
+        if p.faults:
+            p.faults.before_update(rank, step)
+        poison = bool(p.faults and p.faults.poison_loss(rank, step))
+        stats = _forward_backward(p, batch, priors, device, poison)  # the same on every rank
+        due = grad_stats is not None and stats.finite and grad_stats.is_due(step + 1)
+        if stats.finite:
+            if due:
+                grad_stats.before_step()
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+            if due:
+                p.tracker.log_metrics(grad_stats.after_step(step + 1), step + 1)
+        stop = p.guard.record(stats.finite)
+        p.optimizer.zero_grad(set_to_none=True)
+        lr = p.scheduler.get_last_lr()[0]
+        p.scheduler.step()  # skipped steps advance the schedule too: every step counts
+        step += 1
+        if p.faults:
+            p.faults.record_step(rank, step, p.model, stats.loss, stats.finite)
+        if rank == 0:
+            progress.update(stats)
+            if step % cfg.log_every_steps == 0 or step == cfg.max_steps or stop:
+                p.tracker.log_metrics(progress.report(step, lr, p.guard.skipped_total, epoch), step)
+        if stop:
+            status = STATUS_NONFINITE
+            logger.error("rank %d: %d non-finite steps in a row at step %d; stopping (last good checkpoint "
+                         "at step %d)", rank, p.guard.consecutive, step, saved_step)  # fmt: skip
+            break
+        if step % steps_per_epoch == 0 and grad_stats is not None:
+            _log_epoch_artifacts(grad_stats, p.tracker, epoch)
+        if step % cfg.checkpoint_every_steps == 0 and step < cfg.max_steps:
+            _report(p, step, steps_per_epoch, progress, status)
+            saved_step = step
 
     final_checkpoint = status == STATUS_COMPLETED and saved_step != step
     _report(p, step, steps_per_epoch, progress, status, write=final_checkpoint)

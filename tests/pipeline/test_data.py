@@ -135,6 +135,25 @@ def test_skip_batches_equals_the_tail_of_a_full_run(uneven_shards):
         _train(uneven_shards, rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_a_multi_epoch_stream_is_the_per_epoch_loaders_concatenated(uneven_shards, workers):
+    # rank 1 of 2, batches of 3: 7 samples per rank -> 3 batches per epoch (3, 3, 1).
+    args = dict(rank=1, world_size=2, batch_size=3)
+    per_epoch = [list(_train(uneven_shards, **args, epoch=e)) for e in (2, 3, 4)]
+    assert [len(batches) for batches in per_epoch] == [3, 3, 3]
+    expected = per_epoch[0][1:] + per_epoch[1] + per_epoch[2][:2]  # from batch 1 of epoch 2, 7 batches
+    stream = _train(uneven_shards, **args, epoch=2, skip_batches=1, epochs=3, max_batches=7, num_workers=workers)
+    assert (len(stream), stream.remaining) == (3, 7)
+    got = list(stream)
+    assert len(got) == 7 and _same(expected, got)
+    # Without a cap it runs to the end of the last epoch; epochs differ from each other.
+    whole = list(_train(uneven_shards, **args, epoch=2, epochs=3, num_workers=workers))
+    assert _same(per_epoch[0] + per_epoch[1] + per_epoch[2], whole)
+    assert not torch.equal(whole[0].images, whole[3].images)
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        _train(uneven_shards, epochs=0)
+
+
 def _corrupt_copy(source: Path, target: Path, split: str, member: str) -> str:
     """Copy the shards and overwrite one sample's ``member`` ("jpg" or "json") with garbage of the same size.
 

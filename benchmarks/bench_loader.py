@@ -85,11 +85,14 @@ def _pil_pixels(image_path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def _fast_pixels(image_path: Path) -> torch.Tensor:
+def _fast_decode(data: bytes) -> torch.Tensor:
     """uint8 ``[3, H, W]`` with the shard loader's decoder (no EXIF handling: see the module docstring)."""
-    data = image_path.read_bytes()
     width, height = jpeg_size(data)
     return torch.from_numpy(decode_rgb(data, width=width, height=height)).permute(2, 0, 1)
+
+
+def _fast_pixels(image_path: Path) -> torch.Tensor:
+    return _fast_decode(image_path.read_bytes())
 
 
 class FolderDataset(Dataset):
@@ -129,8 +132,7 @@ class DecodeOnly(Dataset):
         if self.pil:
             with Image.open(io.BytesIO(self.blobs[i])) as image:
                 return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-        width, height = jpeg_size(self.blobs[i])
-        return torch.from_numpy(decode_rgb(self.blobs[i], width=width, height=height)).permute(2, 0, 1)
+        return _fast_decode(self.blobs[i])
 
 
 class RssSampler:

@@ -88,8 +88,15 @@ def sample_photometric(generator: torch.Generator, *, channel_swap: bool = False
     Each of brightness, contrast, the saturation + hue block (saturation and hue each on with probability
     1/2) and, when ``channel_swap``, the channel permutation is applied with probability 1/2.
     """
-    u = torch.rand(PHOTOMETRIC_DRAWS, generator=generator, dtype=torch.float64).tolist()
-    bright_on, bright, contrast_first, contrast_on, contrast, sat_on, sat, hue_on, hue, swap_on, swap = u
+    draws = torch.rand(PHOTOMETRIC_DRAWS, generator=generator, dtype=torch.float64).tolist()
+    return photometric_from_uniforms(draws, channel_swap=channel_swap)
+
+
+def photometric_from_uniforms(draws: list[float], *, channel_swap: bool = False) -> PhotometricParams:
+    """The steps that :func:`sample_photometric` draws, from its :data:`PHOTOMETRIC_DRAWS` uniform numbers."""
+    if len(draws) != PHOTOMETRIC_DRAWS:
+        raise ValueError(f"photometric_from_uniforms: expected {PHOTOMETRIC_DRAWS} numbers, got {len(draws)}")
+    bright_on, bright, contrast_first, contrast_on, contrast, sat_on, sat, hue_on, hue, swap_on, swap = draws
     brightness = _uniform(bright, -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) if bright_on < 0.5 else None
     alpha = _uniform(contrast, *CONTRAST_RANGE) if contrast_on < 0.5 else None
     colour = None

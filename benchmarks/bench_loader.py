@@ -6,8 +6,9 @@ prepared (seeded split) and sharded into a temporary folder; its training split 
 
 Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 32):
 - ``shards``: ``pipeline.data.train_loader`` with the full SSD augmentation at 300 x 300, as the trainer
-  runs it: one loader for all the epochs (``epochs=n``), whose workers run on across epoch boundaries. It
-  plans each sample's augmentation from the JSON record before decoding and decodes the JPEG
+  runs it: one loader for all the epochs (``epochs=n``), whose workers run on across epoch boundaries. Its
+  workers make whole batches: each batch's augmentation is planned from the JSON records before decoding,
+  in one vectorised pass (``plan_augmentations``; the same plans as one by one), and each JPEG is decoded
   (libjpeg-turbo through simplejpeg, ``pipeline.jpeg``) at 1/2, 1/4 or 1/8 when the crop window is that
   much larger than the output (see ``pipeline.data``); the share of samples decoded at each scale is
   reported;
@@ -16,7 +17,8 @@ Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 
   same ``train_transform`` (same per-sample seeding), batched by the same collate, in a ``DataLoader``
   made per epoch (``shuffle=True``). It shares every speed-up of the transform itself; what it lacks is
   what the shard loader gives (sizes known before decoding, no XML, the faster decoder, workers that
-  outlive the epoch);
+  outlive the epoch, whole batches made in the worker and so planned together: a map-style Dataset's
+  ``__getitem__`` makes one sample at a time);
 - ``folder_persistent``: the same with one ``DataLoader(persistent_workers=True)`` for all epochs, the
   best a map-style loader offers: its workers survive the epoch, but each epoch still drains the pipeline
   (its workers keep the dataset they started with, so every epoch draws epoch 0's augmentation: the same

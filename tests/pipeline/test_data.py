@@ -29,6 +29,7 @@ from pipeline.data import (
     sample_seed,
     train_loader,
     train_sample,
+    train_samples,
 )
 from pipeline.sources.records import write_index
 from pipeline.stages.prepare import prepare
@@ -281,6 +282,29 @@ def test_training_sample_is_a_function_of_its_seed(large_shards):
                for s in (7, 7, 8))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a.image, c.image)
+
+
+def test_a_batch_of_samples_is_each_sample_alone_and_a_corrupt_member_stays_in_its_place(large_shards):
+    # Planned together (one vectorised plan for the batch), made one by one: the same samples. A member that
+    # cannot be used (bad JSON, bad JPEG) is reported at its position and changes nothing for the others.
+    from pipeline.data import _Corrupt
+
+    members = [(jpg, meta) for _, jpg, meta in _members(large_shards)]
+    members[2] = (members[2][0], b"{not json")
+    members[5] = (b"\xff\xd8 not a jpeg", members[5][1])
+    seeds = [sample_seed(0, 1, str(i)) for i in range(len(members))]
+    made = train_samples(members, 5, image_size=40, augment=FULL,
+                         generators=[torch.Generator().manual_seed(s) for s in seeds])
+    assert len(made) == len(members)
+    for i, ((jpg, meta), seed) in enumerate(zip(members, seeds, strict=True)):
+        if i in (2, 5):
+            assert isinstance(made[i], _Corrupt)
+            with pytest.raises(_Corrupt, match="JSON" if i == 2 else "JPEG"):
+                train_sample(jpg, meta, 5, image_size=40, augment=FULL, generator=torch.Generator().manual_seed(seed))
+            continue
+        alone = train_sample(jpg, meta, 5, image_size=40, augment=FULL, generator=torch.Generator().manual_seed(seed))
+        assert all(torch.equal(x, y) for x, y in zip(made[i], alone, strict=True))
+    assert train_samples([], 5, image_size=40, augment=FULL, generators=[]) == []
 
 
 def test_exif_rotated_image_is_upright_with_draft_decoding(tmp_path):

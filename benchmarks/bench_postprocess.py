@@ -16,6 +16,11 @@ and most ports run it (``literal_train_transform`` of the transform tests, which
 same boxes and images within 1 grey level): photometric distortion of the whole image in float, the whole
 zoom-out canvas built, the crop cut out of it and resized with ``interpolate``, then the flip.
 
+Planning (the augmentation's random draws and box geometry, no pixels): batches of 32 images planned with
+``plan_augmentations`` (one vectorised pass, as the shard loader's workers do) against the same images
+planned one at a time with ``plan_augmentation`` (as ``train_transform`` does); both must give identical
+plans (the script checks it).
+
 Run: ``.venv/bin/python benchmarks/bench_postprocess.py [--reps N]``. Prints the figures and writes
 ``benchmarks/results/bench_postprocess.json``.
 """
@@ -159,6 +164,47 @@ def bench_augmentation(size: int, reps: int) -> dict:
     }
 
 
+def bench_planning(batches: int, batch_size: int = 32) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(int(w), int(h)) for w, h in torch.randint(200, 700, (batch_size, 2), generator=gen).tolist()]
+    boxes, labels, difficult = [], [], []
+    for i in range(batch_size):
+        corner = torch.rand(1 + i % 5, 2, generator=gen) * 0.6
+        boxes.append(torch.cat([corner, corner + 0.05 + torch.rand(1 + i % 5, 2, generator=gen) * 0.35], 1))
+        labels.append(torch.randint(1, 21, (1 + i % 5,), generator=gen))
+        difficult.append(torch.zeros(1 + i % 5, dtype=torch.bool))
+    options = transforms.AugmentOptions()
+    plans = {}
+
+    def generators(batch: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(batch * batch_size + i) for i in range(batch_size)]
+
+    def one_at_a_time() -> None:
+        for batch in range(batches):
+            plans["alone"] = [transforms.plan_augmentation(*sizes[i], boxes[i], labels[i], difficult[i],
+                                                           options=options, generator=g)
+                              for i, g in enumerate(generators(batch))]  # fmt: skip
+
+    def together() -> None:
+        for batch in range(batches):
+            plans["together"] = transforms.plan_augmentations(sizes, boxes, labels, difficult, options=options,
+                                                              generators=generators(batch))  # fmt: skip
+
+    alone_s, _, _ = timed(one_at_a_time, 3)
+    together_s, _, _ = timed(together, 3)
+    identical = all(
+        (a.expansion, a.window, a.flip) == (b.expansion, b.window, b.flip) and torch.equal(a.boxes, b.boxes)
+        and torch.equal(a.labels, b.labels) for a, b in zip(plans["alone"], plans["together"], strict=True)
+    )  # fmt: skip
+    images = batches * batch_size
+    return {
+        "one_at_a_time_ms_per_image": round(alone_s * 1000 / images, 3),
+        "batched_ms_per_image": round(together_s * 1000 / images, 3),
+        "speedup": round(alone_s / together_s, 2),
+        "identical_plans": identical,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="timed post-processing calls per regime")
@@ -173,6 +219,7 @@ def main() -> None:
             post[f"{regime}_{threads}_threads"] = bench_postprocess(regime, args.reps)
     torch.set_num_threads(1)
     aug = {f"train_transform_{s}x{s}_from_500x375": bench_augmentation(s, args.aug_images) for s in (300, 160)}
+    planning = bench_planning(max(1, args.aug_images // 32))
     result = {
         "benchmark": "bench_postprocess",
         "machine": {
@@ -191,6 +238,11 @@ def main() -> None:
             "reference": "same chain, zoom-out canvas window built literally and resized with interpolate",
             **aug,
         },
+        "planning": {
+            "setup": "batches of 32 images (200..700 px sides, 1..5 boxes), all steps on, 1 thread",
+            "reference": "the same images planned one at a time (plan_augmentation)",
+            **planning,
+        },
     }
     for regime, r in post.items():
         print(
@@ -202,6 +254,9 @@ def main() -> None:
     for name, r in aug.items():
         print(f"{name}: ours {r['ours_images_per_s']} img/s, reference {r['reference_images_per_s']} img/s, "
               f"{r['speedup']}x")  # fmt: skip
+    print(f"planning, batches of 32: batched {planning['batched_ms_per_image']} ms/image, one at a time "
+          f"{planning['one_at_a_time_ms_per_image']} ms/image, {planning['speedup']}x, "
+          f"identical={planning['identical_plans']}")  # fmt: skip
     print(f"load average at start (1, 5, 15 min): {load_at_start} on {os.cpu_count()} CPUs")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

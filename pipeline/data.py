@@ -28,7 +28,7 @@ batches are exactly those of the per-epoch loaders, concatenated.
 Decoding a training sample uses what the shard format gives for free: the JSON record carries the stored
 image's size, so the whole augmentation is planned (every random draw, the crop window, the output boxes)
 before a pixel is decoded, for the whole batch at once (``ssd_core.transforms.plan_augmentations``: the
-per-sample plans, vectorised; ~0.08 instead of ~0.19 ms per sample). When the window is at least 2, 4 or 8
+per-sample plans, vectorised; ~0.07 instead of ~0.2 ms per sample). When the window is at least 2, 4 or 8
 times the output side on both axes, the JPEG is decoded at 1/2, 1/4 or 1/8 of its size by the decoder's
 DCT scaling (``decode_reduction``), which skips most of the inverse-DCT and colour work, and the window is
 sampled from the smaller image (``render_augmentation(..., reduction=r)``; close to, not bit-equal to, the

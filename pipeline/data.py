@@ -290,7 +290,7 @@ def train_samples(members: Sequence[tuple[bytes, bytes]], num_classes: int, *, i
 
 def train_sample(jpg: bytes, meta_bytes: bytes, num_classes: int, *, image_size: int, augment: AugmentOptions,
                  generator: torch.Generator) -> Sample:
-    """One augmented training sample from its shard members (``train_samples`` of one);  ``_Corrupt`` for
+    """One augmented training sample from its shard members (``train_samples`` of one); ``_Corrupt`` for
     anything that does not match what shard wrote."""
     sample, = train_samples([(jpg, meta_bytes)], num_classes, image_size=image_size, augment=augment,
                             generators=[generator])
@@ -356,9 +356,10 @@ class _TrainBatches(IterableDataset):
             self.reader.close()
 
     def _batch(self, indices: np.ndarray, epoch: int) -> TrainBatch:
-        outcomes: dict[int, Sample | _Corrupt] = {}  # by position in the batch
+        positions = list(enumerate(indices.tolist()))  # (position in the batch, sample index)
+        outcomes: dict[int, Sample | _Corrupt] = {}  # by position
         readable, members, generators = [], [], []
-        for position, index in enumerate(indices.tolist()):
+        for position, index in positions:
             try:
                 members.append(self.reader.read(index))
             except _Corrupt as error:
@@ -371,7 +372,7 @@ class _TrainBatches(IterableDataset):
                              generators=generators)  # fmt: skip
         outcomes.update(zip(readable, made, strict=True))
         samples, bad = [], 0
-        for position, index in enumerate(indices.tolist()):
+        for position, index in positions:
             if isinstance(outcomes[position], _Corrupt):
                 bad += 1
                 logger.warning("skipped corrupt sample %s: %s", self.reader.describe(index), outcomes[position])

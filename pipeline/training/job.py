@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
+from pipeline.code_closure import import_closure
 from pipeline.config import Params, flatten, params_to_dict
 
 # Params that change how a run is executed but not what it computes: a run may resume under other values.
@@ -23,9 +24,10 @@ OPERATIONAL_TRAIN_KEYS = frozenset({
     "log_every_steps",
 })  # fmt: skip
 IDENTITY_SECTIONS = ("seed", "model", "augment", "train")
-# The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser).
-TRAINING_CODE = ("ssd_core", "pipeline/training", "pipeline/data.py", "pipeline/manifest.py",
-                 "pipeline/sources/images.py", "pipeline/config.py")  # fmt: skip
+# The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser):
+# every project file that importing the worker's loop runs, so a new module is never left out of the digest.
+TRAINING_ENTRY = "pipeline/training/loop.py"
+TRAINING_CODE = import_closure([TRAINING_ENTRY], Path(pipeline.__file__).resolve().parent.parent)
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,13 @@ class TrainJob:
 
 
 def code_digest() -> str:
-    """sha256 over the sources that decide what training computes: ``TRAINING_CODE``, which is also the
-    code listed in the ``deps`` of DVC's train stage."""
+    """sha256 over the sources that decide what training computes: the files of ``TRAINING_CODE`` in their
+    sorted order, each as its posix path then its bytes (DVC's train stage lists this code in its ``deps``)."""
     root = Path(pipeline.__file__).resolve().parent.parent
-    files = []
-    for entry in TRAINING_CODE:
-        path = root / entry
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
+    for entry in TRAINING_CODE:
+        digest.update(entry.encode())
+        digest.update((root / entry).read_bytes())
     return digest.hexdigest()
 
 

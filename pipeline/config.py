@@ -7,6 +7,10 @@ with a message that names the full key path and what is allowed::
     train.lrr: unknown key; did you mean train.lr?
     train.lr: expected float, got 'fast' (str)
     train.lr: must be > 0, got -0.1
+    train.lr: expected a finite number, got inf
+
+Every float must be finite and every int has an upper bound (a size, a count, a step number or a
+seed), so an absurd value is refused here, naming its key, rather than deep inside a worker.
 
 Environment interpolation (``${oc.env:VAR,default}``) is resolved once, here, on the driver; workers
 receive the resolved ``Params`` object and never re-read files.
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,22 +38,34 @@ class ConfigError(ValueError):
     """A parameter file or override that does not fit the schema; the message names the key path."""
 
 
-def _p(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, help: str = "") -> Any:
-    """A schema field with its allowed range or choices (checked after merging) and a one-line reason."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "help": help}
+def _p(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern: str | None = None,
+       help: str = "") -> Any:
+    """A schema field with its allowed range, choices or (strings) full-match pattern, checked after merging,
+    and a one-line reason."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "pattern": pattern, "help": help}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+# Upper bounds shared by several fields, each far beyond any sensible value and far below an overflow.
+SEED_MAX = 2**32 - 1  # np.random.seed takes 0..2^32-1: a seed in that range means the same to every library
+MAX_STEPS = 100_000_000  # optimiser steps: ~400x the longest recipe here (COCO, 240k)
+MAX_IMAGES = 100_000_000  # images in a split: ~50x Open Images (1.9 M)
+MAX_BATCH = 4096  # images per forward pass on one worker: beyond any accelerator's memory at SSD sizes
+MAX_PROCESSES = 256  # processes or threads on one machine (loader workers, intra-op threads)
+# A run folder name: starts with a letter or digit, at most 64 of [A-Za-z0-9._-], no "..": never a path.
+RUN_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 # --------------------------------------------------------------------------------------------- data
 @dataclass
 class SyntheticConfig:
-    num_train: int = _p(1600, ge=1, help="images in the generated training split")
-    num_val: int = _p(200, ge=1, help="images in the generated validation split")
+    num_train: int = _p(1600, ge=1, le=MAX_IMAGES, help="images in the generated training split")
+    num_val: int = _p(200, ge=1, le=MAX_IMAGES, help="images in the generated validation split")
     image_size: int = _p(160, ge=32, le=4096, help="side of the square generated images, pixels")
     max_objects: int = _p(6, ge=1, le=50, help="upper bound on objects per image")
-    seed: int = _p(0, help="generator seed: one seed, one dataset")
+    seed: int = _p(0, ge=0, le=SEED_MAX, help="generator seed: one seed, one dataset")
 
 
 @dataclass
@@ -88,14 +106,18 @@ class DataConfig:
 @dataclass
 class PrepareConfig:
     max_bad_fraction: float = _p(0.05, ge=0.0, le=1.0, help="fail when more images than this are rejected")
-    max_image_pixels: int = _p(89_478_485, ge=1, help="decompression-bomb guard (PIL's default limit)")
+    max_image_pixels: int = _p(
+        89_478_485, ge=1, le=250_000_000,
+        help="decompression-bomb guard (PIL's default limit); at most 250 Mpx, 750 MB decoded RGB per image",
+    )
 
 
 @dataclass
 class ShardConfig:
-    maxcount: int = _p(500, ge=1, help="samples per shard at most")
-    maxsize: int = _p(256_000_000, ge=1_000_000, help="bytes per shard at most")
-    max_side: int = _p(0, ge=0, help="downscale images whose longer side exceeds this (0: never)")
+    maxcount: int = _p(500, ge=1, le=1_000_000, help="samples per shard at most")
+    maxsize: int = _p(256_000_000, ge=1_000_000, le=100_000_000_000, help="bytes per shard at most (<= 100 GB)")
+    max_side: int = _p(0, ge=0, le=65_535, help="downscale images whose longer side exceeds this (0: never; "
+                       "65,535 is JPEG's largest side)")
     jpeg_quality: int = _p(95, ge=1, le=100, help="quality of re-encoded images")
 
 
@@ -115,7 +137,10 @@ class ModelConfig:
 class AugmentConfig:
     photometric: bool = _p(True, help="brightness, contrast, saturation, hue in random order")
     expand: bool = _p(True, help="zoom out onto a mean-filled canvas")
-    expand_max_ratio: float = _p(4.0, ge=1.0, help="largest canvas side / image side")
+    expand_max_ratio: float = _p(
+        4.0, le=16.0, help="largest canvas side / image side (>= 1: ssd_core.transforms.AugmentOptions decides); "
+        "the canvas grows with its square, 16 makes a 500 px image an 8000 px canvas"
+    )
     crop: bool = _p(True, help="min-IoU random crop")
     flip: bool = _p(True, help="horizontal flip with probability 0.5")
 
@@ -123,47 +148,52 @@ class AugmentConfig:
 # -------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    num_workers: int = _p(2, ge=1, help="Ray Train workers (DDP ranks)")
-    threads_per_worker: int = _p(1, ge=1, help="torch intra-op threads per worker")
+    num_workers: int = _p(2, ge=1, le=1024, help="Ray Train workers (DDP ranks); 1024 GPUs at most")
+    threads_per_worker: int = _p(1, ge=1, le=MAX_PROCESSES, help="torch intra-op threads per worker")
     use_gpu: bool = _p(False, help="one GPU per worker, NCCL backend")
-    loader_workers: int = _p(1, ge=0, help="DataLoader worker processes per rank")
-    batch_size: int = _p(32, ge=1, help="images per step per worker")
+    loader_workers: int = _p(1, ge=0, le=MAX_PROCESSES, help="DataLoader worker processes per rank")
+    batch_size: int = _p(32, ge=1, le=MAX_BATCH, help="images per step per worker")
     lr: float = _p(1e-3, gt=0.0, help="learning rate at lr_reference_batch global images per step")
-    lr_reference_batch: int = _p(32, ge=1, help="lr scales linearly with global batch / this")
+    lr_reference_batch: int = _p(32, ge=1, le=1024 * MAX_BATCH, help="lr scales linearly with global batch / this")
     optimizer: str = _p("sgd", choices=("sgd", "adamw"), help="sgd (paper) or adamw (decoupled weight decay)")
     momentum: float = _p(0.9, ge=0.0, lt=1.0, help="SGD momentum (paper); adamw: beta1")
     weight_decay: float = _p(5e-4, ge=0.0, help="sgd: L2 weight decay (paper); adamw: decoupled decay")
-    max_steps: int = _p(1000, ge=1, help="optimiser steps in the whole run")
-    warmup_steps: int = _p(100, ge=0, help="linear warm-up from 0.001 x lr")
+    max_steps: int = _p(1000, ge=1, le=MAX_STEPS, help="optimiser steps in the whole run")
+    warmup_steps: int = _p(100, ge=0, le=MAX_STEPS, help="linear warm-up from 0.001 x lr")
     schedule: str = _p("cosine", choices=("multistep", "cosine"), help="decay after warm-up")
-    milestones: list[int] = _p([], help="multistep: steps at which lr is multiplied by gamma")
+    milestones: list[int] = _p([], help="multistep: strictly increasing steps in 1..max_steps at which lr is "
+                               "multiplied by gamma")
     gamma: float = _p(0.1, gt=0.0, le=1.0, help="multistep decay factor")
     grad_clip_norm: float = _p(10.0, ge=0.0, help="clip the global gradient norm (0: off)")
     precision: str = _p("fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp16: GPU only)")
     channels_last: bool = _p(False, help="NHWC memory format for convolutions")
     iou_threshold: float = _p(0.5, gt=0.0, le=1.0, help="prior/box IoU that makes a positive")
-    neg_pos_ratio: int = _p(3, ge=1, help="hard negatives per positive (paper: 3)")
+    neg_pos_ratio: int = _p(3, ge=1, le=1000, help="hard negatives per positive (paper: 3)")
     loss_normalize: str = _p("batch", choices=("batch", "per_image"), help="divide by N over the batch")
-    checkpoint_every_steps: int = _p(200, ge=1, help="rank 0 writes a checkpoint this often")
-    keep_checkpoints: int = _p(2, ge=1, help="newest checkpoints kept")
-    max_failures: int = _p(3, ge=0, help="worker-group restarts allowed")
-    max_consecutive_skips: int = _p(20, ge=1, help="non-finite steps in a row before the run stops")
+    checkpoint_every_steps: int = _p(200, ge=1, le=MAX_STEPS, help="rank 0 writes a checkpoint this often")
+    keep_checkpoints: int = _p(2, ge=1, le=1000, help="newest checkpoints kept")
+    max_failures: int = _p(3, ge=0, le=1000, help="worker-group restarts allowed")
+    max_consecutive_skips: int = _p(20, ge=1, le=MAX_STEPS, help="non-finite steps in a row before the run stops")
     resume: bool = _p(True, help="continue from the newest checkpoint of the same run")
-    run_name: str = _p("ssd", help="Ray Train run name; with storage_path, the identity used to resume")
+    run_name: str = _p(
+        "ssd", pattern=RUN_NAME_PATTERN,
+        help="Ray Train run name; with storage_path, the identity used to resume; a folder name, never a path",
+    )
     storage_path: str = _p("runs", help="checkpoints: local path or URL; the run folder is <run_name>-<digest>")
-    log_every_steps: int = _p(10, ge=1, help="progress line and step metrics interval")
+    log_every_steps: int = _p(10, ge=1, le=MAX_STEPS, help="progress line and step metrics interval")
 
 
 # --------------------------------------------------------------------------------------- evaluate
 @dataclass
 class EvalConfig:
-    batch_size: int = _p(16, ge=1, help="images per forward pass")
-    num_workers: int = _p(1, ge=0, help="loader worker processes for evaluation")
+    batch_size: int = _p(16, ge=1, le=MAX_BATCH, help="images per forward pass")
+    num_workers: int = _p(1, ge=0, le=MAX_PROCESSES, help="loader worker processes for evaluation")
     score_threshold: float = _p(0.01, ge=0.0, lt=1.0, help="per-class score threshold (original: 0.01)")
     nms_iou: float = _p(0.45, gt=0.0, le=1.0, help="NMS IoU threshold (original: 0.45)")
-    top_k: int = _p(400, ge=1, help="candidates per class before NMS (original: 400)")
-    max_detections: int = _p(200, ge=1, help="detections per image after NMS (original: 200)")
-    num_sample_images: int = _p(16, ge=0, help="validation images drawn in the detection grid")
+    top_k: int = _p(400, ge=1, le=32_768, help="candidates per class before NMS (original: 400); "
+                    "32,768 is more than any preset's priors (SSD512: 24,564)")
+    max_detections: int = _p(200, ge=1, le=32_768, help="detections per image after NMS (original: 200)")
+    num_sample_images: int = _p(16, ge=0, le=256, help="validation images drawn in the detection grid")
 
 
 # --------------------------------------------------------------------------------------- tracking
@@ -172,7 +202,7 @@ class TrackingConfig:
     enabled: bool = _p(True, help="record runs in MLflow")
     experiment: str = _p("ssd", help="MLflow experiment name")
     uri: str = _p("", help="tracking URI (empty: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)")
-    grad_stats_every: int = _p(50, ge=0, help="per-layer gradient statistics interval (0: off)")
+    grad_stats_every: int = _p(50, ge=0, le=MAX_STEPS, help="per-layer gradient statistics interval (0: off)")
     connect_timeout_s: float = _p(10.0, gt=0.0, help="give up on an unreachable server after this long")
     register_model: bool = _p(True, help="register the final model in the MLflow registry")
     model_name: str = _p("ssd", help="registered model name")
@@ -180,7 +210,7 @@ class TrackingConfig:
 
 @dataclass
 class Params:
-    seed: int = _p(0, help="one seed for splits, initialisation, data order and augmentation")
+    seed: int = _p(0, ge=0, le=SEED_MAX, help="one seed for splits, initialisation, data order and augmentation")
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
@@ -195,14 +225,15 @@ class Params:
 def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Params:
     """Read ``path`` (a params.yaml; None: defaults only), apply dotlist ``overrides``, validate.
 
+    An override with an empty value (``tracking.uri=``) sets a string key to the empty string; for a key of
+    any other type it is refused (OmegaConf would read it as null).
+
     Raises:
         ConfigError: naming the key path and what is allowed, for unknown keys, wrong types,
-            out-of-range values, malformed overrides and unreadable files.
+            out-of-range or non-finite values, malformed overrides and unreadable files; also for
+            augmentation options that ``ssd_core`` refuses, so that no worker meets them first.
     """
-    overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    overrides = [_empty_value_override(item) for item in overrides]
     try:
         sources = [OmegaConf.structured(Params)]
         if path is not None:
@@ -223,7 +254,9 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         key = getattr(error, "full_key", None) or "params"
         raise ConfigError(f"{key}: {_first_line(error)}") from None
     assert isinstance(params, Params)
-    problems = list(_range_problems(params, ""))
+    problems = [*_range_problems(params, ""), *_section_problems(params)]
+    if not any(problem.startswith("augment.") for problem in problems):
+        problems += _augment_problems(params.augment)
     if problems:
         raise ConfigError("; ".join(problems))
     return params
@@ -249,6 +282,31 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _empty_value_override(item: str) -> str:
+    """``KEY=`` -> ``KEY=''`` for a string key (and ``data.root``, a path or a list); refused for other types.
+
+    Unknown keys pass through unchanged, for the unknown-key message with its suggestion.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, value = item.split("=", 1)
+    if value.strip():
+        return item
+    parts = key.split(".")
+    holder = _schema_at(parts[:-1])
+    if holder is None or parts[-1] not in typing.get_type_hints(holder):
+        return item
+    expected = typing.get_type_hints(holder)[parts[-1]]
+    if expected is str or expected is Any:
+        return f"{key}=''"
+    expected_name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    if dataclasses.is_dataclass(expected):
+        expected_name = f"a mapping (section {key})"
+    elif typing.get_origin(expected) is list:
+        expected_name = f"{expected} (none: {key}=[])"
+    raise ConfigError(f"{key}: expected {expected_name}, got an empty value")
 
 
 def _dotlist_value(value: Any) -> str:
@@ -301,16 +359,23 @@ def _type_message(error: ValidationError) -> str:
 
 
 def _range_problems(node: Any, prefix: str) -> Iterable[str]:
+    """Per field: floats finite, then the ``_p`` choices, pattern and bounds of every field."""
+    hints = typing.get_type_hints(type(node))
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             yield from _range_problems(value, key + ".")
             continue
+        if hints[f.name] is float and not math.isfinite(value):
+            yield f"{key}: expected a finite number, got {value!r}"
+            continue
         meta = f.metadata
         if meta.get("choices") is not None and value not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
             yield f"{key}: must be one of {allowed}, got {value!r}"
+        if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], value):
+            yield f"{key}: expected a name matching {meta['pattern']}, got {value!r}"
         for bound, ok, word in (
             ("ge", lambda v, b: v >= b, ">="),
             ("gt", lambda v, b: v > b, ">"),
@@ -324,3 +389,35 @@ def _range_problems(node: Any, prefix: str) -> Iterable[str]:
         root = node.root
         if not (isinstance(root, str) or (isinstance(root, list) and all(isinstance(r, str) for r in root))):
             yield f"{prefix}root: expected a path or a list of paths, got {root!r}"
+
+
+def _section_problems(params: Params) -> Iterable[str]:
+    """Rules between the values of one list or section: class names, the multistep schedule."""
+    classes = params.data.classes
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        yield f"data.classes: expected distinct names, got {repeated} more than once"
+    if "" in [name.strip() for name in classes]:
+        yield f"data.classes: expected non-empty names, got {classes}"
+    train = params.train
+    milestones = list(train.milestones)
+    # The schedule counts steps 1..max_steps; under cosine the milestones are unused, so only their form counts.
+    last = train.max_steps if train.schedule == "multistep" else MAX_STEPS
+    if milestones != sorted(set(milestones)) or any(not 0 < m <= last for m in milestones):
+        yield f"train.milestones: expected strictly increasing steps in 1..{last}, got {milestones}"
+
+
+def _augment_problems(augment: AugmentConfig) -> list[str]:
+    """What ``ssd_core``'s own ``AugmentOptions`` refuses, named by its key under ``augment``.
+
+    The workers build the same object from ``params.augment``; building it here moves its refusal before
+    Ray starts. ssd_core (torch) is imported only when parameters are validated, not when the CLI starts.
+    """
+    from ssd_core.transforms import AugmentOptions
+
+    try:
+        AugmentOptions(**dataclasses.asdict(augment))
+    except (TypeError, ValueError) as error:
+        named = re.match(r"AugmentOptions\.(\w+): (.*)", _first_line(error))
+        return [f"augment.{named[1]}: {named[2]}" if named else f"augment: {_first_line(error)}"]
+    return []

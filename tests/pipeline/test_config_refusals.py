@@ -1,0 +1,188 @@
+"""Values the schema refuses up front, each naming its key: non-finite floats, unbounded ints, seeds out of
+range, run names that are paths, malformed schedules and class lists, augmentation ssd_core refuses, and
+empty override values for keys that are not strings."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+import ssd_core.transforms
+from pipeline.config import RUN_NAME_PATTERN, ConfigError, Params, load_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _fields(node: type = Params, prefix: str = "") -> dict[str, tuple[type, dataclasses.Field]]:
+    """Every leaf field of the schema by its dotted key: ``{"train.lr": (float, Field)}``."""
+    found = {}
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(_fields(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            found[f"{prefix}{f.name}"] = (hints[f.name], f)
+    return found
+
+
+FIELDS = _fields()
+FLOAT_KEYS = sorted(k for k, (t, _) in FIELDS.items() if t is float)
+INT_KEYS = sorted(k for k, (t, _) in FIELDS.items() if t is int)
+SEED_KEYS = sorted(k for k in INT_KEYS if k.split(".")[-1] == "seed")
+
+
+def _refused(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as error:
+        load_params(None, list(overrides))
+    return str(error.value)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_must_be_finite(key, value):
+    assert re.fullmatch(rf"{re.escape(key)}: expected a finite number, got -?(inf|nan)", _refused(f"{key}={value}"))
+
+
+def test_a_non_finite_float_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  weight_decay: .inf\n")
+    with pytest.raises(ConfigError, match=r"^train\.weight_decay: expected a finite number, got inf$"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_int_has_bounds_with_a_reason(key):
+    meta = FIELDS[key][1].metadata
+    assert meta["ge"] is not None or meta["gt"] is not None, key
+    assert meta["le"] is not None or meta["lt"] is not None, key
+    assert meta["help"], key
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_int_refuses_an_absurd_value(key):
+    assert re.fullmatch(rf"{re.escape(key)}: must be <= \d+, got {10**30}", _refused(f"{key}={10**30}"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=100000000000000000000", r"train\.batch_size: must be <= 4096"),
+        ("eval.top_k=1000000000000", r"eval\.top_k: must be <= 32768"),
+        ("train.num_workers=100000", r"train\.num_workers: must be <= 1024"),
+        ("prepare.max_image_pixels=1000000000000000", r"prepare\.max_image_pixels: must be <= 250000000"),
+    ],
+)
+def test_the_reported_absurd_sizes(override, message):
+    assert re.match(message, _refused(override))
+
+
+@pytest.mark.parametrize("key", SEED_KEYS)
+def test_seeds_are_refused_outside_0_to_2_pow_32_minus_1(key):
+    assert SEED_KEYS == ["data.synthetic.seed", "seed"]  # every seed of the schema
+    for value in (-1, 2**32, 10**23):
+        assert re.fullmatch(rf"{re.escape(key)}: must be (>= 0|<= 4294967295), got {value}", _refused(f"{key}={value}"))
+    for value in (0, 2**32 - 1):
+        params = load_params(None, [f"{key}={value}"])
+        assert (params.seed if key == "seed" else params.data.synthetic.seed) == value
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "..", ".hidden", "a..b", "-x", "a b", "x" * 65, "ü"])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name):
+    message = _refused(f"train.run_name='{name}'")
+    assert message.startswith("train.run_name: expected a name matching ") and RUN_NAME_PATTERN in message
+
+
+def test_only_plain_folder_names_are_run_names():
+    for name in ("ssd", "voc-ssd300", "Run_2.b", "x" * 64):
+        assert load_params(None, [f"train.run_name={name}"]).train.run_name == name
+    for name in ("x/..", "x" * 65):
+        assert _refused(f"train.run_name={name}").startswith("train.run_name: ")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.milestones=[5,3]"],
+        ["train.milestones=[3,3]"],
+        ["train.milestones=[0,5]"],
+        ["train.milestones=[-5]"],
+        ["train.schedule=multistep", "train.max_steps=1000", "train.milestones=[500,1001]"],
+    ],
+    ids=["decreasing", "repeated", "zero", "negative", "beyond-max-steps"],
+)
+def test_milestones_must_be_increasing_steps_of_the_run(overrides):
+    assert _refused(*overrides).startswith("train.milestones: expected strictly increasing steps in 1..")
+
+
+def test_milestones_are_checked_against_the_run_length_when_the_schedule_uses_them():
+    run = ["train.max_steps=1000", "train.milestones=[500,1000]"]
+    assert load_params(None, ["train.schedule=multistep", *run]).train.milestones == [500, 1000]
+    assert load_params(None, ["train.schedule=cosine", *run, "train.max_steps=10"]).train.milestones == [500, 1000]
+    assert _refused("train.schedule=multistep", *run, "train.max_steps=10") == (
+        "train.milestones: expected strictly increasing steps in 1..10, got [500, 1000]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [("[cat,dog,cat]", r"data\.classes: expected distinct names, got \['cat'\] more than once"),
+     ("[cat,'',dog]", r"data\.classes: expected non-empty names")],
+)  # fmt: skip
+def test_class_names_must_be_distinct_and_non_empty(classes, message):
+    assert re.match(message, _refused(f"data.classes={classes}"))
+
+
+def test_augmentation_is_checked_by_ssd_cores_own_options():
+    # The message is ssd_core.transforms.AugmentOptions's, under the params key.
+    refused = _refused("augment.expand_max_ratio=0.5")
+    assert refused == "augment.expand_max_ratio: expected a finite number >= 1, got 0.5"
+    assert _refused("augment.expand_max_ratio=17") == "augment.expand_max_ratio: must be <= 16.0, got 17.0"
+
+
+def test_a_rule_added_to_ssd_cores_augment_options_is_enforced_by_load_params(monkeypatch):
+    def refuse_flip(self):
+        if self.flip:
+            raise ValueError("AugmentOptions.flip: expected False, got True")
+
+    monkeypatch.setattr(ssd_core.transforms.AugmentOptions, "__post_init__", refuse_flip)
+    assert _refused("augment.flip=true") == "augment.flip: expected False, got True"
+    assert load_params(None, ["augment.flip=false"]).augment.flip is False
+
+
+@pytest.mark.parametrize(
+    ("key", "read"),
+    [("tracking.uri", lambda p: p.tracking.uri), ("model.pretrained_backbone", lambda p: p.model.pretrained_backbone),
+     ("data.root", lambda p: p.data.root)],
+)  # fmt: skip
+def test_an_empty_override_sets_a_string_key_to_the_empty_string(tmp_path, key, read):
+    path = tmp_path / "params.yaml"
+    section, name = key.split(".")
+    path.write_text(f"{section}:\n  {name}: something\n")
+    assert read(load_params(path, [f"{key}="])) == ""
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [("train.lr", "float"), ("train.max_steps", "int"), ("train.resume", "bool"),
+     ("data.classes", r"list\[str\] \(none: data\.classes=\[\]\)"), ("augment", r"a mapping \(section augment\)")],
+)  # fmt: skip
+def test_an_empty_override_of_any_other_key_is_refused_naming_it(key, expected):
+    assert re.fullmatch(rf"{re.escape(key)}: expected {expected}, got an empty value", _refused(f"{key}="))
+
+
+def test_check_params_refuses_them_all_before_any_work():
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check-params", "--params", str(REPO / "params.yaml"),
+         "train.run_name=../../x", "seed=-1", "train.lr=inf", "data.classes=[a,a]", "eval.top_k=1000000000000"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    for key in ("train.run_name", "seed", "train.lr", "data.classes", "eval.top_k"):
+        assert f"{key}: " in result.stderr
+    assert result.stdout == ""

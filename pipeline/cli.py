@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
+from pipeline.tracking import detach_credentials
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -152,5 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: invalid parameters: {error}", file=sys.stderr)
         return 2
+    params = detach_credentials(params)  # a password in tracking.uri moves to MLflow's variables, out of params
     module = importlib.import_module(command.module)
     return int(module.main(args, params) or 0)

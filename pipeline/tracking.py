@@ -10,6 +10,12 @@ How the ``MlflowTracker`` behaves:
   so a new experiment is created with ``artifact_location`` = ``mlartifacts/<experiment>`` next to the
   database file). Relative SQLite paths are made absolute against the repository root, on the driver,
   before workers see them. A server decides its own artifact root.
+* **Credentials.** A URI's ``user:password@`` is split off before anything sees the URI
+  (``split_credentials``): the URI without it is what is logged, stored in the params and checkpoints and
+  handed to MLflow, and the credentials go to MLflow's own variables ``MLFLOW_TRACKING_USERNAME`` and
+  ``MLFLOW_TRACKING_PASSWORD`` in the process that talks to the server (``detach_credentials`` on the
+  driver; ``TrainJob.tracking_credentials`` carries them to the Ray worker). Any other text that may hold a
+  URI (a storage URL, an error message) passes through ``redact_uri`` before it is logged or recorded.
 * **Start-up.** An HTTP(S) server is probed at ``/health`` first: if it does not answer within
   ``tracking.connect_timeout_s`` a ``TrackingError`` naming the URI is raised (MLflow's own client would
   retry for about four minutes). MLflow's HTTP retries are turned off in this process
@@ -52,12 +58,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.config import TrackingConfig, flatten
+from pipeline.config import Params, TrackingConfig, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,17 @@ _PERMANENT_ERROR_CODES = {
     "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_REQUEST",
 }  # fmt: skip
 _ILLEGAL_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+TRACKING_URI_VAR = "MLFLOW_TRACKING_URI"
+# MLflow reads these for every request it sends (basic auth, or a bearer token).
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# ``scheme://`` then everything up to the last ``@`` before a space or quote: the userinfo, even one whose
+# password holds an unescaped ``@`` or ``/`` (a path with an ``@`` in it is redacted too: better too much).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]*@")
+# A query parameter whose name says it holds a secret: ``?token=``, ``&password=``, ``X-Amz-Signature=``...
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;][^=&#\s'\"]*(?:token|passw|pwd|secret|sig|credential|key|auth)[^=&#\s'\"]*=)[^&#\s'\"]*",
+    re.IGNORECASE,
+)
 MODEL_DIGEST_TAG = "model_sha256"  # run tag: sha256 of the model file logged by log_model_file
 
 
@@ -93,6 +110,76 @@ def legal_metric_name(name: str) -> str:
     legal = legal[:MAX_NAME_CHARS].rstrip("/")
     assert posixpath.normpath(legal) == legal, legal
     return legal
+
+
+def redact_uri(text: str) -> str:
+    """``text`` (a URI, or a message holding URIs) with every userinfo replaced by ``***`` and the value of
+    every secret-looking query parameter by ``***``: ``http://alice:pw@host:5000/x?token=t`` ->
+    ``http://***@host:5000/x?token=***``. For anything that is logged, raised or recorded."""
+    text = _USERINFO.sub(r"\g<scheme>***@", str(text))
+    return _SECRET_QUERY.sub(r"\g<key>***", text)
+
+
+def redact_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of nested ``values`` (e.g. ``params_to_dict``) with ``redact_uri`` applied to every string, for
+    the params a run records (checkpoints, model file, MLflow): ``train.storage_path`` may be
+    ``s3://key:secret@bucket/runs`` and must stay so where it is used, but not where it is stored."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact_uri(value)
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(clean(v) for v in value)
+        return value
+
+    return clean(values)
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """``(uri without its userinfo, {MLFLOW_TRACKING_USERNAME: user, MLFLOW_TRACKING_PASSWORD: password})``;
+    percent-escapes in the userinfo are decoded. A URI without userinfo comes back unchanged with ``{}``."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, {}
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    found = {"MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(user),
+             "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(password)}  # fmt: skip
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), {k: v for k, v in found.items() if v}
+
+
+def tracking_credentials(uri: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The credentials to send to the tracking server ``uri``: its userinfo if it has one, else MLflow's
+    credential variables (``CREDENTIAL_VARS``) that are set in ``environ``."""
+    return split_credentials(uri)[1] or {k: environ[k] for k in CREDENTIAL_VARS if environ.get(k)}
+
+
+def detach_credentials(params: Params, environ: MutableMapping[str, str] = os.environ) -> Params:
+    """``params`` with credentials removed from ``tracking.uri``, called where params are loaded.
+
+    The credentials of the URI in use (``tracking.uri``, else ``MLFLOW_TRACKING_URI``, whose value is
+    stripped in ``environ`` as well) move to ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` in
+    ``environ``, where MLflow reads them. Afterwards no tracking URI in the params or the environment carries
+    a password: the params can be logged, printed, recorded and sent to workers as they are.
+    """
+    uri, found = split_credentials(params.tracking.uri)
+    env_uri, env_found = split_credentials(environ.get(TRACKING_URI_VAR, ""))
+    if env_found:
+        environ[TRACKING_URI_VAR] = env_uri
+    environ.update(found if params.tracking.uri else env_found)
+    if not found:
+        return params
+    return replace(params, tracking=replace(params.tracking, uri=uri))
+
+
+def _use_credentials(uri: str, credentials: Mapping[str, str] | None) -> str:
+    """``uri`` without its userinfo; the userinfo, else ``credentials``, set as MLflow's credential variables
+    of this process (MLflow reads them for every request; a worker gets them from ``TrainJob``)."""
+    clean, found = split_credentials(uri)
+    os.environ.update(found or credentials or {})
+    return clean
 
 
 def default_tracking_uri(repo_root: str | Path, uri: str = "") -> str:
@@ -138,10 +225,10 @@ def probe_server(uri: str, timeout_s: float) -> None:
         except (OSError, urllib.error.URLError) as error:
             last = error
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    raise TrackingError(
+    raise TrackingError(redact_uri(
         f"MLflow tracking server {uri} is unreachable (no answer from {url} within {timeout_s:g} s: {last}). "
         "Start it, fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false."
-    )
+    ))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- run metadata
@@ -158,7 +245,7 @@ def find_run_by_tag(cfg: TrackingConfig, repo_root: str | Path, key: str, value:
     model file, by its sha256), or None. Raises ``TrackingError`` if an HTTP server does not answer."""
     from mlflow.tracking import MlflowClient
 
-    uri = default_tracking_uri(repo_root, cfg.uri)
+    uri = _use_credentials(default_tracking_uri(repo_root, cfg.uri), None)
     if _is_http(uri):
         probe_server(uri, cfg.connect_timeout_s)
     elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
@@ -295,6 +382,7 @@ def create_tracker(
     repo_root: str | Path,
     resume_status: str | None = "RUNNING",
     flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
+    credentials: Mapping[str, str] | None = None,
 ) -> MlflowTracker | NullTracker:
     """``MlflowTracker`` where ``cfg.enabled and enabled_here`` (rank 0), else ``NullTracker``.
 
@@ -306,14 +394,17 @@ def create_tracker(
         repo_root: the repository, for the default store, artifact root, git commit and dvc.lock.
         resume_status: status set on a continued run (None: leave it; the evaluate stage uses that).
         flush_timeout_s: default bound for ``flush`` and ``close``.
+        credentials: MLflow's credential variables (``CREDENTIAL_VARS``) to set in this process, for a server
+            whose URI carries none (``TrainJob.tracking_credentials`` on a Ray worker); a ``user:password@``
+            in the URI itself is split off and used instead.
 
     Raises:
         TrackingError: server unreachable within ``cfg.connect_timeout_s``, or ``run_id`` unknown.
     """
     if not (cfg.enabled and enabled_here):
         return NullTracker()
-    return MlflowTracker(cfg, run_id=run_id, run_name=run_name, repo_root=repo_root,
-                         resume_status=resume_status, flush_timeout_s=flush_timeout_s)  # fmt: skip
+    return MlflowTracker(cfg, run_id=run_id, run_name=run_name, repo_root=repo_root, resume_status=resume_status,
+                         flush_timeout_s=flush_timeout_s, credentials=credentials)  # fmt: skip
 
 
 @dataclass
@@ -338,10 +429,11 @@ class MlflowTracker:
         repo_root: str | Path,
         resume_status: str | None = "RUNNING",
         flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S,
+        credentials: Mapping[str, str] | None = None,
     ):
         self.cfg = cfg
         self.repo_root = Path(repo_root).resolve()
-        self.uri = default_tracking_uri(self.repo_root, cfg.uri)
+        self.uri = _use_credentials(default_tracking_uri(self.repo_root, cfg.uri), credentials)  # no userinfo
         self.flush_timeout_s = flush_timeout_s
         if _is_http(self.uri):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -366,7 +458,8 @@ class MlflowTracker:
         except TrackingError:
             raise
         except Exception as error:  # start-up talks to the store synchronously: name it in the error
-            raise TrackingError(f"MLflow tracking store {self.uri}: {type(error).__name__}: {error}") from error
+            message = redact_uri(f"MLflow tracking store {self.uri}: {type(error).__name__}: {error}")
+            raise TrackingError(message) from error
         self._staging = Path(tempfile.mkdtemp(prefix="ssd-mlflow-staging-"))
         self._ops: collections.deque[_Op] = collections.deque()
         self._cond = threading.Condition()
@@ -415,7 +508,7 @@ class MlflowTracker:
             run = self.client.get_run(run_id)
         except MlflowException as error:
             raise TrackingError(
-                f"MLflow run {run_id} (from the checkpoint) is not in {self.uri}: {error.message}. "
+                f"MLflow run {run_id} (from the checkpoint) is not in {self.uri}: {redact_uri(error.message)}. "
                 "Was the tracking store changed between attempts?"
             ) from error
         if run.info.lifecycle_stage == "deleted":
@@ -573,9 +666,11 @@ class MlflowTracker:
         try:
             profile = shard_dataset_profile(shards, root)
         except (OSError, ValueError) as error:
-            logger.warning("could not read the shard manifest of %s for the run's dataset: %s", shards, error)
+            logger.warning("could not read the shard manifest of %s for the run's dataset: %s", redact_uri(shards),
+                           redact_uri(str(error)))  # fmt: skip
             return
-        location = shards if "://" in shards else str((root / shards).resolve())
+        profile["manifest"] = redact_uri(profile["manifest"])
+        location = redact_uri(shards) if "://" in shards else str((root / shards).resolve())
 
         def log() -> None:
             from mlflow.entities import DatasetInput, InputTag
@@ -584,7 +679,7 @@ class MlflowTracker:
             self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                               [InputTag("mlflow.data.context", context)])])  # fmt: skip
 
-        self._put(_Op(f"dataset {shards}", call=log))
+        self._put(_Op(f"dataset {location}", call=log))
 
     def log_run_metadata(
         self,
@@ -736,8 +831,9 @@ def _is_transient(error: Exception) -> bool:
 
 
 def _short(error: Exception) -> str:
+    """The first line of ``error``, at most 300 characters, URIs redacted: for log lines and messages."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:300]
+    return redact_uri(text)[:300]
 
 
 def _param_text(value: Any) -> str:

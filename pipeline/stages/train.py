@@ -24,7 +24,15 @@ from torch import nn
 from pipeline.config import Params, params_to_dict
 from pipeline.manifest import ShardError, load_manifest
 from pipeline.model_file import save_model_file
-from pipeline.tracking import TrackingError, create_tracker, default_tracking_uri
+from pipeline.tracking import (
+    TrackingError,
+    create_tracker,
+    default_tracking_uri,
+    redact_params,
+    redact_uri,
+    split_credentials,
+    tracking_credentials,
+)
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.optim import check_schedule
@@ -38,7 +46,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     try:
         job = build_job(str(args.shards), params, repo_root)
     except (ShardError, ValueError) as error:
-        logger.error("train: %s", error)
+        logger.error("train: %s", redact_uri(str(error)))
         return 2
     from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
 
@@ -46,7 +54,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     try:
         train(job, params, Path(args.model_out).resolve())
     except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
-        logger.error("train: %s", error)
+        logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
         return 1
     finally:
         if connected:
@@ -58,6 +66,9 @@ def main(args: argparse.Namespace, params: Params) -> int:
 
 def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     """Absolute locations, the validated manifest and the run folder of this training run.
+
+    The tracking URI in ``job.params`` has no credentials; those of the server (from its URI, else from
+    MLflow's credential variables) are in ``job.tracking_credentials``.
 
     Raises:
         ShardError: the manifest or a shard is missing, truncated or tampered with.
@@ -80,15 +91,17 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         backbone = str((repo_root / backbone).resolve())
         if not Path(backbone).is_file():
             raise ValueError(f"model.pretrained_backbone: no file at {backbone}")
+    tracking_uri = default_tracking_uri(repo_root, params.tracking.uri)
     resolved = dataclasses.replace(
         params,
         model=dataclasses.replace(params.model, pretrained_backbone=backbone),
         train=dataclasses.replace(params.train, storage_path=storage),
-        tracking=dataclasses.replace(params.tracking, uri=default_tracking_uri(repo_root, params.tracking.uri)),
+        tracking=dataclasses.replace(params.tracking, uri=split_credentials(tracking_uri)[0]),
     )
     run_uri = checkpoint.join(storage, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
     return TrainJob(params=resolved, shards=shards, classes=tuple(manifest.classes), run_uri=run_uri,
-                    repo_root=str(repo_root), data_digest=data_digest)  # fmt: skip
+                    repo_root=str(repo_root), data_digest=data_digest,
+                    tracking_credentials=tracking_credentials(tracking_uri))  # fmt: skip
 
 
 def _check_last_batch(samples: int, params: Params) -> None:
@@ -112,9 +125,9 @@ def _check_last_batch(samples: int, params: Params) -> None:
 def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeout_s: int | None = None) -> None:
     """Resume or start the run in ``job.run_uri``, train, write the model file; Ray must be connected.
 
-    ``params`` are the parameters as given (recorded in MLflow and in the model file); ``job.params`` are
-    the same with absolute locations. ``process_group_timeout_s`` bounds torch.distributed collectives
-    (default: Ray's 30 minutes; tests use less).
+    ``params`` are the parameters as given (recorded in MLflow and in the model file, URIs redacted);
+    ``job.params`` are the same with absolute locations. ``process_group_timeout_s`` bounds
+    torch.distributed collectives (default: Ray's 30 minutes; tests use less).
     """
     from pipeline.training.launcher import (
         DEFAULT_PROCESS_GROUP_TIMEOUT_S,
@@ -124,16 +137,19 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
     )
 
     cfg = job.params.train
+    recorded = redact_params(params_to_dict(params))
     found = prepare_run_folder(job.run_uri, resume=cfg.resume)
+    run_folder = redact_uri(job.run_uri)
     if found:
-        logger.info("resuming run %s from step %d of %d", job.run_uri, found[0].step, cfg.max_steps)
+        logger.info("resuming run %s from step %d of %d", run_folder, found[0].step, cfg.max_steps)
     else:
-        logger.info("starting run %s (%d steps, %d workers)", job.run_uri, cfg.max_steps, cfg.num_workers)
+        logger.info("starting run %s (%d steps, %d workers)", run_folder, cfg.max_steps, cfg.num_workers)
     tracker = create_tracker(job.params.tracking, enabled_here=True, run_id=found[0].tracking_run_id if found else None,
-                             run_name=cfg.run_name, repo_root=job.repo_root)  # fmt: skip
-    tracker.log_run_metadata(params_to_dict(params), world_size=cfg.num_workers,
-                             device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards)  # fmt: skip
-    tracker.set_tags({"run_folder": job.run_uri})
+                             run_name=cfg.run_name, repo_root=job.repo_root,
+                             credentials=job.tracking_credentials)  # fmt: skip
+    tracker.log_run_metadata(recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu",
+                             shards=job.shards)  # fmt: skip
+    tracker.set_tags({"run_folder": run_folder})
     tracker.close(status=None)  # rank 0 continues this run during training
     job = dataclasses.replace(job, tracking_run_id=tracker.run_id, invocation=uuid.uuid4().hex)
     try:
@@ -141,7 +157,7 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
         model = build_ssd(final.state["preset"], job.num_classes)
         model.load_state_dict(final.state["model"])
-        save_model_file(model_out, model, classes=list(job.classes), params=params_to_dict(params))
+        save_model_file(model_out, model, classes=list(job.classes), params=recorded)
     except (TrainingError, checkpoint.CheckpointError):
         _finish_run(job, None, "FAILED")
         raise
@@ -155,7 +171,8 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
     if job.tracking_run_id is None:
         return
     tracker = create_tracker(job.params.tracking, enabled_here=True, run_id=job.tracking_run_id,
-                             run_name=job.params.train.run_name, repo_root=job.repo_root)  # fmt: skip
+                             run_name=job.params.train.run_name, repo_root=job.repo_root,
+                             credentials=job.tracking_credentials)  # fmt: skip
     if model_out is not None:
         tracker.log_model_file(model_out)
     tracker.close(status=status)

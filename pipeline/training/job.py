@@ -2,19 +2,25 @@
 
 Ray workers run in their own working directory (and on other machines), so every path in a ``TrainJob``
 is absolute or a URL, and the params are the validated ``Params`` object itself.
+
+Secrets: ``params.tracking.uri`` carries no credentials (``tracking.detach_credentials``); the tracking
+server's credentials travel in ``tracking_credentials``, which no checkpoint, log line or repr contains.
+A storage or shard URL may carry credentials where it is used (``s3://key:secret@bucket``): the repr of a
+job, which Ray records as part of the run's config, shows every URI through ``tracking.redact_uri``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pipeline
 from pipeline.code_closure import import_closure
 from pipeline.config import Params, flatten, params_to_dict
+from pipeline.tracking import redact_uri
 
 # Params that change how a run is executed but not what it computes: a run may resume under other values.
 # Everything else under seed, model, augment and train is the run's identity (see ``identity_digest``).
@@ -30,9 +36,9 @@ TRAINING_ENTRY = "pipeline/training/loop.py"
 TRAINING_CODE = import_closure([TRAINING_ENTRY], Path(pipeline.__file__).resolve().parent.parent)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrainJob:
-    params: Params  # validated; tracking.uri and train.storage_path already absolute
+    params: Params  # validated; tracking.uri (without credentials) and train.storage_path already absolute
     shards: str  # absolute folder or URL holding manifest.json
     classes: tuple[str, ...]  # from the shard manifest; label i + 1 is classes[i]
     run_uri: str  # <storage>/<run folder>: Ray's RunConfig(storage_path, name) joined
@@ -40,6 +46,12 @@ class TrainJob:
     data_digest: str  # sha256 of the shard manifest
     tracking_run_id: str | None = None  # MLflow run to continue (from that checkpoint, or made by the driver)
     invocation: str = ""  # unique per driver invocation: tells this attempt's outcome.json from an older one
+    # MLflow's credential variables (tracking.CREDENTIAL_VARS) for rank 0's tracker; never recorded or shown
+    tracking_credentials: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return redact_uri(f"{type(self).__name__}({shown})")
 
     @property
     def num_classes(self) -> int:

@@ -34,6 +34,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import TrainConfig
+from pipeline.tracking import redact_uri
 from pipeline.training import checkpoint, faults
 from pipeline.training.checkpoint import SNAPSHOT_FILE
 from pipeline.training.job import TrainJob
@@ -65,7 +66,7 @@ def connect_ray(cfg: TrainConfig) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        logger.info("joining the Ray cluster at %s", address)
+        logger.info("joining the Ray cluster at %s", redact_uri(address))
         ray.init(address=address, logging_level=logging.WARNING)
         return True
     needed = cfg.num_workers * cfg.threads_per_worker
@@ -101,10 +102,10 @@ def _move_aside(fs: pyarrow.fs.FileSystem, path: str, uri: str, reason: str) -> 
     try:
         fs.move(path, target)
     except (OSError, NotImplementedError) as error:
-        raise TrainingError(
+        raise TrainingError(redact_uri(
             f"{uri}: cannot move it aside on this storage ({error}); delete it or choose another train.run_name"
-        ) from error
-    logger.warning("moved %s aside to %s", uri, f"{uri}.{reason}-{stamp}")
+        )) from error  # fmt: skip
+    logger.warning("moved %s aside to %s", redact_uri(uri), redact_uri(f"{uri}.{reason}-{stamp}"))
 
 
 def _check_snapshot(fs: pyarrow.fs.FileSystem, path: str, run_uri: str) -> None:
@@ -129,14 +130,18 @@ def _check_snapshot(fs: pyarrow.fs.FileSystem, path: str, run_uri: str) -> None:
         problem = f"unreadable ({type(error).__name__}: {error})"
     if problem:
         logger.warning("Ray's checkpoint snapshot in %s is %s; resuming from the newest valid checkpoint instead",
-                       run_uri, problem)  # fmt: skip
+                       redact_uri(run_uri), redact_uri(problem))  # fmt: skip
         _move_aside(fs, snapshot, f"{run_uri}/{SNAPSHOT_FILE}", "invalid")
 
 
 # ---------------------------------------------------------------------------------------------- trainer
 def build_trainer(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCESS_GROUP_TIMEOUT_S) -> TorchTrainer:
+    """The ``TorchTrainer`` of ``job``. Ray gets the storage as a filesystem and a path, never as a URL: a key
+    in ``s3://key:secret@bucket`` would otherwise be in Ray's logs and run state. The workers' environment
+    carries no credentials either (Ray logs runtime environments); those travel inside ``job``."""
     cfg = job.params.train
     storage, name = job.run_uri.rstrip("/").rsplit("/", 1)
+    filesystem, storage_path = checkpoint.resolve(storage)
     resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     env = {faults.ENV_VAR: os.environ[faults.ENV_VAR]} if os.environ.get(faults.ENV_VAR) else {}
     return TorchTrainer(
@@ -147,7 +152,8 @@ def build_trainer(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCE
                                      resources_per_worker=resources),  # fmt: skip
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": env} if env else None,
@@ -166,19 +172,20 @@ def run_training(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCES
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as error:
-        raise TrainingError(f"training run {job.run_uri} failed: {error}") from error
+        raise TrainingError(redact_uri(f"training run {job.run_uri} failed: {error}")) from error
     outcome = checkpoint.read_outcome(job.run_uri)
+    run_folder = redact_uri(job.run_uri)
     if outcome is None or outcome.get("invocation") != job.invocation:
-        raise TrainingError(f"training run {job.run_uri} ended without recording its outcome")
+        raise TrainingError(f"training run {run_folder} ended without recording its outcome")
     cfg = job.params.train
     if outcome["status"] == STATUS_NONFINITE:
         raise TrainingError(
             f"training stopped at step {outcome['step']}: {outcome['consecutive_skips']} non-finite steps in a "
             f"row (train.max_consecutive_skips={cfg.max_consecutive_skips}); the last good checkpoint (step "
-            f"{outcome['last_checkpoint_step']}) is kept in {job.run_uri}. Lower train.lr or check the data."
+            f"{outcome['last_checkpoint_step']}) is kept in {run_folder}. Lower train.lr or check the data."
         )
     if outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps:
-        raise TrainingError(f"training run {job.run_uri} ended as {outcome['status']!r} at step {outcome['step']}")
+        raise TrainingError(f"training run {run_folder} ended as {outcome['status']!r} at step {outcome['step']}")
     final = checkpoint.dir_name(cfg.max_steps)
     checkpoint.prune(job.run_uri, protect=frozenset({final}))  # Ray is done: drop what faults left unregistered
     return TrainOutcome(checkpoint.join(job.run_uri, final), outcome)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from pipeline.config import TrainConfig, params_to_dict
 from pipeline.data import TrainBatch, train_loader
 from pipeline.grad_stats import GradStats
-from pipeline.tracking import create_tracker
+from pipeline.tracking import create_tracker, redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import configure_determinism, rng_state, seed_step, set_rng_state
 from pipeline.training.faults import Faults
@@ -165,7 +165,7 @@ def _build(job: TrainJob, rank: int, world: int, resumed: checkpoint.LoadedCheck
         set_rng_state(state["rng"])
     run_id = (resumed.meta.tracking_run_id if resumed else None) or job.tracking_run_id
     tracker = create_tracker(job.params.tracking, enabled_here=rank == 0, run_id=run_id, run_name=cfg.run_name,
-                             repo_root=job.repo_root)  # fmt: skip
+                             repo_root=job.repo_root, credentials=job.tracking_credentials)  # fmt: skip
     return _Parts(job, rank, world, model, ddp, optimizer, scheduler, scaler, guard, tracker, Faults.from_env())
 
 
@@ -224,13 +224,13 @@ def _restore(job: TrainJob, ray_checkpoint: ray.train.Checkpoint | None,
         try:
             loaded = checkpoint.load_checkpoint(uri)
         except checkpoint.CheckpointError as error:
-            logger.warning("not resuming from %s: %s", uri, error)
+            logger.warning("not resuming from %s: %s", redact_uri(uri), redact_uri(str(error)))
             continue
         if loaded.state["preset"] != job.params.model.preset or list(loaded.state["classes"]) != list(job.classes):
-            raise ValueError(f"{uri}: checkpoint of preset {loaded.state['preset']} with classes "
+            raise ValueError(f"{redact_uri(uri)}: checkpoint of preset {loaded.state['preset']} with classes "
                              f"{loaded.state['classes']}, but this run is {job.params.model.preset} with "
                              f"{list(job.classes)}")  # fmt: skip
-        logger.info("resuming from %s (step %d)", uri, loaded.meta.step)
+        logger.info("resuming from %s (step %d)", redact_uri(uri), loaded.meta.step)
         if loaded.meta.world_size != world:
             logger.warning("resuming a run of %d workers on %d: the data split and gradient averages change, so "
                            "the result differs from an uninterrupted run", loaded.meta.world_size, world)  # fmt: skip
@@ -247,7 +247,7 @@ def _report(p: _Parts, step: int, steps_per_epoch: int, progress: Progress, stat
     if p.rank != 0 or not write:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
-    params = params_to_dict(p.job.params)
+    params = redact_params(params_to_dict(p.job.params))  # a storage URL's key stays out of the checkpoint
     state = {
         "step": step, "epoch": step // steps_per_epoch, "model": p.model.state_dict(),
         "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),

@@ -313,7 +313,7 @@ def make_hostile_corpus(root: Path) -> list[Case]:
 # ---------------------------------------------------------------------------------------------- COCO
 def make_coco(root: Path) -> dict:
     """``root/instances.json`` + ``root/images``: category ids 7 ("b") and 3 ("a") (deliberately unsorted and
-    sparse), five images with ordinary, crowd and bad annotations. Returns the JSON written."""
+    sparse), six image entries (four files) with ordinary, crowd and bad annotations. Returns the JSON written."""
     images = root / "images"
     images.mkdir(parents=True)
     for i in range(1, 5):
@@ -325,7 +325,7 @@ def make_coco(root: Path) -> dict:
             {"id": 2, "file_name": "002.jpg", "width": 50, "height": 40},
             {"id": 3, "file_name": "003.jpg", "width": 60, "height": 40},  # wrong width: corrected
             {"id": 4, "file_name": "../004.jpg", "width": 50, "height": 40},  # outside the folder
-            {"id": 2, "file_name": "004.jpg", "width": 50, "height": 40},  # repeated id
+            {"id": 5, "file_name": "", "width": 50, "height": 40},  # empty file name
             {"file_name": "004.jpg"},  # no id
         ],
         "annotations": [

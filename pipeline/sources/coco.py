@@ -29,19 +29,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import reprlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import CocoConfig
+from pipeline.file_names import relative_path_problem
 from pipeline.sources.records import Candidate, PrepareError, RawObject
 from pipeline.sources.report import PrepareReport
 
 logger = logging.getLogger(__name__)
 
-_DRIVE = re.compile(r"^[A-Za-z]:")  # "C:\\..." or "C:/...": absolute on Windows
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
@@ -144,7 +143,7 @@ def _split_candidates(
                                 boxes=boxes)  # fmt: skip
             continue
         where = f"{path} image id {image_id} ({file_name!r})"
-        unsafe = _unsafe_file_name(file_name)
+        unsafe = relative_path_problem(file_name)
         image_path = base if unsafe else (base / file_name).resolve()
         if unsafe or not image_path.is_relative_to(base):
             report.reject_image(where, "unsafe_path", unsafe or f"leads outside {base}", boxes=boxes)
@@ -196,18 +195,6 @@ def _object(ann: dict[str, Any], names: dict[int, str]) -> RawObject:
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         return RawObject(name, None, difficult, "box_nonfinite")
     return RawObject(name, (x, y, x + w, y + h), difficult)
-
-
-def _unsafe_file_name(file_name: str) -> str:
-    """Why ``file_name`` may not be joined to the image folder ("" when it may): a NUL byte, an absolute path
-    (POSIX, UNC or a drive letter) or a ``..`` part (either slash)."""
-    if "\0" in file_name:
-        return "file name holds a NUL byte"
-    if file_name.startswith(("/", "\\")) or _DRIVE.match(file_name):
-        return "absolute path"
-    if ".." in re.split(r"[\\/]", file_name):
-        return "'..' part"
-    return ""
 
 
 def _is_id(value: Any) -> bool:

@@ -135,8 +135,9 @@ def check_payload(payload: Any, path: Path) -> None:
         raise ValueError(f"{path}: params: expected a dict with string keys (the training params), got "
                          f"{type(params).__name__}")
     state = payload.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):  # fmt: skip
+    tensors = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items())
+    if not tensors:
         raise ValueError(f"{path}: state_dict: expected a dict of name -> tensor, got {type(state).__name__}")
 
 

@@ -138,15 +138,16 @@ def _split_candidates(
         boxes = len(objects[image_id]) if _is_id(image_id) else 0
         file_name = img.get("file_name") if isinstance(img, dict) else None
         if not _is_id(image_id) or not isinstance(file_name, str) or not file_name:
-            report.reject_image(f"{path} images[{number}]", "annotation_malformed",
-                                f"expected an int 'id' and a non-empty string 'file_name', got {_short(img)}",
-                                boxes=boxes)  # fmt: skip
+            detail = f"expected an int 'id' and a non-empty string 'file_name', got {_short(img)}"
+            report.reject_image(f"{path} images[{number}]", "annotation_malformed", detail, boxes=boxes)
             continue
         where = f"{path} image id {image_id} ({file_name!r})"
         unsafe = relative_path_problem(file_name)
-        image_path = base if unsafe else (base / file_name).resolve()
-        if unsafe or not image_path.is_relative_to(base):
-            report.reject_image(where, "unsafe_path", unsafe or f"leads outside {base}", boxes=boxes)
+        image_path = None if unsafe else (base / file_name).resolve()
+        if image_path is not None and not image_path.is_relative_to(base):
+            unsafe = f"leads outside {base} (through a link)"
+        if unsafe or image_path is None:
+            report.reject_image(where, "unsafe_path", unsafe, boxes=boxes)
             continue
         size = (img.get("width"), img.get("height"))
         declared = size if all(_is_id(v) and v > 0 for v in size) else None

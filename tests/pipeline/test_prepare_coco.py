@@ -86,6 +86,8 @@ def _ann(ann_id, **fields):
 def test_hostile_entries_are_rejected_one_by_one_with_a_reason(tmp_path, caplog):
     """Every entry of the wrong type or with an unsafe file name is counted; one good image is kept."""
     save_jpeg(tmp_path / "images" / "001.jpg", image_with_box((50, 40), (5, 5, 25, 20)))
+    save_jpeg(tmp_path / "outside.jpg", image_with_box((50, 40), (5, 5, 25, 20)))
+    (tmp_path / "images" / "link.jpg").symlink_to(tmp_path / "outside.jpg")
     data = {
         "categories": [{"id": 3, "name": "a"}],
         "images": [
@@ -94,6 +96,7 @@ def test_hostile_entries_are_rejected_one_by_one_with_a_reason(tmp_path, caplog)
             {"id": 3, "file_name": "/etc/passwd"},
             {"id": 4, "file_name": "sub/../../001.jpg"},
             {"id": 5, "file_name": "C:\\images\\001.jpg"},
+            {"id": 8, "file_name": "link.jpg"},  # a link inside the folder to an image outside it
             {"id": True, "file_name": "001.jpg"},  # a bool is not an id
             {"id": "6", "file_name": "001.jpg"},  # nor is a string
             {"id": 7, "file_name": ["001.jpg"]},
@@ -122,16 +125,17 @@ def test_hostile_entries_are_rejected_one_by_one_with_a_reason(tmp_path, caplog)
     [record] = result.records["train"]
     assert (record.id, record.boxes, record.difficult) == ("train/1", [[5, 5, 25, 20]] * 2, [False, True])
     report = result.report.to_dict()
-    assert report["images"]["rejected_by_reason"] == {"annotation_malformed": 4, "unsafe_path": 4}
+    assert report["images"]["rejected_by_reason"] == {"annotation_malformed": 4, "unsafe_path": 5}
     assert report["boxes"]["rejected_by_reason"] == {
         "annotation_malformed": 6, "box_malformed": 2, "box_nonfinite": 2, "image_rejected": 2,
     }
-    # The sums: images in = kept + rejected (9 = 1 + 8), boxes likewise (14 = 2 + 12).
-    assert (report["images"]["in"], report["images"]["kept"], report["images"]["rejected"]) == (9, 1, 8)
+    # The sums: images in = kept + rejected (10 = 1 + 9), boxes likewise (14 = 2 + 12).
+    assert (report["images"]["in"], report["images"]["kept"], report["images"]["rejected"]) == (10, 1, 9)
     assert (report["boxes"]["in"], report["boxes"]["kept"], report["boxes"]["rejected"]) == (14, 2, 12)
     warned = caplog.text
     assert "'bad\\x00name.jpg'" in warned and "NUL byte" in warned  # the file is named
     assert "iscrowd: expected 0 or 1, got '0'" in warned
+    assert "link.jpg" in warned and "(through a link)" in warned
 
 
 @pytest.mark.parametrize("where", ["top", "inside"])

@@ -3,7 +3,8 @@
 ``open_checked`` is the one place a file is handed to Pillow (prepare, shard and predict all read through
 it), and only the plugins of ``ALLOWED_FORMATS`` may parse it: Pillow knows ~40 formats, some with
 decoders nobody here needs (EPS runs Ghostscript, TGA and SGI have little-used decoders), so anything else
-is refused as ``image_format_not_allowed`` before any of their code runs.
+is refused as ``image_format_not_allowed`` before their parsing code runs (to name the format, only their
+16-byte signature checks look at a refused file).
 
 Every failure is an ``ImageRejected`` carrying a short reason (the key counted in
 ``reports/prepare.json``) and a detail for the log; nothing here swallows an error silently.

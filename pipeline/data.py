@@ -38,10 +38,10 @@ are in that frame. Decoding is libjpeg-turbo through simplejpeg (``pipeline.jpeg
 PIL, decoded straight into the array that becomes the tensor, ~30% faster); the JPEG header must match
 the record's size before any pixel is decoded.
 
-A corrupt sample (unreadable bytes, bad JPEG, bad JSON) is skipped and counted in ``TrainBatch.num_bad``
-of the batch it belonged to; the batch is then smaller (in the extreme, empty: ``[0, 3, S, S]``), but the
-number of batches never changes. Nothing sleeps or retries. Evaluation, which must see every sample,
-raises ``ShardError`` instead.
+A corrupt sample (unreadable bytes, bad JPEG, bad JSON, a record field out of bounds: ``_parse_record``) is
+skipped and counted in ``TrainBatch.num_bad`` of the batch it belonged to; the batch is then smaller (in the
+extreme, empty: ``[0, 3, S, S]``), but the number of batches never changes. Nothing sleeps or retries.
+Evaluation, which must see every sample, raises ``ShardError`` instead.
 
 Shards may live in a local folder or at an fsspec URL. ``load_manifest(shards, verify=True)`` (sha256 +
 member counts) should run once before training; the loaders themselves check only that every shard
@@ -84,6 +84,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OPEN_SHARDS_PER_WORKER = 16  # file handles a worker keeps open (least recently used closed first)
+MAX_RECORD_SIDE = 65_535  # the largest side a JPEG can have: no record of a real sample says more
+# Pixels one sample may have (~0.8 GB as RGB): 3x the default prepare.max_image_pixels, so no sample prepare
+# lets through by default comes near it, while a record (and JPEG) put into a shard by hand cannot make a
+# worker allocate what a 65,535 x 65,535 image would need (~12.9 GB).
+MAX_SAMPLE_PIXELS = 1 << 28
 
 
 class TrainBatch(NamedTuple):
@@ -223,20 +228,46 @@ def _numbers(values: Any, dtype: type, kinds: str, shape: tuple[int, ...]) -> np
 
 
 def _parse_record(meta_bytes: bytes, num_classes: int) -> _Record:
-    """The JSON member, checked; ``_Corrupt`` for anything that does not match what shard wrote."""
+    """The JSON member, checked field by field; ``_Corrupt`` for anything that does not match what shard wrote.
+
+    ``id``: a string. ``width``/``height``: ints in 1..``MAX_RECORD_SIDE`` with at most ``MAX_SAMPLE_PIXELS``
+    pixels. ``boxes``: ``[G, 4]`` finite xyxy pixels inside the image (``0 <= x1 <= x2 <= width``, likewise
+    for y; compared in float32, the precision they are read at). ``labels``: ``[G]`` ints in
+    1..``num_classes``. ``difficult``: ``[G]`` booleans (or the ints 0/1).
+    """
     try:
         meta = json.loads(meta_bytes)
-        width, height = int(meta["width"]), int(meta["height"])
-        boxes = _numbers(meta["boxes"], np.float32, "fiu", (-1, 4))  # [G, 4] pixels
+        if not isinstance(meta, dict):
+            raise TypeError(f"expected an object, got {type(meta).__name__}")
+        sample_id, width, height = meta["id"], meta["width"], meta["height"]
+        with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused below as non-finite
+            boxes = _numbers(meta["boxes"], np.float32, "fiu", (-1, 4))  # [G, 4] pixels
         labels = _numbers(meta["labels"], np.int64, "iu", (-1,))  # [G]
-        difficult = _numbers(meta["difficult"], np.bool_, "biu", (-1,))  # [G]
-    except (ValueError, KeyError, TypeError, OverflowError) as error:
+        difficult = _numbers(meta["difficult"], np.int64, "biu", (-1,))  # [G]
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
         raise _Corrupt(f"bad JSON record ({type(error).__name__}: {error})") from None
+    if not isinstance(sample_id, str):
+        raise _Corrupt(f"JSON record: id must be a string, got {type(sample_id).__name__}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RECORD_SIDE for v in (width, height)):
+        raise _Corrupt(f"JSON record: width and height must be ints in 1..{MAX_RECORD_SIDE}, got {width!r} x "
+                       f"{height!r}")
+    if width * height > MAX_SAMPLE_PIXELS:
+        raise _Corrupt(f"JSON record: {width} x {height} = {width * height} pixels, more than {MAX_SAMPLE_PIXELS} "
+                       "(MAX_SAMPLE_PIXELS)")
     if not (len(boxes) == len(labels) == len(difficult)) or not np.isfinite(boxes).all():
         raise _Corrupt("JSON record: boxes, labels and difficult disagree in length or hold non-finite values")
+    outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if (outside | inverted).any():
+        row = int(np.flatnonzero(outside | inverted)[0])
+        raise _Corrupt(f"JSON record: box {row} {boxes[row].tolist()} is not inside the {width} x {height} image "
+                       "(0 <= x1 <= x2 <= width, 0 <= y1 <= y2 <= height)")
     if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
         raise _Corrupt(f"JSON record: labels outside 1..{num_classes}")
-    return _Record(meta, width, height, torch.from_numpy(boxes), torch.from_numpy(labels), torch.from_numpy(difficult))
+    if len(difficult) and (difficult.min() < 0 or difficult.max() > 1):
+        raise _Corrupt("JSON record: difficult flags must be false/true (or 0/1)")
+    return _Record(meta, width, height, torch.from_numpy(boxes), torch.from_numpy(labels),
+                   torch.from_numpy(difficult.astype(np.bool_)))
 
 
 def _pixels(jpg: bytes, width: int, height: int, reduction: int = 1) -> Tensor:

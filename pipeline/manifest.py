@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 
 import fsspec
 
+from pipeline.file_names import plain_name_problem
+
 FORMAT = "ssd-shards/1"
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 20
@@ -111,6 +113,7 @@ def parse_manifest(data: Any, root: str) -> ShardManifest:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ShardError(f"{where}: 'classes' must be a list of names")
     shards = []
+    seen: set[str] = set()
     for i, entry in enumerate(data.get("shards") or []):
         try:
             samples = tuple(SampleLoc(str(r[0]), *(int(v) for v in r[1:5])) for r in entry["samples"])
@@ -118,6 +121,14 @@ def parse_manifest(data: Any, root: str) -> ShardManifest:
                              int(entry["bytes"]), str(entry["sha256"]), samples)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ShardError(f"{where}: shards[{i}] is malformed ({type(error).__name__}: {error})") from None
+        name = entry["name"]
+        unsafe = plain_name_problem(name) if isinstance(name, str) else f"{name!r} is not a string"
+        if unsafe:
+            raise ShardError(f"{where}: shards[{i}]: shard name {unsafe}; a shard name is a plain file name inside the "
+                             "shard folder")
+        if info.name in seen:
+            raise ShardError(f"{where}: shards[{i}]: shard {info.name!r} is listed twice")
+        seen.add(info.name)
         if info.count != len(info.samples):
             raise ShardError(f"{where}: shard {info.name}: count {info.count} but {len(info.samples)} sample rows")
         shards.append(info)

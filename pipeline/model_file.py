@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import io
 import os
+import reprlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from ssd_core.model import SSD, build_ssd
+from ssd_core.model import PRESETS, SSD, build_ssd
 
 MODEL_FORMAT = "ssd-pipeline-model"
 MODEL_VERSION = 1
+MAX_CLASSES = 10_000  # far above any detection set (LVIS: 1,203); a longer list is not a class map
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 6, 60, 60
 
 
 class LoadedModel(NamedTuple):
@@ -67,9 +71,15 @@ def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params:
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Read a file written by ``save_model_file``; the model comes back in eval mode on ``map_location``.
 
+    A model file is input: nothing is built from it before it is checked. The fields are validated first
+    (``check_payload``), then the model is built on PyTorch's ``meta`` device (shapes only, no memory) and
+    every tensor of the file is compared with it (``check_state_dict``); only a file that matches is built
+    for real, so a few bytes claiming a million classes cannot make this allocate gigabytes.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a model file of this format, or its weights do not fit its preset.
+        ValueError: the file is not a model file of this format, a field is malformed, or a weight is
+            missing, unexpected or of another shape than its preset and class count need (key named).
     """
     path = Path(path)
     try:
@@ -78,18 +88,80 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
         raise
     except Exception as error:  # a torn or foreign file: say which file, keep the cause
         raise ValueError(f"{path}: not a readable model file ({type(error).__name__}: {error})") from error
+    check_payload(payload, path)
+    preset, num_classes = payload["preset"], payload["num_classes"]
+    with torch.device("meta"):
+        skeleton = build_ssd(preset, num_classes)
+    check_state_dict(payload["state_dict"], skeleton.state_dict(), f"{path} (preset {preset!r}, {num_classes} classes)")
+    model = build_ssd(preset, num_classes)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:  # shapes agree (checked above); what is left, e.g. an uncastable dtype
+        raise ValueError(f"{path}: the weights do not fit preset {preset!r}: {error}") from error
+    model.to(map_location).eval()
+    return LoadedModel(model, list(payload["classes"]), dict(payload["params"]), preset)
+
+
+def check_payload(payload: Any, path: Path) -> None:
+    """Check what ``torch.load`` gave against the format in the module docstring (all but the tensor shapes).
+
+    Raises:
+        ValueError: naming ``path``, the field, what was expected and what the file holds.
+    """
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: expected a {MODEL_FORMAT!r} file, found {found!r}")
     if payload.get("version") != MODEL_VERSION:
         raise ValueError(f"{path}: model file version {payload.get('version')!r}, this code reads {MODEL_VERSION}")
-    model = build_ssd(payload["preset"], int(payload["num_classes"]))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"{path}: the weights do not fit preset {payload['preset']!r}: {error}") from error
-    model.to(map_location).eval()
-    return LoadedModel(model, list(payload["classes"]), dict(payload["params"]), payload["preset"])
+    preset = payload.get("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"{path}: preset: expected one of {PRESETS}, got {_short(preset)}")
+    classes = payload.get("classes")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        got = f"{len(classes)} names" if isinstance(classes, list) else _short(classes)
+        raise ValueError(f"{path}: classes: expected a list of 1..{MAX_CLASSES} names, got {got}")
+    for i, name in enumerate(classes):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{path}: classes[{i}]: expected a non-empty string, got {_short(name)}")
+    if len(set(classes)) != len(classes):
+        repeated = sorted({name for name in classes if classes.count(name) > 1})
+        raise ValueError(f"{path}: classes: expected unique names, got {_short(repeated)} more than once")
+    num_classes = payload.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes != len(classes) + 1:
+        raise ValueError(f"{path}: num_classes: expected len(classes) + 1 = {len(classes) + 1} (background "
+                         f"included), got {_short(num_classes)}")
+    params = payload.get("params")
+    if not isinstance(params, dict) or not all(isinstance(key, str) for key in params):
+        raise ValueError(f"{path}: params: expected a dict with string keys (the training params), got "
+                         f"{type(params).__name__}")
+    state = payload.get("state_dict")
+    tensors = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items())
+    if not tensors:
+        raise ValueError(f"{path}: state_dict: expected a dict of name -> tensor, got {type(state).__name__}")
+
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Every key of ``expected`` (the built model's state dict, e.g. on the meta device) must be in ``state``
+    with the same shape, and ``state`` must hold nothing else.
+
+    Raises:
+        ValueError: naming ``where``, the key, the expected and the found shape (or the missing/unexpected keys).
+    """
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{where}: the weights do not fit: missing keys {_short(missing)}, unexpected keys "
+                         f"{_short(unexpected)}")
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise ValueError(f"{where}: weight {key!r}: expected shape {list(want.shape)}, got "
+                             f"{list(state[key].shape)}")
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` for errors about a hostile file (long lists and strings abbreviated)."""
+    return _REPR.repr(value)
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, before_rename: Callable[[Path], None] | None = None) -> None:

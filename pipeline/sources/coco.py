@@ -6,25 +6,43 @@
 - Source ids are ``<split>/<COCO image id>``.
 - ``iscrowd: 1`` boxes are kept as *difficult* boxes: matching and VOC-style metrics ignore them, as
   COCO's own evaluation ignores crowd regions.
-- Bad entries are counted, never fatal: an image entry without id/file name (``annotation_malformed``),
-  a repeated image id (``duplicate_id``), a file name leading outside the image folder (``unsafe_path``),
-  an annotation naming no known image (``box_orphan``) or no known category (``unknown_class``), a bbox
-  that is not four numbers (``box_malformed``). A file that is not a COCO JSON at all stops the stage.
+
+Every entry is type-checked, and a bad one is counted, never fatal:
+
+- images: not an object, ``id`` not an int (bools are not ids), ``file_name`` not a non-empty string
+  (``annotation_malformed``); a file name with a NUL byte, absolute, with a ``..`` part, or leading outside
+  the image folder through a link (``unsafe_path``).
+- annotations: not an object, ``id``/``image_id``/``category_id`` not an int, ``iscrowd`` not the int 0 or
+  1 (``annotation_malformed``; a string ``"0"`` is not 0); an ``image_id`` naming no image (``box_orphan``);
+  a ``category_id`` naming no category (``unknown_class``); a ``bbox`` that is not four numbers
+  (``box_malformed``) or holds non-finite ones (``box_nonfinite``).
+
+What would make the whole file ambiguous stops the stage with a ``PrepareError`` naming the file and the
+entries: not JSON (or nested deeper than the parser can follow), no ``images``/``annotations`` lists, a
+malformed category, and a repeated category id or name, image id or annotation id (two categories with one
+id would merge two classes and relabel one's boxes; two images with one id would leave it open which one
+its annotations describe).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import reprlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import CocoConfig
-from pipeline.sources.records import Candidate, PrepareError, RawObject, box_from_values
+from pipeline.file_names import relative_path_problem
+from pipeline.sources.records import Candidate, PrepareError, RawObject
 from pipeline.sources.report import PrepareReport
 
 logger = logging.getLogger(__name__)
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
@@ -35,6 +53,8 @@ def load_coco_json(path: Path) -> dict[str, Any]:
         raise PrepareError(f"{path}: cannot read COCO JSON ({error})") from None
     except (json.JSONDecodeError, UnicodeError) as error:
         raise PrepareError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise PrepareError(f"{path}: JSON nested too deeply to parse (a COCO file is at most ~4 levels deep)") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
         data.get("annotations"), list
     ):
@@ -42,19 +62,33 @@ def load_coco_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def category_names(data: dict[str, Any], path: Path) -> dict[Any, str]:
-    """Category id -> name, in ascending id order."""
-    categories = data.get("categories", [])
-    pairs = []
-    for cat in categories if isinstance(categories, list) else []:
-        if isinstance(cat, dict) and _is_id(cat.get("id")) and isinstance(cat.get("name"), str):
-            pairs.append((cat["id"], cat["name"].strip()))
-    if not pairs:
-        raise PrepareError(f"{path}: no usable 'categories' (each needs an 'id' and a 'name')")
-    names = [name for _, name in pairs]
-    if len(set(names)) != len(names):
-        raise PrepareError(f"{path}: category names must be unique, got {names}")
-    return dict(sorted(pairs, key=lambda p: (str(type(p[0])), p[0])))
+def category_names(data: dict[str, Any], path: Path) -> dict[int, str]:
+    """Category id -> name, in ascending id order.
+
+    Raises:
+        PrepareError: no categories, an entry without an int ``id`` and a non-empty string ``name``, or a
+            repeated id or name (naming the entries).
+    """
+    categories = data.get("categories")
+    if not isinstance(categories, list) or not categories:
+        raise PrepareError(f"{path}: no 'categories' list (each category needs an int 'id' and a 'name')")
+    names: dict[int, str] = {}
+    where_id: dict[int, int] = {}
+    where_name: dict[str, int] = {}
+    for number, cat in enumerate(categories):
+        name = cat.get("name") if isinstance(cat, dict) else None
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(name, str) or not name.strip():
+            raise PrepareError(f"{path}: categories[{number}]: expected {{\"id\": <int>, \"name\": <non-empty "
+                               f"string>}}, got {_short(cat)}")
+        cat_id, name = cat["id"], name.strip()
+        if cat_id in where_id:
+            raise PrepareError(f"{path}: categories[{where_id[cat_id]}] and categories[{number}] share id {cat_id} "
+                               f"({names[cat_id]!r}, {name!r}); category ids must be unique")
+        if name in where_name:
+            raise PrepareError(f"{path}: categories[{where_name[name]}] and categories[{number}] share name {name!r}; "
+                               "category names must be unique")
+        names[cat_id], where_id[cat_id], where_name[name] = name, number, number
+    return dict(sorted(names.items()))
 
 
 def coco_candidates(cfg: CocoConfig, report: PrepareReport) -> tuple[list[Candidate], list[str]]:
@@ -81,56 +115,107 @@ def coco_candidates(cfg: CocoConfig, report: PrepareReport) -> tuple[list[Candid
 
 
 def _split_candidates(
-    data: dict[str, Any], names: dict[Any, str], path: Path, images_dir: Path, split: str, report: PrepareReport
+    data: dict[str, Any], names: dict[int, str], path: Path, images_dir: Path, split: str, report: PrepareReport
 ) -> list[Candidate]:
-    image_ids = {img.get("id") for img in data["images"] if isinstance(img, dict) and _is_id(img.get("id"))}
-    objects: dict[Any, list[RawObject]] = defaultdict(list)
+    _refuse_repeated_ids(data["images"], "images", path)
+    _refuse_repeated_ids(data["annotations"], "annotations", path)
+    image_ids = {img["id"] for img in data["images"] if isinstance(img, dict) and _is_id(img.get("id"))}
+    objects: dict[int, list[RawObject]] = defaultdict(list)
     for number, ann in enumerate(data["annotations"]):
-        image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        if not _is_id(image_id) or image_id not in image_ids:
-            report.reject_boxes(f"{path} annotations[{number}]", "box_orphan", detail=f"image_id {image_id!r}")
-            continue
-        objects[image_id].append(_object(ann, names))
+        where = f"{path} annotations[{number}]"
+        problem = _annotation_problem(ann)
+        if problem:
+            report.reject_boxes(where, "annotation_malformed", detail=problem)
+        elif ann["image_id"] not in image_ids:
+            report.reject_boxes(where, "box_orphan", detail=f"image_id {ann['image_id']!r}")
+        else:
+            objects[ann["image_id"]].append(_object(ann, names))
 
     base = images_dir.resolve()
-    seen: set[Any] = set()
     candidates = []
     for number, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
-            report.reject_image(f"{path} images[{number}]", "annotation_malformed", "needs 'id' and 'file_name'")
+        image_id = img.get("id") if isinstance(img, dict) else None
+        boxes = len(objects[image_id]) if _is_id(image_id) else 0
+        file_name = img.get("file_name") if isinstance(img, dict) else None
+        if not _is_id(image_id) or not isinstance(file_name, str) or not file_name:
+            detail = f"expected an int 'id' and a non-empty string 'file_name', got {_short(img)}"
+            report.reject_image(f"{path} images[{number}]", "annotation_malformed", detail, boxes=boxes)
             continue
-        image_id, file_name = img["id"], img["file_name"]
-        where = f"{path} image id {image_id} ({file_name})"
-        if image_id in seen:
-            report.reject_image(where, "duplicate_id", "an earlier entry has this id and keeps its annotations")
-            continue
-        seen.add(image_id)
-        image_path = (base / file_name).resolve()
-        if not image_path.is_relative_to(base):
-            report.reject_image(where, "unsafe_path", f"outside {base}", boxes=len(objects[image_id]))
+        where = f"{path} image id {image_id} ({file_name!r})"
+        unsafe = relative_path_problem(file_name)
+        image_path = None if unsafe else (base / file_name).resolve()
+        if image_path is not None and not image_path.is_relative_to(base):
+            unsafe = f"leads outside {base} (through a link)"
+        if unsafe or image_path is None:
+            report.reject_image(where, "unsafe_path", unsafe, boxes=boxes)
             continue
         size = (img.get("width"), img.get("height"))
-        declared = size if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size) else None
+        declared = size if all(_is_id(v) and v > 0 for v in size) else None
         candidates.append(
             Candidate(f"{split}/{image_id}", split, image_path, where, declared, tuple(objects[image_id]))
         )
     return candidates
 
 
-def _object(ann: dict[str, Any], names: dict[Any, str]) -> RawObject:
-    category = ann.get("category_id")
-    name = names.get(category) if _is_id(category) else None
-    difficult = bool(ann.get("iscrowd", 0))
+def _refuse_repeated_ids(entries: list[Any], key: str, path: Path) -> None:
+    """PrepareError naming the first two ``entries`` (``images`` or ``annotations``) that share an int id."""
+    first: dict[int, int] = {}
+    for number, entry in enumerate(entries):
+        entry_id = entry.get("id") if isinstance(entry, dict) else None
+        if not _is_id(entry_id):
+            continue  # counted as malformed where the entry is read
+        if entry_id in first:
+            raise PrepareError(f"{path}: {key}[{first[entry_id]}] and {key}[{number}] share id {entry_id}; "
+                               f"{key} ids must be unique (was the file merged from two sources?)")
+        first[entry_id] = number
+
+
+def _annotation_problem(ann: Any) -> str:
+    """Why an annotation entry cannot be read (its field types), or "" when it can."""
+    if not isinstance(ann, dict):
+        return f"expected an object, got {_short(ann)}"
+    for key in ("id", "image_id", "category_id"):
+        if not _is_id(ann.get(key)):
+            return f"{key}: expected an int, got {_short(ann.get(key))}"
+    crowd = ann.get("iscrowd", 0)
+    if not _is_id(crowd) or crowd not in (0, 1):
+        return f"iscrowd: expected 0 or 1, got {_short(crowd)}"
+    return ""
+
+
+def _object(ann: dict[str, Any], names: dict[int, str]) -> RawObject:
+    """A type-checked annotation (see ``_annotation_problem``) -> RawObject, with box problems named."""
+    name = names.get(ann["category_id"])
+    difficult = ann.get("iscrowd", 0) == 1
     bbox = ann.get("bbox")
-    values = box_from_values(bbox) if isinstance(bbox, list) and len(bbox) == 4 else None
     if name is None:
         return RawObject(None, None, difficult, "unknown_class")
-    if values is None:
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         return RawObject(name, None, difficult, "box_malformed")
-    x, y, w, h = values
+    x, y, w, h = (_as_float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return RawObject(name, None, difficult, "box_nonfinite")
     return RawObject(name, (x, y, x + w, y + h), difficult)
 
 
 def _is_id(value: Any) -> bool:
-    """COCO ids are ints (strings tolerated); anything else (lists, null) cannot name an image or category."""
-    return isinstance(value, int | str) and not isinstance(value, bool)
+    """COCO ids (and sizes, and iscrowd) are JSON ints; ``true`` is not 1 and ``"1"`` is not 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_float(value: int | float) -> float:
+    """``float(value)``; an int too large for a float is infinite (counted as non-finite, never raised)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` of a hostile value for log lines and errors: at most 3 levels deep (a deeply
+    nested value cannot exhaust the stack here), long strings and containers abbreviated."""
+    return _REPR.repr(value)

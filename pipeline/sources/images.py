@@ -1,4 +1,10 @@
-"""Safe image reading: bomb guard before decoding, truncation, EXIF orientation, conversion to RGB.
+"""Safe image reading: allowed formats only, bomb guard before decoding, truncation, EXIF orientation, RGB.
+
+``open_checked`` is the one place a file is handed to Pillow (prepare, shard and predict all read through
+it), and only the plugins of ``ALLOWED_FORMATS`` may parse it: Pillow knows ~40 formats, some with
+decoders nobody here needs (EPS runs Ghostscript, TGA and SGI have little-used decoders), so anything else
+is refused as ``image_format_not_allowed`` before their parsing code runs (to name the format, only their
+16-byte signature checks look at a refused file).
 
 Every failure is an ``ImageRejected`` carrying a short reason (the key counted in
 ``reports/prepare.json``) and a detail for the log; nothing here swallows an error silently.
@@ -17,9 +23,16 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+# The formats the README lists, as Pillow format names; no other plugin ever parses a file. MPO (a JPEG
+# with extra pictures, as phones write them) has no opener of its own: the JPEG plugin opens it.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # PPM also reads PGM/PBM
+_OPENERS = tuple(f for f in ALLOWED_FORMATS if f != "MPO")  # what Image.open(formats=...) is given
+_SIGNATURE_BYTES = 16  # as much of the file as Pillow's signature checks look at
 
 # Fill for transparent pixels: the ImageNet mean in 0..255, which normalisation maps to about zero.
 TRANSPARENT_FILL_RGB = (124, 116, 104)
@@ -83,29 +96,73 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
 
 
 def open_checked(source: str | Path | bytes, *, max_pixels: int) -> Image.Image:
-    """Open ``source`` (a path or encoded bytes) reading only the header; refuse bombs before decoding.
+    """Open ``source`` (a path or encoded bytes) reading only the header; refuse other formats and bombs
+    before decoding.
 
     Raises:
-        ImageRejected: ``image_missing``, ``image_unreadable`` (not an image / unreadable file) or
-            ``image_too_large`` (width * height > ``max_pixels``).
+        ImageRejected: ``image_missing``, ``image_format_not_allowed`` (an image format outside
+            ``ALLOWED_FORMATS``), ``image_unreadable`` (not an image / unreadable file) or ``image_too_large``
+            (width * height > ``max_pixels``).
     """
     if isinstance(source, str | Path) and not Path(source).is_file():
         raise ImageRejected("image_missing", f"{source}: no such file")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with _pixel_limit(max_pixels):
-            image = Image.open(stream)
+            image = Image.open(stream, formats=_OPENERS)
     except Image.DecompressionBombError as error:
         raise ImageRejected("image_too_large", str(error)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:
+        claimed = _claimed_format(source)
+        if claimed:
+            raise ImageRejected("image_format_not_allowed",
+                                f"{claimed}; allowed: {', '.join(ALLOWED_FORMATS)}") from None
+        raise ImageRejected("image_unreadable", f"{type(error).__name__}: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
         reason = "image_truncated" if "truncat" in str(error).lower() else "image_unreadable"
         raise ImageRejected(reason, f"{type(error).__name__}: {error}") from None
+    if image.format not in ALLOWED_FORMATS:  # an allowed plugin handing back another format: refuse it too
+        image.close()
+        raise ImageRejected("image_format_not_allowed", f"{image.format}; allowed: {', '.join(ALLOWED_FORMATS)}")
     width, height = image.size
     if width < 1 or height < 1 or width * height > max_pixels:
         image.close()
         raise ImageRejected("image_too_large" if width * height > max_pixels else "image_unreadable",
                             f"{width}x{height} pixels; limit {max_pixels} (prepare.max_image_pixels)")
     return image
+
+
+def _claimed_format(source: str | Path | bytes) -> str:
+    """What a file no allowed plugin could open claims to be: "" for no image format at all (or a broken
+    file of an allowed one), else a description such as ``"EPS (by its signature)"``.
+
+    Only the signature checks of the other plugins run (each a comparison of the first 16 bytes; none of
+    their parsing code). The extension names the format first where it is another plugin's: TGA, for one,
+    has no signature of its own (its header can pass CUR's check).
+    """
+    try:
+        if isinstance(source, bytes):
+            prefix, suffix = source[:_SIGNATURE_BYTES], ""
+        else:
+            with open(source, "rb") as handle:
+                prefix, suffix = handle.read(_SIGNATURE_BYTES), Path(source).suffix.lower()
+    except OSError:
+        return ""
+    Image.init()
+    matches = [name for name, (_, accept) in Image.OPEN.items() if accept is not None and _accepts(accept, prefix)]
+    if any(name in ALLOWED_FORMATS for name in matches):
+        return ""  # the signature of an allowed format with a header its plugin refused: unreadable
+    by_extension = Image.registered_extensions().get(suffix)
+    if by_extension and by_extension not in ALLOWED_FORMATS:
+        return f"{by_extension} (by its extension {suffix})"
+    return f"{matches[0]} (by its signature)" if matches else ""
+
+
+def _accepts(accept: Any, prefix: bytes) -> bool:
+    try:
+        return bool(accept(prefix))
+    except (IndexError, TypeError, ValueError, struct.error):  # a check written for longer prefixes
+        return False
 
 
 def decode(image: Image.Image) -> None:

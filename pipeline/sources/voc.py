@@ -30,6 +30,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import parse as parse_xml
 
 from pipeline.config import VocConfig
+from pipeline.file_names import plain_name_problem
 from pipeline.sources.records import Candidate, RawObject, box_from_values
 from pipeline.sources.report import PrepareReport
 
@@ -257,6 +258,11 @@ def seeded_split(ids: list[str], val_fraction: float, seed: int) -> dict[str, li
 
 
 def _candidate(layout: VocLayout, stem: str, split: str, report: PrepareReport) -> Candidate | None:
+    unsafe = plain_name_problem(stem)  # "../../outside/evil" would read an XML from outside the root
+    if unsafe:
+        report.reject_image(f"{layout.lists} ({split} list) id {stem!r}", "unsafe_path",
+                            f"{unsafe}; an ImageSets id is a plain file stem")
+        return None
     xml_path = layout.annotations / f"{stem}.xml"
     where = str(xml_path)
     if not xml_path.is_file():

@@ -69,6 +69,12 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + data
 
 
+def eps_bytes(width: int, height: int) -> bytes:
+    """A minimal EPS file (PostScript text; Pillow would hand it to Ghostscript to decode)."""
+    return (f"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 {width} {height}\n"
+            f"0 0 moveto {width} {height} lineto stroke\nshowpage\n%%EOF\n").encode("ascii")
+
+
 # ---------------------------------------------------------------------------------------------- VOC
 @dataclass(frozen=True)
 class Obj:
@@ -235,6 +241,22 @@ def make_hostile_corpus(root: Path) -> list[Case]:
            image=lambda p: Image.fromarray(np.zeros((48, 64), dtype=np.float32)).save(p))
     cases.append(Case("image_float", rejected="image_unsupported_mode", box_rejects={"image_rejected": 1}))
 
+    # -- image formats Pillow knows but the README does not list: refused before their plugin parses the file
+    # (EPS would run Ghostscript to decode; TGA and SGI decode with little-used code).
+    picture = image_with_box((64, 48), (10, 5, 30, 25))
+    for stem, ext, fmt in (("format_eps", ".eps", "EPS"), ("format_tga", ".tga", "TGA"), ("format_sgi", ".sgi", "SGI")):
+        sample(stem, [good], ext=ext, image=lambda p, fmt=fmt: picture.save(p, format=fmt))
+        cases.append(Case(stem, rejected="image_format_not_allowed", box_rejects={"image_rejected": 1}))
+    sample("format_eps_as_jpg", [good], image=lambda p: p.write_bytes(eps_bytes(64, 48)))  # named .jpg, EPS inside
+    cases.append(Case("format_eps_as_jpg", rejected="image_format_not_allowed", box_rejects={"image_rejected": 1}))
+    # Allowed formats besides JPEG/PNG: kept, re-encoded by shard.
+    sample("format_bmp", [good], ext=".bmp", image=lambda p: picture.save(p, format="BMP"))
+    cases.append(Case("format_bmp", kept_boxes=[[10, 5, 30, 25]], size=(64, 48), reencode=True))
+    sample("format_webp", [good], ext=".webp", image=lambda p: picture.save(p, format="WEBP"))
+    cases.append(Case("format_webp", kept_boxes=[[10, 5, 30, 25]], size=(64, 48), reencode=True))
+    sample("format_pgm", [good], ext=".pgm", image=lambda p: picture.convert("L").save(p, format="PPM"))
+    cases.append(Case("format_pgm", image_fixes=("converted_to_rgb",), kept_boxes=[[10, 5, 30, 25]], reencode=True))
+
     # -- found through the fallback, or despite a hostile file name
     sample("fallback_stem", [good], filename="renamed_long_ago.jpg")
     cases.append(Case("fallback_stem", kept_boxes=[[10, 5, 30, 25]]))
@@ -291,7 +313,7 @@ def make_hostile_corpus(root: Path) -> list[Case]:
 # ---------------------------------------------------------------------------------------------- COCO
 def make_coco(root: Path) -> dict:
     """``root/instances.json`` + ``root/images``: category ids 7 ("b") and 3 ("a") (deliberately unsorted and
-    sparse), five images with ordinary, crowd and bad annotations. Returns the JSON written."""
+    sparse), six image entries (four files) with ordinary, crowd and bad annotations. Returns the JSON written."""
     images = root / "images"
     images.mkdir(parents=True)
     for i in range(1, 5):
@@ -303,7 +325,7 @@ def make_coco(root: Path) -> dict:
             {"id": 2, "file_name": "002.jpg", "width": 50, "height": 40},
             {"id": 3, "file_name": "003.jpg", "width": 60, "height": 40},  # wrong width: corrected
             {"id": 4, "file_name": "../004.jpg", "width": 50, "height": 40},  # outside the folder
-            {"id": 2, "file_name": "004.jpg", "width": 50, "height": 40},  # repeated id
+            {"id": 5, "file_name": "", "width": 50, "height": 40},  # empty file name
             {"file_name": "004.jpg"},  # no id
         ],
         "annotations": [

@@ -360,6 +360,22 @@ GOOD_RECORD = {"id": "x", "width": 4, "height": 3, "boxes": [[0, 0, 2, 2]], "lab
     {"labels": [0]},  # background is not a label
     {"difficult": [False, True]},  # length differs
     {"width": "wide"},
+    # Each of these used to pass the check and then raise out of the loader, or to allocate or mislabel.
+    {"width": 0},
+    {"height": -3},
+    {"width": True},
+    {"width": 4.5},
+    {"width": 65_536},  # more than a JPEG can have
+    {"width": 65_535, "height": 65_535},  # 4.3e9 pixels > MAX_SAMPLE_PIXELS
+    {"id": 7},
+    {"id": None},
+    {"difficult": [2]},
+    {"boxes": [[0, 0, 5, 2]]},  # x2 beyond the 4-pixel width
+    {"boxes": [[0, -1, 2, 2]]},
+    {"boxes": [[3, 0, 1, 2]]},  # inverted
+    {"boxes": [[0, 0, 2, 1e39]]},  # finite in JSON, infinite as float32
+    {"labels": [2**63]},
+    {"labels": [10**30]},
 ])
 def test_bad_json_records_are_corrupt(change):
     from pipeline.data import _Corrupt, _parse_record
@@ -367,3 +383,61 @@ def test_bad_json_records_are_corrupt(change):
     _parse_record(json.dumps(GOOD_RECORD).encode(), 5)  # the unchanged record is fine
     with pytest.raises(_Corrupt, match="JSON record"):
         _parse_record(json.dumps({**GOOD_RECORD, **change}).encode(), 5)
+
+
+@pytest.mark.parametrize("text", [b"[1, 2]", b'"a string"', b"[" * 100_000 + b"]" * 100_000])
+def test_a_json_member_that_is_not_an_object_is_corrupt(text):
+    from pipeline.data import _Corrupt, _parse_record
+
+    with pytest.raises(_Corrupt, match="bad JSON record"):
+        _parse_record(text, 5)
+
+
+def test_the_record_bounds_admit_a_box_on_the_far_edges_of_the_largest_image():
+    from pipeline.data import MAX_SAMPLE_PIXELS, _parse_record
+
+    side = 16_384  # 16384 * 16384 = 2**28 = MAX_SAMPLE_PIXELS
+    record = {"id": "x", "width": side, "height": side, "boxes": [[0, 0, side, side]], "labels": [5],
+              "difficult": [1]}
+    parsed = _parse_record(json.dumps(record).encode(), 5)
+    assert side * side == MAX_SAMPLE_PIXELS and parsed.difficult.tolist() == [True]
+
+
+def _rewrite_record(shards: Path, split: str, edit) -> str:
+    """Edit one sample's JSON member in place with ``edit(record)`` (``original_size``, which the loaders do
+    not read, is dropped to make room; spaces pad it to its size, so the tar and the manifest's sizes still
+    agree and only hashing would notice). Returns the sample's key."""
+    manifest = load_manifest(str(shards), verify=False)
+    info = manifest.split_shards(split)[1]
+    loc = info.samples[2]
+    path = shards / info.name
+    blob = bytearray(path.read_bytes())
+    record = json.loads(bytes(blob[loc.json_offset : loc.json_offset + loc.json_size]))
+    del record["original_size"]
+    edit(record)
+    text = json.dumps(record, separators=(",", ":")).encode()
+    assert len(text) <= loc.json_size, "the edited record must fit in the member"
+    blob[loc.json_offset : loc.json_offset + loc.json_size] = text.ljust(loc.json_size)
+    path.write_bytes(bytes(blob))
+    return loc.key
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.update(width=0),
+    lambda r: r.update(width=1, height=1),  # the boxes no longer fit
+    lambda r: r.update(id=1),
+    lambda r: r.update(labels=[9] * len(r["labels"])),
+    lambda r: r["boxes"][0].__setitem__(2, 1e6),
+    lambda r: r.update(difficult=[7] * len(r["difficult"])),
+], ids=["width-0", "tiny-image", "int-id", "label-9", "box-outside", "difficult-7"])
+def test_a_record_out_of_bounds_is_a_counted_corrupt_sample(uneven_shards, tmp_path, edit):
+    """Like a corrupt JPEG: skipped and counted in its batch during training, named by evaluation. A record
+    with width 0 used to raise out of the loader (the whole batch's plan failed)."""
+    shutil.copytree(uneven_shards, tmp_path / "shards")
+    key = _rewrite_record(tmp_path / "shards", "train", edit)
+    for workers in (0, 2):
+        batches = list(_train(tmp_path / "shards", num_workers=workers))
+        assert [len(b.images) + b.num_bad for b in batches] == [4, 4, 4, 1]
+        assert sum(b.num_bad for b in batches) == 1
+    with pytest.raises(ShardError, match=rf"train-000001\.tar sample {key}: JSON record"):
+        list(eval_loader(str(tmp_path / "shards"), split="train", batch_size=4, image_size=32, num_workers=0))

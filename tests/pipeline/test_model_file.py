@@ -99,3 +99,91 @@ def test_an_interrupted_write_leaves_the_previous_file_intact(tmp_path):
     assert seen and not seen[0].exists()  # the temporary file is cleaned up when the process survives
     write_bytes_atomic(path, b"new")
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+# ------------------------------------------------------------------------------- hostile model files
+def _edited(model, tmp_path, edit) -> Path:
+    """A model file of ``model`` whose payload ``edit(payload)`` changed (in place), saved as torch would."""
+    path = tmp_path / "ssd.pt"
+    save_model_file(path, model, classes=CLASSES, params=PARAMS)
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.fixture
+def real_builds(monkeypatch):
+    """Records every model the loader builds off the meta device, and refuses big ones: a hostile file
+    must be refused before anything real is built (and a test of old code must not allocate gigabytes)."""
+    import pipeline.model_file as model_file
+
+    built: list[tuple[str, int]] = []
+    real = model_file.build_ssd
+
+    def spy(preset, num_classes, **kwargs):
+        if torch.get_default_device().type != "meta":
+            built.append((preset, num_classes))
+            assert num_classes <= 100, f"built {preset} with {num_classes} classes for real"
+        return real(preset, num_classes, **kwargs)
+
+    monkeypatch.setattr(model_file, "build_ssd", spy)
+    return built
+
+
+def _set(key, value):
+    return lambda payload: payload.__setitem__(key, value)
+
+
+def _reshape(key):
+    def edit(payload):
+        payload["state_dict"][key] = torch.zeros(3, 1)
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set("preset", "ssd_huge"), r"preset: expected one of \('ssd_tiny'"),
+    (_set("preset", ["ssd_tiny"]), r"preset: expected one of .*got \['ssd_tiny'\]"),
+    (_set("classes", "circle"), r"classes: expected a list of 1\.\.10000 names, got 'circle'"),
+    (_set("classes", []), r"classes: expected a list of 1\.\.10000 names, got 0 names"),
+    (_set("classes", [f"c{i}" for i in range(10_001)]), r"got 10001 names"),
+    (_set("classes", ["circle", "", "triangle"]), r"classes\[1\]: expected a non-empty string, got ''"),
+    (_set("classes", ["circle", 2, "triangle"]), r"classes\[1\]: expected a non-empty string, got 2"),
+    (_set("classes", ["circle", "circle", "square"]), r"classes: expected unique names, got \['circle'\]"),
+    # len(classes) must match the head: one name too many used to load, with a class map off by one.
+    (_set("classes", [*CLASSES, "extra"]), r"num_classes: expected len\(classes\) \+ 1 = 5 .*got 4"),
+    # A few bytes claiming ten million classes: used to build (allocate) the model before any check.
+    (_set("num_classes", 10_000_000), r"num_classes: expected len\(classes\) \+ 1 = 4 .*got 10000000"),
+    (_set("num_classes", "4"), r"num_classes: .*got '4'"),
+    (_set("params", ["lr", 1]), r"params: expected a dict with string keys .*got list"),
+    (_set("state_dict", [1, 2]), r"state_dict: expected a dict of name -> tensor, got list"),
+    (lambda p: p["state_dict"].__setitem__("conf.0.weight", [0.0]), r"state_dict: expected a dict of name -> tensor"),
+    (_reshape("conf.0.weight"), r"weight 'conf\.0\.weight': expected shape \[\d+, 128, 3, 3\], got \[3, 1\]"),
+    (_reshape("loc.4.bias"), r"weight 'loc\.4\.bias': expected shape \[16\], got \[3, 1\]"),
+    (lambda p: p["state_dict"].pop("conf.0.bias"), r"missing keys \['conf\.0\.bias'\], unexpected keys \[\]"),
+    (lambda p: p["state_dict"].__setitem__("extra", torch.zeros(1)), r"missing keys \[\], unexpected keys \['extra'\]"),
+])
+def test_a_malformed_model_file_is_refused_before_anything_is_built(model, tmp_path, real_builds, edit, message):
+    path = _edited(model, tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_model_file(path)
+    assert str(path) in str(caught.value)
+    assert real_builds == []
+
+
+def test_a_head_for_other_classes_is_named_with_both_shapes(model, tmp_path, real_builds):
+    """Class names and num_classes agree with each other (5 classes with background) but not with the
+    weights (a 4-class head): the first conf weight is named with both shapes."""
+    path = _edited(model, tmp_path, lambda p: p.update(classes=[*CLASSES, "star"], num_classes=5))
+    anchors = model.conf[0].weight.shape[0] // 4  # boxes per location of the first level
+    with pytest.raises(ValueError, match=rf"weight 'conf\.0\.weight': expected shape \[{anchors * 5}, 128, 3, 3\], "
+                                         rf"got \[{anchors * 4}, 128, 3, 3\]"):
+        load_model_file(path)
+    assert real_builds == []
+
+
+def test_a_good_file_is_built_once_for_real(model, tmp_path, real_builds):
+    path = tmp_path / "ssd.pt"
+    save_model_file(path, model, classes=CLASSES, params=PARAMS)
+    assert load_model_file(path).classes == CLASSES
+    assert real_builds == [("ssd_tiny", 4)]

@@ -50,7 +50,7 @@ from ssd_core.model import build_ssd
 from ssd_core.postprocess import postprocess
 from ssd_core.priors import generate_priors
 from ssd_core.transforms import eval_transform, normalize_images
-from tests.pipeline.fixtures import image_with_box, png_header_only, save_jpeg
+from tests.pipeline.fixtures import eps_bytes, image_with_box, png_header_only, save_jpeg
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["cat", "dog"]
@@ -305,6 +305,21 @@ def test_all_failed_exits_1(crafted_model, tmp_path, monkeypatch):
     assert _run_cli("--model", str(crafted_model), "bad.png", "bad2.jpg") == 1
     doc = json.loads((tmp_path / "predictions" / "detections.json").read_text(encoding="utf-8"))
     assert doc["images"] == [] and doc["annotations"] == [] and len(doc["failed"]) == 2
+
+
+def test_formats_outside_the_allowed_list_are_listed_as_failed(crafted_model, tmp_path, monkeypatch):
+    """EPS, TGA and SGI named on the command line (a folder would skip their extensions) are refused unread;
+    an EPS named .jpg is refused by its signature; a BMP (allowed) is read."""
+    monkeypatch.chdir(tmp_path)
+    picture = image_with_box((32, 24), (4, 4, 16, 16))
+    for name, fmt in (("x.eps", "EPS"), ("x.tga", "TGA"), ("x.sgi", "SGI"), ("ok.bmp", "BMP")):
+        picture.save(tmp_path / name, format=fmt)
+    (tmp_path / "eps.jpg").write_bytes(eps_bytes(32, 24))
+    assert _run_cli("--model", str(crafted_model), "x.eps", "x.tga", "x.sgi", "eps.jpg", "ok.bmp") == 0
+    doc = json.loads((tmp_path / "predictions" / "detections.json").read_text(encoding="utf-8"))
+    assert [i["file_name"] for i in doc["images"]] == ["ok.bmp"]
+    reasons = {f["file"]: f["reason"].split(":")[0] for f in doc["failed"]}
+    assert reasons == dict.fromkeys(["x.eps", "x.tga", "x.sgi", "eps.jpg"], "image_format_not_allowed")
 
 
 def test_collect_inputs(tmp_path):

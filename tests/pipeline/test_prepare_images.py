@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.sources.images import (
+    ALLOWED_FORMATS,
     TRANSPARENT_FILL_RGB,
     ImageRejected,
     inspect_image,
@@ -21,7 +22,7 @@ from pipeline.sources.images import (
     oriented_size,
     to_rgb,
 )
-from tests.pipeline.fixtures import image_with_box, png_header_only, save_jpeg
+from tests.pipeline.fixtures import eps_bytes, image_with_box, png_header_only, save_jpeg
 
 
 @st.composite
@@ -105,3 +106,61 @@ def test_truncated_and_missing_files_are_named_reasons(tmp_path):
     with pytest.raises(ImageRejected) as caught:
         inspect_image(tmp_path / "absent.jpg", max_pixels=10**6)
     assert caught.value.reason == "image_missing"
+
+
+def _encoded(fmt: str, ext: str, tmp_path) -> tuple:
+    """(path, bytes) of a 16x12 picture saved by Pillow as ``fmt`` (MPO: two frames)."""
+    path = tmp_path / f"picture{ext}"
+    picture = image_with_box((16, 12), (2, 2, 8, 8))
+    extra = {"save_all": True, "append_images": [picture]} if fmt == "MPO" else {}
+    picture.save(path, format=fmt, **extra)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("JPEG", ".jpg"), ("MPO", ".mpo"), ("PNG", ".png"), ("BMP", ".bmp"),
+                                          ("GIF", ".gif"), ("TIFF", ".tif"), ("WEBP", ".webp"), ("PPM", ".ppm")])
+def test_every_allowed_format_opens_from_a_path_and_from_bytes(fmt, ext, tmp_path):
+    assert fmt in ALLOWED_FORMATS
+    for source in _encoded(fmt, ext, tmp_path):
+        with open_checked(source, max_pixels=10_000) as image:
+            assert (image.format, image.size) == (fmt, (16, 12))
+        assert load_rgb(source, max_pixels=10_000).size == (16, 12)
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("EPS", ".eps"), ("TGA", ".tga"), ("SGI", ".sgi"), ("ICO", ".ico"),
+                                          ("PCX", ".pcx"), ("QOI", ".qoi"), ("DDS", ".dds")])
+def test_other_formats_are_refused_before_their_plugin_parses_them(fmt, ext, tmp_path, monkeypatch):
+    path, data = _encoded(fmt, ext, tmp_path)
+    Image.init()
+    factory, accept = Image.OPEN[fmt]
+    parsed = []
+    monkeypatch.setitem(Image.OPEN, fmt, (lambda *a: parsed.append(a) or factory(*a), accept))  # a spy
+    with pytest.raises(ImageRejected) as caught:
+        inspect_image(path, max_pixels=10_000)
+    assert caught.value.reason == "image_format_not_allowed"
+    assert fmt in caught.value.detail and "allowed: JPEG" in caught.value.detail
+    if fmt != "TGA":  # TGA has no signature: only its extension names it; bytes are still refused
+        with pytest.raises(ImageRejected, match="image_format_not_allowed"):
+            load_rgb(data, max_pixels=10_000)
+    else:
+        with pytest.raises(ImageRejected):
+            load_rgb(data, max_pixels=10_000)
+    assert parsed == []  # the plugin of the refused format never saw the file
+
+
+def test_an_eps_file_named_jpg_is_refused_by_its_signature(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(eps_bytes(16, 12))
+    with pytest.raises(ImageRejected) as caught:
+        inspect_image(path, max_pixels=10_000)
+    assert (caught.value.reason, caught.value.detail.split(";")[0]) == ("image_format_not_allowed",
+                                                                        "EPS (by its signature)")
+
+
+def test_text_and_empty_files_stay_unreadable(tmp_path):
+    (tmp_path / "text.png").write_text("this is not a PNG")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for name in ("text.png", "empty.jpg"):
+        with pytest.raises(ImageRejected) as caught:
+            inspect_image(tmp_path / name, max_pixels=10_000)
+        assert caught.value.reason == "image_unreadable", name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from argparse import Namespace
 from pathlib import Path
@@ -15,7 +16,7 @@ from pipeline.sources.voc import seeded_split
 from pipeline.stages import prepare as prepare_stage
 from pipeline.stages import shard as shard_stage
 from pipeline.stages.prepare import prepare
-from tests.pipeline.fixtures import Obj, make_flat_voc, make_params, make_voc_tree, write_voc_sample
+from tests.pipeline.fixtures import Obj, make_flat_voc, make_params, make_voc_tree, voc_xml, write_voc_sample
 
 
 def _voc(roots, **extra):
@@ -53,6 +54,26 @@ def test_listed_id_without_xml_is_a_counted_reject(tmp_path):
     result = prepare(_voc(str(tmp_path / "VOC")), tmp_path / "out", progress=False)
     assert result.report.image_rejects == {"annotation_missing": 1}
     assert [r.id for r in result.records["train"]] == ["VOC/x1"]
+
+
+def test_listed_ids_that_leave_the_annotation_folder_are_counted_rejects(tmp_path, caplog):
+    """``../../outside/evil`` in an ImageSets list used to read ``outside/evil.xml`` (here a valid annotation of
+    a dataset image, so the old code kept it as a sample); every id with a separator or ``..`` is refused."""
+    make_voc_tree(tmp_path / "VOC", trainval=["x1", "x2"], test=["x3"])
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "evil.xml").write_text(voc_xml("x1.jpg", (48, 40), [Obj("cat", 3, 4, 12, 30)]))
+    bad = ["../../outside/evil", "..\\..\\outside\\evil", "sub/x1", "..", "/abs/evil"]
+    lists = tmp_path / "VOC" / "ImageSets" / "Main"
+    (lists / "trainval.txt").write_text("x1\n" + "\n".join(bad) + "\nx2\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        result = prepare(_voc(str(tmp_path / "VOC")), tmp_path / "out", progress=False)
+    assert [r.id for r in result.records["train"]] == ["VOC/x1", "VOC/x2"]
+    assert result.report.image_rejects == {"unsafe_path": len(bad)}
+    report = result.report.to_dict()
+    assert report["images"]["in"] == report["images"]["kept"] + report["images"]["rejected"] == 3 + len(bad)
+    for stem in bad:
+        assert repr(stem) in caplog.text, stem  # the id is named, with the list folder
+    assert str(lists) in caplog.text
 
 
 def test_flat_folder_is_detected_and_split_by_seed(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +194,26 @@ def test_manifest_catches_a_wrong_count_and_a_missing_manifest(sharded):
 def test_shards_open_through_an_fsspec_url(sharded):
     manifest = load_manifest(f"file://{sharded}", verify=True)
     assert manifest.splits["train"].samples == 7
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "sub/train-000000.tar", "..\\outside.tar", "/tmp/outside.tar",
+                                  "..", "", "train\0.tar", 7])
+def test_a_shard_name_that_leaves_the_folder_is_refused(sharded, name):
+    """A manifest is data: ``../outside.tar`` (hash and size matching a real file there) used to pass
+    ``verify=True`` and be read as a training shard."""
+    shutil.copy(sharded / "val-000000.tar", sharded.parent / "outside.tar")
+    data = json.loads((sharded / "manifest.json").read_text())
+    index = next(i for i, s in enumerate(data["shards"]) if s["name"] == "val-000000.tar")
+    data["shards"][index]["name"] = name
+    (sharded / "manifest.json").write_text(json.dumps(data))
+    for verify in (False, True):
+        with pytest.raises(ShardError, match=rf"shards\[{index}\]: shard name {re.escape(repr(name))} "):
+            load_manifest(str(sharded), verify=verify)
+
+
+def test_a_shard_listed_twice_is_refused(sharded):
+    data = json.loads((sharded / "manifest.json").read_text())
+    data["shards"].append(data["shards"][0])
+    (sharded / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"shard 'train-000000.tar' is listed twice"):
+        load_manifest(str(sharded), verify=False)

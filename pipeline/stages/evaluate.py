@@ -31,7 +31,6 @@ version of that run is tagged with the metrics.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.artifacts.atomic_write import write_csv_atomic, write_text_atomic
 from pipeline.coco_eval import CocoMetrics, coco_detections, coco_evaluate, coco_ground_truth
 from pipeline.config import EvalConfig, Params
 from ssd_core.metrics import PRCurve, VocResult, evaluate_voc
@@ -198,7 +198,8 @@ def per_class_rows(result: EvalResult, classes: list[str]) -> list[dict[str, Any
 def write_outputs(result: EvalResult, collected: Collected, classes: list[str], *, metrics_path: Path,
                   plots_dir: Path, out_dir: Path, started: float) -> dict[str, Path]:  # fmt: skip
     """Write every output file (see the module docstring); returns them by name. ``started``: the stage's
-    ``time.perf_counter()`` at start; eval.json is written last, with the wall time up to then."""
+    ``time.perf_counter()`` at start; eval.json is written last, with the wall time up to then. Each file is
+    written atomically."""
     from pipeline.plots import detection_grid_png, pr_curves_png
 
     paths: dict[str, Path] = {}
@@ -208,17 +209,13 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
         stale.unlink()
     for i, (name, curve) in enumerate(zip(classes, result.voc.curves, strict=True)):
         recall, precision = decimate_curve(curve)
-        with open(pr_dir / f"{i + 1:02d}_{_slug(name)}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["recall", "precision"])
-            writer.writerows(zip(np.round(recall, 6).tolist(), np.round(precision, 6).tolist(), strict=True))
+        rows = zip(np.round(recall, 6).tolist(), np.round(precision, 6).tolist(), strict=True)
+        write_csv_atomic(pr_dir / f"{i + 1:02d}_{_slug(name)}.csv", ["recall", "precision"], rows)
     paths["pr_curves_data"] = pr_dir
     table = plots_dir / "per_class_ap.csv"
     rows = per_class_rows(result, classes)
-    with open(table, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["class", "ap_voc07", "ap_voc", "ap_coco", "num_positives"])
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = ["class", "ap_voc07", "ap_voc", "ap_coco", "num_positives"]
+    write_csv_atomic(table, columns, ([row[c] for c in columns] for row in rows))
     paths["per_class_ap"] = table
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,9 +230,9 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
         score_threshold=GRID_SCORE_THRESHOLD, titles=[s.key for s in samples],
     )  # fmt: skip
     paths["coco_gt"] = out_dir / "coco_gt.json"
-    paths["coco_gt"].write_text(json.dumps(result.coco_gt))
+    write_text_atomic(paths["coco_gt"], json.dumps(result.coco_gt))
     paths["coco_detections"] = out_dir / "coco_detections.json"
-    paths["coco_detections"].write_text(json.dumps(result.coco_dets))
+    write_text_atomic(paths["coco_detections"], json.dumps(result.coco_dets))
     n = len(collected.keys)
     metrics = {key: _finite_or_none(value) for key, value in result.summary.items()}
     metrics.update({
@@ -246,8 +243,7 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
         "wall_time_s": round(time.perf_counter() - started, 3),
         "run_wall_time_s": run_wall_time_s(),
     })  # fmt: skip
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     paths["metrics"] = metrics_path
     return paths
 

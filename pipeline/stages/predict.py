@@ -11,7 +11,7 @@ orientation, RGB), resized to the model's input with ``eval_transform``, and bat
 original, and detections scoring below ``--min-score`` are left out. An image that cannot be read is
 logged, listed under ``"failed"`` and skipped.
 
-Outputs in ``--out`` (files of earlier runs with other names are left alone):
+Outputs in ``--out`` (files of earlier runs with other names are left alone; each file written atomically):
 
 =====================  ==================================================================================
 ``detections.json``    ``{"info", "images", "categories", "annotations", "failed"}``: COCO ground-truth
@@ -35,6 +35,7 @@ inputs, a missing path, an unreadable model file, a bad ``--device``).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.artifacts.atomic_write import write_bytes_atomic
 from pipeline.config import EvalConfig, Params
 from pipeline.sources.images import ImageRejected, load_rgb
 
@@ -294,10 +296,12 @@ def _save_drawn(pred: Prediction, classes: Sequence[str], path: Path) -> None:
 
     order = np.argsort(pred.scores, kind="stable")  # ascending: the best box is drawn last, on top
     drawn = draw_detections(pred.image, pred.boxes[order], pred.scores[order], pred.labels[order], classes)
+    buffer = io.BytesIO()
     if path.suffix == ".png":
-        drawn.save(path, format="PNG")
+        drawn.save(buffer, format="PNG")
     else:
-        drawn.save(path, format="JPEG", quality=JPEG_QUALITY)
+        drawn.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def dumps_by_record(document: dict[str, Any] | list[Any]) -> str:
@@ -320,8 +324,6 @@ def dumps_by_record(document: dict[str, Any] | list[Any]) -> str:
 
 
 def _write_json(path: Path, document: dict[str, Any] | list[Any]) -> None:
-    from pipeline.model_file import write_bytes_atomic
-
     write_bytes_atomic(path, dumps_by_record(document).encode("utf-8"))
 
 

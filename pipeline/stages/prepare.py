@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +18,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pipeline.artifacts.atomic_write import write_text_atomic
 from pipeline.config import Params
 from pipeline.sources.coco import coco_candidates
 from pipeline.sources.records import Candidate, IndexRecord, PrepareError, finalize, resolve_classes, write_index
@@ -91,10 +91,7 @@ def check_bad_fraction(report: PrepareReport, max_bad_fraction: float) -> None:
 
 
 def write_report(path: Path, report: PrepareReport, classes: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**report.to_dict(), "num_classes": len(classes)}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({**report.to_dict(), "num_classes": len(classes)}, indent=2) + "\n")
 
 
 def main(args: argparse.Namespace, params: Params) -> int:

@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.artifacts.atomic_write import TEMP_SUFFIX, AtomicFile, write_text_atomic
+from pipeline.artifacts.output_folder import MARKER_NAME, OutputFolderError, owns
 from pipeline.config import ShardConfig
 from pipeline.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, member_table
 from pipeline.sources.images import ImageRejected, load_rgb, open_checked
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: member times never depend on when the stage ran
 TAR_USER = "ssd"
 SHARD_PATTERN = "{split}-%06d.tar"
+SHARD_STAGE = "shard"  # the marker of the output folder (pipeline.artifacts.output_folder)
 
 
 class ShardWriteError(ValueError):
@@ -189,7 +191,15 @@ def manifest_text(data: dict[str, Any]) -> str:
 
 def clear_outputs(out_dir: Path, splits: Iterable[str]) -> None:
     """Remove the manifest, then every shard (and leftover temporary file) of ``splits``: no stale shard
-    survives."""
+    survives. Only in a folder the shard stage made (``pipeline.artifacts.output_folder``).
+
+    Raises:
+        OutputFolderError: ``out_dir`` does not carry the shard stage's marker.
+    """
+    if not owns(out_dir, SHARD_STAGE):
+        raise OutputFolderError(
+            f"{out_dir} was not made by the shard stage (no {MARKER_NAME} marker); not deleting anything in it"
+        )
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     for split in splits:
         leftovers = [*out_dir.glob(f"{split}-*.tar.tmp"), *out_dir.glob(f".{split}-*.tar.*{TEMP_SUFFIX}")]

@@ -26,7 +26,6 @@ All statistics of one call are reduced on the parameters' device and copied to t
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.artifacts.atomic_write import write_csv_atomic
 from pipeline.tracking import legal_metric_name
 
 STAT_NAMES = ("norm", "mean", "std", "max_abs", "weight_norm", "update_ratio")
@@ -163,12 +163,8 @@ class GradStats:
         from pipeline.plots import grad_norm_heatmap_png
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         table = folder / f"grad_stats_epoch{epoch:03d}.csv"
-        with open(table, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(GradStatsRow._fields)
-            writer.writerows(self.table_rows)
+        write_csv_atomic(table, GradStatsRow._fields, self.table_rows)
         paths = [table]
         if self.table_rows:
             steps, layers, values = self.norm_history()

@@ -12,14 +12,13 @@ The file is ``torch.save`` of a plain dict of tensors, strings, numbers and list
 from __future__ import annotations
 
 import io
-import os
 import reprlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from pipeline.artifacts.atomic_write import write_bytes_atomic
 from ssd_core.model import PRESETS, SSD, build_ssd
 
 MODEL_FORMAT = "ssd-pipeline-model"
@@ -163,35 +162,3 @@ def _short(value: Any) -> str:
     """A bounded ``repr`` for errors about a hostile file (long lists and strings abbreviated)."""
     return _REPR.repr(value)
 
-
-def write_bytes_atomic(path: Path, data: bytes, *, before_rename: Callable[[Path], None] | None = None) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a torn one.
-
-    ``before_rename(temp_path)`` runs once the temporary file is complete and fsynced (fault-injection
-    tests kill the process there).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if before_rename is not None:
-            before_rename(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,6 +5,7 @@ Matplotlib's object API with the Agg canvas: no pyplot, no global figure state, 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,14 +17,18 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from pipeline.artifacts.atomic_write import write_bytes_atomic
+
 _DPI = 100
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    """Render ``figure`` as PNG and write it to ``path`` atomically (``pipeline.artifacts.atomic_write``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=_DPI)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

@@ -12,7 +12,8 @@ image for re-encoding (EXIF orientation, not RGB, not JPEG) or it is downscaled;
 
 Byte-identical output for the same index and params: samples in index order, keys from their position,
 members in key order with fixed mtime, mode, uid/gid and user/group names, canonical JSON. Each shard is
-written as ``<name>.tmp`` and renamed once complete; the manifest is written last, the same way.
+written to a hidden temporary file, fsynced and renamed once complete (``pipeline.artifacts.atomic_write``);
+the manifest is written last, the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 import webdataset as wds
 from PIL import Image
 
+from pipeline.artifacts.atomic_write import TEMP_SUFFIX, AtomicFile, write_text_atomic
+from pipeline.artifacts.output_folder import MARKER_NAME, OutputFolderError, owns
 from pipeline.config import ShardConfig
 from pipeline.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, member_table
 from pipeline.sources.images import ImageRejected, load_rgb, open_checked
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: member times never depend on when the stage ran
 TAR_USER = "ssd"
 SHARD_PATTERN = "{split}-%06d.tar"
+SHARD_STAGE = "shard"  # the marker of the output folder (pipeline.artifacts.output_folder)
 
 
 class ShardWriteError(ValueError):
@@ -102,29 +105,25 @@ def canonical_json(value: Any) -> bytes:
 
 @dataclass
 class _AtomicFiles:
-    """``ShardWriter`` opener/post pair: write ``<name>.tmp``, fsync, rename to ``<name>`` when complete."""
+    """``ShardWriter`` opener/post pair: each shard is an ``AtomicFile`` (a hidden ``.tmp`` file beside it),
+    fsynced and renamed to its name when complete, then the folder is fsynced."""
 
     done: list[str] = field(default_factory=list)
-    _open: dict[str, BinaryIO] = field(default_factory=dict)
+    _open: dict[str, AtomicFile] = field(default_factory=dict)
 
     def opener(self, name: str) -> BinaryIO:
-        stream = open(name + ".tmp", "wb")  # closed in post() or abort()
-        self._open[name] = stream
-        return stream
+        file = AtomicFile(name)  # committed in post(), discarded in abort()
+        self._open[name] = file
+        return file.stream
 
     def abort(self) -> None:
-        """Close and delete every unfinished ``.tmp`` file; nothing is renamed."""
-        for name, stream in self._open.items():
-            stream.close()
-            Path(name + ".tmp").unlink(missing_ok=True)
+        """Close and delete every unfinished temporary file; nothing is renamed."""
+        for file in self._open.values():
+            file.discard()
         self._open.clear()
 
     def post(self, name: str) -> None:
-        stream = self._open.pop(name)
-        stream.flush()
-        os.fsync(stream.fileno())
-        stream.close()
-        os.replace(name + ".tmp", name)
+        self._open.pop(name).commit()
         self.done.append(name)
 
 
@@ -175,9 +174,7 @@ def _shard_info(path: Path, split: str, boxes: int) -> ShardInfo:
 
 def write_manifest(out_dir: Path, classes: list[str], shards: Iterable[ShardInfo]) -> ShardManifest:
     manifest = ShardManifest(str(out_dir), list(classes), tuple(shards))
-    tmp = out_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(manifest_text(manifest.to_dict()), encoding="utf-8")
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    write_text_atomic(out_dir / MANIFEST_NAME, manifest_text(manifest.to_dict()))
     return manifest
 
 
@@ -193,8 +190,18 @@ def manifest_text(data: dict[str, Any]) -> str:
 
 
 def clear_outputs(out_dir: Path, splits: Iterable[str]) -> None:
-    """Remove the manifest, then every shard (and leftover ``.tmp``) of ``splits``: no stale shard survives."""
+    """Remove the manifest, then every shard (and leftover temporary file) of ``splits``: no stale shard
+    survives. Only in a folder the shard stage made (``pipeline.artifacts.output_folder``).
+
+    Raises:
+        OutputFolderError: ``out_dir`` does not carry the shard stage's marker.
+    """
+    if not owns(out_dir, SHARD_STAGE):
+        raise OutputFolderError(
+            f"{out_dir} was not made by the shard stage (no {MARKER_NAME} marker); not deleting anything in it"
+        )
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     for split in splits:
-        for path in [*out_dir.glob(f"{split}-*.tar"), *out_dir.glob(f"{split}-*.tar.tmp")]:
+        leftovers = [*out_dir.glob(f"{split}-*.tar.tmp"), *out_dir.glob(f".{split}-*.tar.*{TEMP_SUFFIX}")]
+        for path in [*out_dir.glob(f"{split}-*.tar"), *leftovers]:
             path.unlink()

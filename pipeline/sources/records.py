@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts.atomic_write import write_text_atomic
 from pipeline.sources.images import ImageRejected, inspect_image, orient_boxes
 from pipeline.sources.report import PrepareReport
 
@@ -217,8 +218,8 @@ def write_index(out_dir: Path, records_by_split: dict[str, list[IndexRecord]], c
     index_dir = out_dir.resolve()
     for split in SPLITS:
         records = records_by_split.get(split, [])
-        _atomic_write(out_dir / f"{split}.jsonl", "".join(r.to_json(index_dir) + "\n" for r in records))
-    _atomic_write(out_dir / "classes.json", json.dumps(classes, indent=1) + "\n")
+        write_text_atomic(out_dir / f"{split}.jsonl", "".join(r.to_json(index_dir) + "\n" for r in records))
+    write_text_atomic(out_dir / "classes.json", json.dumps(classes, indent=1) + "\n")
 
 
 def read_index(index_dir: Path, split: str) -> list[IndexRecord]:
@@ -245,9 +246,3 @@ def read_classes(index_dir: Path) -> list[str]:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: expected a JSON list of class names, got {classes!r}")
     return classes
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import colorsys
 import logging
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -180,11 +179,18 @@ def _draw_shape(
 def write_synthetic(out_dir: Path, cfg: SyntheticConfig) -> list[Candidate]:
     """Generate both splits as JPEG files under ``out_dir/images/{split}/`` and return their candidates.
 
-    The images folder is replaced as a whole, so no file from an earlier, larger run survives.
+    ``out_dir/images`` must be new or empty: ``prepare`` passes a fresh build folder that replaces its
+    output as a whole, so no file from an earlier, larger run survives and no other file is overwritten.
+
+    Raises:
+        ValueError: ``out_dir/images`` already holds something (named).
     """
     images_dir = out_dir / "images"
-    if images_dir.exists():
-        shutil.rmtree(images_dir)
+    if images_dir.exists() and (not images_dir.is_dir() or any(images_dir.iterdir())):
+        raise ValueError(
+            f"synthetic: {images_dir} already exists and is not empty; expected a new folder "
+            "(prepare builds its output in a fresh folder)"
+        )
     candidates = []
     for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
         (images_dir / split).mkdir(parents=True, exist_ok=True)

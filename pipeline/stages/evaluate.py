@@ -31,7 +31,6 @@ version of that run is tagged with the metrics.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.artifacts.atomic_write import write_csv_atomic, write_text_atomic
+from pipeline.artifacts.output_folder import check_output_folder, claim_output_folder
 from pipeline.coco_eval import CocoMetrics, coco_detections, coco_evaluate, coco_ground_truth
 from pipeline.config import EvalConfig, Params
 from ssd_core.metrics import PRCurve, VocResult, evaluate_voc
@@ -55,6 +56,7 @@ SUMMARY_KEYS = ("map_voc07", "map_voc", "map_coco", "ap50", "ap75", "ap_small", 
 MAX_CURVE_POINTS = 500  # PR-curve rows written per class for DVC plots
 GRID_SCORE_THRESHOLD = 0.3  # detections drawn in the sample grid
 RUN_STARTED_ENV = "SSD_RUN_STARTED"  # Unix time at which `make run` started (see run_wall_time_s)
+EVALUATE_STAGE = "evaluate"  # the marker of the --plots and --out folders (pipeline.artifacts.output_folder)
 
 
 class Sample(NamedTuple):
@@ -198,30 +200,30 @@ def per_class_rows(result: EvalResult, classes: list[str]) -> list[dict[str, Any
 def write_outputs(result: EvalResult, collected: Collected, classes: list[str], *, metrics_path: Path,
                   plots_dir: Path, out_dir: Path, started: float) -> dict[str, Path]:  # fmt: skip
     """Write every output file (see the module docstring); returns them by name. ``started``: the stage's
-    ``time.perf_counter()`` at start; eval.json is written last, with the wall time up to then."""
+    ``time.perf_counter()`` at start; eval.json is written last, with the wall time up to then.
+
+    Each file is written atomically; ``--plots`` and ``--out`` must be new, empty, or folders this stage
+    made (``pipeline.artifacts.output_folder``), and only there are stale PR-curve CSVs deleted."""
     from pipeline.plots import detection_grid_png, pr_curves_png
 
     paths: dict[str, Path] = {}
+    claim_output_folder(plots_dir, EVALUATE_STAGE, option="--plots")
     pr_dir = plots_dir / "pr"
     pr_dir.mkdir(parents=True, exist_ok=True)
-    for stale in pr_dir.glob("*.csv"):
+    for stale in pr_dir.glob("*.csv"):  # curves of classes an earlier run had, in a folder this stage made
         stale.unlink()
     for i, (name, curve) in enumerate(zip(classes, result.voc.curves, strict=True)):
         recall, precision = decimate_curve(curve)
-        with open(pr_dir / f"{i + 1:02d}_{_slug(name)}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["recall", "precision"])
-            writer.writerows(zip(np.round(recall, 6).tolist(), np.round(precision, 6).tolist(), strict=True))
+        rows = zip(np.round(recall, 6).tolist(), np.round(precision, 6).tolist(), strict=True)
+        write_csv_atomic(pr_dir / f"{i + 1:02d}_{_slug(name)}.csv", ["recall", "precision"], rows)
     paths["pr_curves_data"] = pr_dir
     table = plots_dir / "per_class_ap.csv"
     rows = per_class_rows(result, classes)
-    with open(table, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["class", "ap_voc07", "ap_voc", "ap_coco", "num_positives"])
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = ["class", "ap_voc07", "ap_voc", "ap_coco", "num_positives"]
+    write_csv_atomic(table, columns, ([row[c] for c in columns] for row in rows))
     paths["per_class_ap"] = table
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out_dir, EVALUATE_STAGE)
     paths["pr_curves_png"] = pr_curves_png(
         [(c.recall, c.precision) for c in result.voc.curves], classes, result.voc.ap_voc07.tolist(),
         out_dir / "pr_curves.png", title=f"precision-recall at IoU 0.5 (VOC07 mAP {result.voc.map_voc07:.3f})",
@@ -233,9 +235,9 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
         score_threshold=GRID_SCORE_THRESHOLD, titles=[s.key for s in samples],
     )  # fmt: skip
     paths["coco_gt"] = out_dir / "coco_gt.json"
-    paths["coco_gt"].write_text(json.dumps(result.coco_gt))
+    write_text_atomic(paths["coco_gt"], json.dumps(result.coco_gt))
     paths["coco_detections"] = out_dir / "coco_detections.json"
-    paths["coco_detections"].write_text(json.dumps(result.coco_dets))
+    write_text_atomic(paths["coco_detections"], json.dumps(result.coco_dets))
     n = len(collected.keys)
     metrics = {key: _finite_or_none(value) for key, value in result.summary.items()}
     metrics.update({
@@ -246,8 +248,7 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
         "wall_time_s": round(time.perf_counter() - started, 3),
         "run_wall_time_s": run_wall_time_s(),
     })  # fmt: skip
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     paths["metrics"] = metrics_path
     return paths
 
@@ -325,6 +326,12 @@ def main(args: argparse.Namespace, params: Params) -> int:
 
     started = time.perf_counter()
     repo_root = Path.cwd()
+    try:  # before any work: folders the stage may not write into
+        check_output_folder(args.plots, EVALUATE_STAGE, option="--plots")
+        check_output_folder(args.out, EVALUATE_STAGE)
+    except ValueError as error:
+        logger.error("evaluate: %s", error)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model_file(args.model, map_location=device)
     try:

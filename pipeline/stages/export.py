@@ -19,8 +19,9 @@ import logging
 import time
 from pathlib import Path
 
+from pipeline.artifacts.atomic_write import write_bytes_atomic
 from pipeline.config import Params
-from pipeline.model_file import load_model_file, write_bytes_atomic
+from pipeline.model_file import load_model_file
 from pipeline.onnx_export import (
     NmsSettings,
     Tolerance,

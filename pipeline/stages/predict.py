@@ -11,7 +11,12 @@ orientation, RGB), resized to the model's input with ``eval_transform``, and bat
 original, and detections scoring below ``--min-score`` are left out. An image that cannot be read is
 logged, listed under ``"failed"`` and skipped.
 
-Outputs in ``--out`` (files of earlier runs with other names are left alone):
+Outputs in ``--out`` (files of earlier runs with other names are left alone). Each file is written
+atomically. ``--out`` is checked before any work starts (``check_output``): it may be neither an input
+folder nor inside one, and no input may lie where outputs go (``--out/images/``, the two JSON files),
+resolving symbolic links. A new or empty ``--out`` becomes predict's own (marker file ``.ssd-pipeline``,
+``pipeline.artifacts.output_folder``), and a later run replaces its outputs there; in any other existing
+folder predict only creates files and refuses, before starting, when one of its output names is taken.
 
 =====================  ==================================================================================
 ``detections.json``    ``{"info", "images", "categories", "annotations", "failed"}``: COCO ground-truth
@@ -29,12 +34,13 @@ Outputs in ``--out`` (files of earlier runs with other names are left alone):
 =====================  ==================================================================================
 
 Exit status: 0 when at least one image was read, 1 when every image failed, 2 for a usage error (no
-inputs, a missing path, an unreadable model file, a bad ``--device``).
+inputs, a missing path, an unreadable model file, a bad ``--device``, an ``--out`` refused as above).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -48,6 +54,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.artifacts.atomic_write import write_bytes_atomic
+from pipeline.artifacts.output_folder import MARKER_NAME, claim_output_folder, owns
 from pipeline.config import EvalConfig, Params
 from pipeline.sources.images import ImageRejected, load_rgb
 
@@ -62,6 +70,7 @@ MAX_PENDING_SAVES = 16  # drawn images waiting to be written before inference wa
 READ_THREADS = 4  # decoding and resizing overlap with the forward pass (PIL and torch release the GIL)
 _BOX_DECIMALS = 2  # as pipeline.coco_eval: 1/100 pixel
 _SCORE_DECIMALS = 5
+PREDICT_STAGE = "predict"  # the marker of an output folder predict made (pipeline.artifacts.output_folder)
 
 
 class InputError(ValueError):
@@ -144,6 +153,52 @@ def drawn_names(paths: Sequence[Path]) -> list[str]:
         taken.add(name.lower())
         names.append(name)
     return names
+
+
+def check_output(out: Path, inputs: Sequence[str | Path], paths: Sequence[Path], *, draw: bool) -> bool:
+    """Refuse an ``--out`` that could overwrite an input or a file the pipeline did not make, before any work.
+
+    ``inputs``: the files and folders as given; ``paths``: the images ``collect_inputs`` found in them.
+    Returns whether ``out`` is predict's own (new, empty, or carrying its marker), where earlier outputs may
+    be replaced; otherwise only new files may be written.
+
+    Raises:
+        InputError: ``out`` is, or lies inside, an input folder; an input folder or file lies in
+            ``out/images`` or is one of the output files; ``out`` is a file; or ``out`` is not predict's and
+            already holds one of the files this run would write (all named, with their resolved paths).
+    """
+    real_out = out.resolve()
+    real_drawn = (out / DRAWN_FOLDER).resolve()
+    outputs = {(out / DETECTIONS_NAME).resolve(), (out / RESULTS_NAME).resolve()}
+    for given in inputs:
+        path = Path(given)
+        real = path.resolve()
+        if path.is_dir() and (real_out == real or real_out.is_relative_to(real)):
+            where = "is the input folder" if real_out == real else "lies inside the input folder"
+            raise InputError(
+                f"predict: --out {out} ({real_out}) {where} {path} ({real}); its outputs could overwrite the "
+                "images or mix with them. Choose an output folder outside every input folder"
+            )
+        if real.is_relative_to(real_drawn) or real in outputs:  # is_relative_to: equal, or inside
+            raise InputError(
+                f"predict: the input {path} ({real}) lies where --out {out} ({real_out}) writes its outputs "
+                f"({DRAWN_FOLDER}/, {DETECTIONS_NAME}, {RESULTS_NAME}); choose another --out"
+            )
+    if out.exists() and not out.is_dir():
+        raise InputError(f"predict: --out {out} is a file; expected a folder")
+    if not out.exists() or owns(out, PREDICT_STAGE) or not any(out.iterdir()):
+        return True
+    targets = [out / DETECTIONS_NAME, out / RESULTS_NAME]
+    if draw:
+        targets += [out / DRAWN_FOLDER / name for name in drawn_names(paths)]
+    taken = [t for t in targets if t.exists() or t.is_symlink()]
+    if taken:
+        shown = ", ".join(str(t) for t in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise InputError(
+            f"predict: --out {out} was not made by predict (no {MARKER_NAME} marker) and already holds {shown}; "
+            "predict writes only new files there. Choose a new or empty --out, or move those files away"
+        )
+    return False
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -289,15 +344,17 @@ def results_list(document: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: a[k] for k in keys} for a in document["annotations"]]
 
 
-def _save_drawn(pred: Prediction, classes: Sequence[str], path: Path) -> None:
+def _save_drawn(pred: Prediction, classes: Sequence[str], path: Path, *, overwrite: bool) -> None:
     from pipeline.drawing import draw_detections
 
     order = np.argsort(pred.scores, kind="stable")  # ascending: the best box is drawn last, on top
     drawn = draw_detections(pred.image, pred.boxes[order], pred.scores[order], pred.labels[order], classes)
+    buffer = io.BytesIO()
     if path.suffix == ".png":
-        drawn.save(path, format="PNG")
+        drawn.save(buffer, format="PNG")
     else:
-        drawn.save(path, format="JPEG", quality=JPEG_QUALITY)
+        drawn.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    write_bytes_atomic(path, buffer.getvalue(), overwrite=overwrite)
 
 
 def dumps_by_record(document: dict[str, Any] | list[Any]) -> str:
@@ -319,10 +376,8 @@ def dumps_by_record(document: dict[str, Any] | list[Any]) -> str:
     return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
-def _write_json(path: Path, document: dict[str, Any] | list[Any]) -> None:
-    from pipeline.model_file import write_bytes_atomic
-
-    write_bytes_atomic(path, dumps_by_record(document).encode("utf-8"))
+def _write_json(path: Path, document: dict[str, Any] | list[Any], *, overwrite: bool) -> None:
+    write_bytes_atomic(path, dumps_by_record(document).encode("utf-8"), overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -332,8 +387,10 @@ def main(args: argparse.Namespace, params: Params) -> int:
     from pipeline.model_file import load_model_file
 
     started = time.perf_counter()
+    out = Path(args.out)
     try:
         paths = collect_inputs(args.inputs)
+        owned = check_output(out, args.inputs, paths, draw=not args.no_draw)
         device = resolve_device(args.device)
         if not 0.0 <= args.min_score <= 1.0:
             raise InputError(f"predict: --min-score: expected a score in [0, 1], got {args.min_score}")
@@ -354,7 +411,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
         logger.warning("predict: --min-score %.3g is below eval.score_threshold %.3g, which decides first",
                        args.min_score, params.eval.score_threshold)  # fmt: skip
 
-    out = Path(args.out)
+    if owned:
+        claim_output_folder(out, PREDICT_STAGE)
     drawn_dir = out / DRAWN_FOLDER
     if not args.no_draw:
         drawn_dir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +440,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
                 drawn.append(None)
             else:
                 target = drawn_dir / name_of[result.path]
-                saving.append(savers.submit(_save_drawn, result, loaded.classes, target))
+                saving.append(savers.submit(_save_drawn, result, loaded.classes, target, overwrite=owned))
                 drawn.append(f"{DRAWN_FOLDER}/{target.name}")
             predictions.append(result._replace(image=None))  # keep the numbers only, not every image
             while len(saving) > MAX_PENDING_SAVES:  # bound the images held in memory by waiting saves
@@ -400,8 +458,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
             "score_threshold": params.eval.score_threshold, "nms_iou": params.eval.nms_iou,
             "max_detections": params.eval.max_detections}  # fmt: skip
     document = detections_json(predictions, failures, loaded.classes, drawn=drawn, info=info)
-    _write_json(out / DETECTIONS_NAME, document)
-    _write_json(out / RESULTS_NAME, results_list(document))
+    _write_json(out / DETECTIONS_NAME, document, overwrite=owned)
+    _write_json(out / RESULTS_NAME, results_list(document), overwrite=owned)
     shown = f"{args.min_score:.2f}" if round(args.min_score, 2) == args.min_score else f"{args.min_score:g}"
     logger.info("predict: %d images, %d detections ≥ %s, %d failed (see %s)", len(predictions),
                 len(document["annotations"]), shown, len(failures), out / DETECTIONS_NAME)  # fmt: skip

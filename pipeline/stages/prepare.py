@@ -4,6 +4,11 @@ Writes ``--out/{train,val}.jsonl`` and ``--out/classes.json`` (format: ``pipelin
 synthetic images under ``--out/images/`` when ``data.source`` is ``synthetic``, and the counts by reason
 to ``--report`` (a DVC metric). Bad input never crashes the stage and is never dropped silently; the stage
 fails, after writing the report, when more than ``prepare.max_bad_fraction`` of the images are rejected.
+
+``--out`` is built whole in a hidden sibling folder and swapped in when complete
+(``pipeline.artifacts.output_folder.replacing_folder``): a failed run leaves the previous output as it was,
+and only a folder this stage made (its ``.ssd-pipeline`` marker), an empty folder or a new one is replaced;
+any other folder is refused, named, before any work starts.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +23,8 @@ from typing import NamedTuple
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pipeline.artifacts.atomic_write import write_text_atomic
+from pipeline.artifacts.output_folder import replacing_folder
 from pipeline.config import Params
 from pipeline.sources.coco import coco_candidates
 from pipeline.sources.records import Candidate, IndexRecord, PrepareError, finalize, resolve_classes, write_index
@@ -91,24 +97,36 @@ def check_bad_fraction(report: PrepareReport, max_bad_fraction: float) -> None:
 
 
 def write_report(path: Path, report: PrepareReport, classes: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**report.to_dict(), "num_classes": len(classes)}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({**report.to_dict(), "num_classes": len(classes)}, indent=2) + "\n")
+
+
+def check_sources_outside(records: dict[str, list[IndexRecord]], out_dir: Path) -> None:
+    """PrepareError when an indexed image lies inside ``out_dir``, the folder about to be replaced."""
+    target = out_dir.resolve()
+    for found in records.values():
+        for record in found:
+            if record.image.resolve().is_relative_to(target):
+                raise PrepareError(
+                    f"prepare: the source image {record.image} lies inside --out {out_dir}, which this stage "
+                    "replaces as a whole; put the dataset outside it"
+                )
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
     start = time.perf_counter()
-    for name in ("train.jsonl", "val.jsonl", "classes.json"):  # never leave an index from an earlier run
-        (args.out / name).unlink(missing_ok=True)
+    out = Path(args.out)
     try:
-        result = prepare(params, args.out)
-        write_report(args.report, result.report, result.classes)
-        check_bad_fraction(result.report, params.prepare.max_bad_fraction)
-    except ValueError as error:  # PrepareError and configuration errors: the message says what to fix
+        with replacing_folder(out, "prepare") as build:
+            result = prepare(params, build)
+            check_sources_outside(result.records, out)
+            write_report(args.report, result.report, result.classes)
+            check_bad_fraction(result.report, params.prepare.max_bad_fraction)
+            write_index(build, result.records, result.classes)
+    except ValueError as error:  # PrepareError, OutputFolderError, configuration errors: the message says what
         logger.error("%s", error)
+        if out.exists():
+            logger.error("prepare: %s is left as it was", out)
         return 1
-    write_index(args.out, result.records, result.classes)
     logger.info("%s; %d classes; %.1f s; index in %s, report in %s", result.report.summary(), len(result.classes),
                 time.perf_counter() - start, args.out, args.report)
     return 0

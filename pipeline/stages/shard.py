@@ -1,8 +1,9 @@
 """``python -m pipeline shard``: the prepared index -> WebDataset shards + ``manifest.json``.
 
 Reads ``--index/{train,val}.jsonl`` and ``classes.json``; writes ``--out/{split}-%06d.tar`` and
-``--out/manifest.json`` (see ``pipeline.shards`` and ``pipeline.manifest``). Shows a progress bar and
-ends with one line of counts and throughput.
+``--out/manifest.json`` (see ``pipeline.shards`` and ``pipeline.manifest``) into a folder the stage owns
+(``pipeline.artifacts.output_folder``). Shows a progress bar and ends with one line of counts and
+throughput.
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.config import Params, ShardConfig
 from pipeline.manifest import ShardManifest
-from pipeline.shards import ShardWriteError, clear_outputs, write_manifest, write_split
+from pipeline.shards import SHARD_STAGE, ShardWriteError, clear_outputs, write_manifest, write_split
 from pipeline.sources.records import SPLITS, read_classes, read_index
 
 logger = logging.getLogger(__name__)
 
 
 def shard(index_dir: Path, out_dir: Path, cfg: ShardConfig, *, progress: bool = True) -> ShardManifest:
-    """Write every split of the index as shards, then the manifest (last, atomically)."""
+    """Write every split of the index as shards, then the manifest (last, atomically).
+
+    ``out_dir`` must be new, empty, or a folder this stage made (its ``.ssd-pipeline`` marker); its old
+    shards and manifest are deleted first. Any other folder is refused (``OutputFolderError``), untouched.
+    """
     classes = read_classes(index_dir)
     records = {split: read_index(index_dir, split) for split in SPLITS}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out_dir, SHARD_STAGE)
     clear_outputs(out_dir, SPLITS)
     infos = []
     with tqdm(total=sum(map(len, records.values())), desc="shard", unit="img", disable=not progress) as bar:

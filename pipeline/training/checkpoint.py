@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import pyarrow.fs
 import torch
 
-from pipeline.model_file import write_bytes_atomic
+from pipeline.artifacts.atomic_write import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +198,17 @@ def find_latest_valid(run_uri: str) -> tuple[CheckpointMeta, str] | None:
 
 def write_outcome(run_uri: str, outcome: dict[str, Any]) -> None:
     """Record how a training attempt ended in ``<run folder>/outcome.json`` (Ray's result carries only the
-    metrics of the newest checkpoint, not those of a final report without one)."""
+    metrics of the newest checkpoint, not those of a final report without one).
+
+    A local run folder gets the file atomically (``write_bytes_atomic``); an object store (``s3://``,
+    ``gs://``) makes an object visible only once its upload is complete."""
     fs, path = resolve(run_uri)
+    data = json.dumps(outcome, sort_keys=True).encode()
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        write_bytes_atomic(Path(path) / OUTCOME_FILE, data)
+        return
     with fs.open_output_stream(f"{path}/{OUTCOME_FILE}") as handle:
-        handle.write(json.dumps(outcome, sort_keys=True).encode())
+        handle.write(data)
 
 
 def read_outcome(run_uri: str) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
 from pipeline.data import eval_loader
@@ -44,16 +45,19 @@ def model_file(tmp_path_factory, classes):
     return path
 
 
-def run_cli(tmp_path, model_file, shards, *overrides):
+def run_cli(tmp_path, model_file, shards, *overrides, expect: int = 0):
     code = cli_main(["evaluate", "--model", str(model_file), "--shards", str(shards),
                      "--metrics", str(tmp_path / "metrics" / "eval.json"), "--plots", str(tmp_path / "plots"),
                      "--out", str(tmp_path / "eval"), "eval.batch_size=2", "eval.num_sample_images=3",
                      "train.loader_workers=0", *overrides])  # fmt: skip
-    assert code == 0
+    assert code == expect
 
 
 def test_cli_writes_every_output(tmp_path, monkeypatch, model_file, uneven_shards, classes):
     monkeypatch.chdir(tmp_path)
+    claim_output_folder(tmp_path / "plots", "evaluate")  # as an earlier run left it, with a class since dropped
+    (tmp_path / "plots" / "pr").mkdir()
+    (tmp_path / "plots" / "pr" / "99_gone.csv").write_text("recall,precision\n")
     run_cli(tmp_path, model_file, uneven_shards, "tracking.enabled=false")
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert set(SUMMARY_KEYS) <= set(metrics)
@@ -97,6 +101,21 @@ def test_cli_writes_every_output(tmp_path, monkeypatch, model_file, uneven_shard
     for key, index in (("map_coco", 0), ("ap50", 1), ("ap75", 2)):
         expected = evaluator.stats[index]
         assert (metrics[key] is None) if expected < 0 else metrics[key] == pytest.approx(expected, abs=1e-6)
+
+
+def test_folders_it_did_not_make_are_refused_before_any_work(tmp_path, model_file, uneven_shards, caplog):
+    (tmp_path / "plots" / "pr").mkdir(parents=True)
+    (tmp_path / "plots" / "pr" / "mine.csv").write_text("the user's curve\n")
+    run_cli(tmp_path, model_file, uneven_shards, "tracking.enabled=false", expect=2)
+    assert f"--plots {tmp_path / 'plots'} is not empty (pr) and was not made by the evaluate stage" in caplog.text
+    assert (tmp_path / "plots" / "pr" / "mine.csv").read_text() == "the user's curve\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]  # no metrics, no eval folder
+
+    (tmp_path / "plots").rename(tmp_path / "mine")
+    claim_output_folder(tmp_path / "plots", "evaluate")
+    claim_output_folder(tmp_path / "eval", "shard")  # another stage's output
+    run_cli(tmp_path, model_file, uneven_shards, "tracking.enabled=false", expect=2)
+    assert f"--out {tmp_path / 'eval'} holds the output of the shard stage" in caplog.text
 
 
 def _collected_from_ground_truth(shards, jitter: float = 0.0, seed: int = 0) -> Collected:

@@ -1,4 +1,4 @@
-"""The model file: round trip, loadable with plain torch (no Ray, no MLflow), clear errors, atomic writes."""
+"""The model file: round trip, loadable with plain torch (no Ray, no MLflow), clear errors, hostile files refused."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model_file import load_model_file, save_model_file, write_bytes_atomic
+from pipeline.model_file import load_model_file, save_model_file
 from ssd_core.model import build_ssd
 
 CLASSES = ["circle", "square", "triangle"]
@@ -81,24 +81,6 @@ def test_torn_and_foreign_files_are_named_in_the_error(model, tmp_path):
         load_model_file(path)
     with pytest.raises(FileNotFoundError):
         load_model_file(tmp_path / "missing.pt")
-
-
-def test_an_interrupted_write_leaves_the_previous_file_intact(tmp_path):
-    path = tmp_path / "out.bin"
-    write_bytes_atomic(path, b"old")
-    seen: list[Path] = []
-
-    def crash(temp: Path) -> None:
-        seen.append(temp)
-        assert temp.read_bytes() == b"new" and temp.parent == path.parent
-        raise KeyboardInterrupt  # the process dies between the fsync and the rename
-
-    with pytest.raises(KeyboardInterrupt):
-        write_bytes_atomic(path, b"new", before_rename=crash)
-    assert path.read_bytes() == b"old"
-    assert seen and not seen[0].exists()  # the temporary file is cleaned up when the process survives
-    write_bytes_atomic(path, b"new")
-    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
 # ------------------------------------------------------------------------------- hostile model files

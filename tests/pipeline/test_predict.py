@@ -250,12 +250,13 @@ def test_matches_forward_and_postprocess_per_image(random_model, tmp_path, monke
     """Batches of 2 over 5 images of different sizes give what one image at a time gives."""
     monkeypatch.chdir(tmp_path)
     sizes = [(64, 48), (33, 90), (160, 160), (17, 21), (120, 40)]
+    (tmp_path / "in").mkdir()
     for k, (w, h) in enumerate(sizes):
-        _noise(w, h, 10 + k).save(tmp_path / f"{k}.png")
-    argv = ["--model", str(random_model), "--batch-size", "2", "--min-score", "0.05", "--no-draw", "."]
+        _noise(w, h, 10 + k).save(tmp_path / "in" / f"{k}.png")
+    argv = ["--model", str(random_model), "--batch-size", "2", "--min-score", "0.05", "--no-draw", "in"]
     assert _run_cli(*argv, "eval.max_detections=15") == 0
     doc = json.loads((tmp_path / "predictions" / "detections.json").read_text(encoding="utf-8"))
-    assert [i["file_name"] for i in doc["images"]] == [f"{k}.png" for k in range(5)]
+    assert [i["file_name"] for i in doc["images"]] == [f"in/{k}.png" for k in range(5)]
 
     model = load_model_file(random_model).model
     priors = model.priors()
@@ -320,6 +321,69 @@ def test_formats_outside_the_allowed_list_are_listed_as_failed(crafted_model, tm
     assert [i["file_name"] for i in doc["images"]] == ["ok.bmp"]
     reasons = {f["file"]: f["reason"].split(":")[0] for f in doc["failed"]}
     assert reasons == dict.fromkeys(["x.eps", "x.tga", "x.sgi", "eps.jpg"], "image_format_not_allowed")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_onto_or_into_an_input_folder_is_refused_before_any_work(crafted_model, photo_dir, monkeypatch,
+                                                                     caplog):
+    """The reported case: ``predict data/images --out data`` drew over the originals in data/images."""
+    monkeypatch.chdir(photo_dir)
+    before = _snapshot(photo_dir)
+    model = ["--model", str(crafted_model)]
+    assert _run_cli(*model, "photos", "--out", "photos") == 2  # out == input
+    assert f"--out photos ({photo_dir / 'photos'}) is the input folder photos" in caplog.text
+    assert _run_cli(*model, "photos", "--out", "photos/predictions") == 2  # out inside an input folder
+    assert "lies inside the input folder photos" in caplog.text
+    (photo_dir / "data").mkdir()
+    (photo_dir / "photos").rename(photo_dir / "data" / "images")
+    assert _run_cli(*model, "data/images", "--out", "data") == 2  # the input is out/images
+    assert f"the input data/images ({photo_dir / 'data' / 'images'}) lies where --out data" in caplog.text
+    assert _run_cli(*model, "data/images/a.png", "--out", "data") == 2  # an input file among the outputs
+    (photo_dir / "data" / "images").rename(photo_dir / "photos")
+    (photo_dir / "data").rmdir()
+    (photo_dir / "link").symlink_to(photo_dir / "photos", target_is_directory=True)
+    assert _run_cli(*model, "photos", "--out", "link") == 2  # symbolic links are resolved
+    assert f"--out link ({photo_dir / 'photos'}) is the input folder photos" in caplog.text
+    (photo_dir / "link").unlink()
+    assert _snapshot(photo_dir) == before  # every original byte-identical, nothing written anywhere
+
+
+def test_a_folder_predict_did_not_make_gets_only_new_files(crafted_model, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    image_with_box((64, 48), (20, 10, 40, 30)).save(tmp_path / "in" / "a.png")
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "a.png").write_bytes(b"the user's own a.png")
+    (mine / "detections.json").write_text("the user's own detections\n")
+    before = _snapshot(mine)
+    assert _run_cli("--model", str(crafted_model), "in", "--out", "mine") == 2
+    assert "--out mine was not made by predict" in caplog.text
+    assert "mine/detections.json, mine/images/a.png" in caplog.text
+    assert _snapshot(mine) == before
+
+    (mine / "detections.json").unlink()
+    (mine / "images" / "a.png").rename(mine / "images" / "z.png")
+    before = _snapshot(mine)
+    assert _run_cli("--model", str(crafted_model), "in", "--out", "mine") == 0  # no name taken: new files only
+    after = _snapshot(mine)
+    assert {k: after[k] for k in before} == before
+    assert sorted(after) == ["detections.json", "images/a.png", "images/z.png", "results.json"]  # no marker
+
+
+def test_a_rerun_replaces_its_own_outputs(crafted_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    image_with_box((64, 48), (20, 10, 40, 30)).save(tmp_path / "in" / "a.png")
+    for min_score in ("0.3", "0.1"):
+        assert _run_cli("--model", str(crafted_model), "in", "--min-score", min_score) == 0
+    out = tmp_path / "predictions"
+    assert len(json.loads((out / "detections.json").read_text(encoding="utf-8"))["annotations"]) == 3
+    assert sorted(_snapshot(out)) == [".ssd-pipeline", "detections.json", "images/a.png", "results.json"]
 
 
 def test_collect_inputs(tmp_path):
@@ -392,10 +456,11 @@ def _env() -> dict[str, str]:
 
 
 def test_cli_subprocess(crafted_model, tmp_path):
+    (tmp_path / "in").mkdir()
     for k, size in enumerate([(64, 48), (30, 40)]):
-        image_with_box(size, seed=k).save(tmp_path / f"{k}.png")
+        image_with_box(size, seed=k).save(tmp_path / "in" / f"{k}.png")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "predict", "--model", str(crafted_model), "--out", "out", "."],
+        [sys.executable, "-m", "pipeline", "predict", "--model", str(crafted_model), "--out", "out", "in"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

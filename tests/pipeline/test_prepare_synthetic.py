@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from pipeline import cli
+from pipeline.artifacts.output_folder import claim_output_folder, marker_stage
 from pipeline.config import SyntheticConfig
 from pipeline.sources import synthetic
+from pipeline.sources.records import PrepareError, read_index
 from pipeline.sources.synthetic import CLASSES, DIFFICULT_BELOW, generate_image, write_synthetic
+from pipeline.stages import prepare as prepare_stage
 from pipeline.stages.prepare import prepare
 from tests.pipeline.fixtures import make_params
 
@@ -96,3 +101,69 @@ def test_default_sized_generation_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert result.report.images_kept == 100 and result.classes == list(CLASSES)
     assert elapsed < 3.0, f"{elapsed:.2f} s for 100 images"
+
+
+# ------------------------------------------------------------------------------- the output folder
+SMALL = ["data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.image_size=48"]
+
+
+def _prepare_cli(out, report, *overrides: str) -> int:
+    return cli.main(["prepare", "--out", str(out), "--report", str(report), *SMALL, *overrides])
+
+
+def test_prepare_refuses_a_folder_holding_the_users_files(tmp_path, caplog):
+    """The reported case: ``prepare --out X`` deleted X/images (a user's file in X/images/sub/ with it)."""
+    out = tmp_path / "X"
+    (out / "images" / "sub").mkdir(parents=True)
+    (out / "images" / "sub" / "mine.jpg").write_bytes(b"the user's photo")
+    (out / "classes.json").write_text('["the user\'s"]\n')
+    assert _prepare_cli(out, tmp_path / "report.json") == 1
+    assert f"--out {out} is not empty (classes.json, images)" in caplog.text
+    assert (out / "images" / "sub" / "mine.jpg").read_bytes() == b"the user's photo"
+    assert (out / "classes.json").read_text() == '["the user\'s"]\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X"]  # no report, no build folder: refused first
+
+
+def test_a_second_prepare_replaces_its_own_output_and_leaves_no_sibling(tmp_path):
+    out, report = tmp_path / "prepared", tmp_path / "report.json"
+    assert _prepare_cli(out, report, "data.synthetic.num_train=6") == 0
+    assert marker_stage(out) == "prepare"
+    assert len((out / "train.jsonl").read_text().splitlines()) == 6
+    assert _prepare_cli(out, report) == 0  # 4 train images now: images 4 and 5 of the first run are gone
+    images = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.jpg"))
+    assert images == [f"images/train/{i:06d}.jpg" for i in range(4)] + [f"images/val/{i:06d}.jpg" for i in range(2)]
+    records = read_index(out, "train")
+    assert len(records) == 4 and all(r.image.is_file() and r.image.is_relative_to(out) for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "report.json"]
+    assert json.loads(report.read_text())["images"]["in"] == 6
+
+
+def test_a_failed_prepare_leaves_the_previous_output(tmp_path, monkeypatch):
+    out, report = tmp_path / "prepared", tmp_path / "report.json"
+    assert _prepare_cli(out, report) == 0
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise PrepareError("prepare: disk full while writing the index")
+
+    monkeypatch.setattr(prepare_stage, "write_index", fail)
+    assert _prepare_cli(out, report, "data.synthetic.seed=9") == 1
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "report.json"]
+
+
+def test_prepare_refuses_another_stages_folder_and_an_empty_one_is_fine(tmp_path, caplog):
+    claim_output_folder(tmp_path / "shards", "shard")
+    assert _prepare_cli(tmp_path / "shards", tmp_path / "report.json") == 1
+    assert "holds the output of the shard stage" in caplog.text
+    (tmp_path / "empty").mkdir()
+    assert _prepare_cli(tmp_path / "empty", tmp_path / "report.json") == 0
+    assert marker_stage(tmp_path / "empty") == "prepare"
+
+
+def test_write_synthetic_never_writes_over_existing_images(tmp_path):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "images" / "train" / "000000.jpg").write_bytes(b"someone's")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        write_synthetic(tmp_path, SyntheticConfig(num_train=1, num_val=1, image_size=48))
+    assert (tmp_path / "images" / "train" / "000000.jpg").read_bytes() == b"someone's"

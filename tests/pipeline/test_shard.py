@@ -14,9 +14,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipeline import cli
+from pipeline.artifacts.output_folder import MARKER_NAME, OutputFolderError, marker_stage
 from pipeline.config import ShardConfig
 from pipeline.manifest import ShardError, load_manifest
-from pipeline.shards import ShardWriteError, write_split
+from pipeline.shards import ShardWriteError, clear_outputs, write_split
 from pipeline.sources.records import read_index, write_index
 from pipeline.stages.prepare import prepare
 from pipeline.stages.shard import shard
@@ -40,6 +42,12 @@ def index_dir(tmp_path_factory) -> Path:
     result = prepare(params, root / "index", progress=False)
     write_index(root / "index", result.records, result.classes)
     return root / "index"
+
+
+def _names(folder: Path) -> list[str]:
+    """The files in ``folder`` besides the marker that says the shard stage made it."""
+    assert marker_stage(folder) == "shard"
+    return sorted(p.name for p in folder.iterdir() if p.name != MARKER_NAME)
 
 
 def _stream(shards: Path, split: str) -> list[dict]:
@@ -86,8 +94,8 @@ def test_reencoded_images_are_upright_rgb(index_dir, tmp_path):
 def test_two_runs_are_byte_identical(index_dir, tmp_path):
     shard(index_dir, tmp_path / "a", ShardConfig(maxcount=4), progress=False)
     shard(index_dir, tmp_path / "b", ShardConfig(maxcount=4), progress=False)
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    names = _names(tmp_path / "a")
+    assert names == _names(tmp_path / "b")
     assert "manifest.json" in names and len(names) == 4  # 2 + 1 shards and the manifest
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -133,14 +141,31 @@ def test_interrupted_run_leaves_no_shard_that_looks_whole(index_dir, tmp_path):
     finally:
         records[4].image.with_suffix(".gone").rename(records[4].image)
     # Shard 0 (samples 0-2) completed; shard 1 was being written when sample 4 failed.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
+    assert _names(tmp_path) == ["train-000000.tar"]
 
 
 def test_stale_shards_of_an_earlier_run_are_removed(index_dir, tmp_path):
+    shard(index_dir, tmp_path, ShardConfig(maxcount=3), progress=False)  # the stage's own folder now
     (tmp_path / "train-000099.tar").write_bytes(b"old")
     (tmp_path / "val-000000.tar.tmp").write_bytes(b"half")
+    (tmp_path / ".val-000001.tar.123-abcd1234.tmp").write_bytes(b"half, from a killed run")
     shard(index_dir, tmp_path, ShardConfig(), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train-000000.tar", "val-000000.tar"]
+    assert _names(tmp_path) == ["manifest.json", "train-000000.tar", "val-000000.tar"]
+
+
+def test_a_folder_the_stage_did_not_make_is_refused_untouched(index_dir, tmp_path, caplog):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"the user's own tar")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputFolderError, match=rf"--out {out} is not empty \(notes.txt, train-000000.tar\)"):
+        shard(index_dir, out, ShardConfig(), progress=False)
+    with pytest.raises(OutputFolderError, match="not deleting anything"):
+        clear_outputs(out, ["train"])
+    assert cli.main(["shard", "--index", str(index_dir), "--out", str(out)]) == 1
+    assert f"--out {out} is not empty" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train-000000.tar"]
+    assert (out / "train-000000.tar").read_bytes() == b"the user's own tar"
 
 
 @pytest.fixture

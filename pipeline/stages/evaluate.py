@@ -322,7 +322,7 @@ def log_to_tracking(tracker, result: EvalResult, classes: list[str], paths: dict
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace, params: Params) -> int:
     from pipeline.model_file import load_model_file
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking import TrackingError, redact_uri
 
     started = time.perf_counter()
     repo_root = Path.cwd()
@@ -342,7 +342,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     try:
         num_workers = params.eval.num_workers
         logger.info("evaluating %s (%s, %d classes) on %s, %s", args.model, loaded.preset, len(loaded.classes),
-                    args.shards, device)  # fmt: skip
+                    redact_uri(str(args.shards)), device)  # fmt: skip
         collected = run_inference(loaded.model, str(args.shards), params.eval, device=device, num_workers=num_workers)
         n = len(collected.keys)
         rate = n / collected.inference_s if collected.inference_s > 0 else float("nan")

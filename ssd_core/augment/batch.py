@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ssd_core.augment.options import CROP_ASPECT_RANGE, CROP_MIN_IOUS, CROP_MIN_SCALE, CROP_TRIALS, AugmentOptions
 from ssd_core.augment.photometric import PHOTOMETRIC_DRAWS, photometric_from_uniforms
-from ssd_core.augment.plan import AugmentPlan, Expansion, _box_iou_np, _check_generator, _check_plan_input
+from ssd_core.augment.plan import AugmentPlan, Expansion, _check_generator, _check_plan_input
+from ssd_core.boxes import box_iou
 
 
 def _expansions(canvas: np.ndarray, max_ratio: float, draws: np.ndarray) -> np.ndarray:
@@ -61,7 +62,8 @@ def _crops(boxes_px: np.ndarray, valid: np.ndarray, width: np.ndarray, height: n
     # Without boxes there is no IoU or centre constraint; with boxes, the best IoU must reach the option's
     # minimum (a NaN IoU, from a non-finite box, fails it) and some box centre must lie strictly inside.
     with np.errstate(divide="ignore", invalid="ignore"):  # NaN padding (never inside), non-finite boxes (fail)
-        iou = np.where(valid[:, None], _box_iou_np(rects, boxes_px), -np.inf)  # [B, T, G]
+        iou = box_iou(torch.from_numpy(rects), torch.from_numpy(boxes_px)).numpy()  # [B, T, G]
+        iou = np.where(valid[:, None], iou, -np.inf)  # padding never counts
         best_iou = iou.max(axis=2, initial=-np.inf)  # [B, T]
         centres = (boxes_px[:, None, :, :2] + boxes_px[:, None, :, 2:]) / 2  # [B, 1, G, 2]
         inside = ((rects[:, :, None, :2] < centres) & (centres < rects[:, :, None, 2:])).all(axis=3)  # [B, T, G]

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ssd_core.augment.options import CROP_ASPECT_RANGE, CROP_MIN_IOUS, CROP_MIN_SCALE, CROP_TRIALS, AugmentOptions
 from ssd_core.augment.photometric import PhotometricParams, sample_photometric
+from ssd_core.boxes import box_iou
 
 
 class Expansion(NamedTuple):
@@ -119,21 +120,6 @@ def sample_expansion(width: int, height: int, max_ratio: float, generator: torch
     return Expansion(canvas_w, canvas_h, left, top)
 
 
-def _box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``ssd_core.boxes.box_iou`` for float64 ``[..., N, 4]`` and ``[..., M, 4]`` NumPy arrays -> ``[..., N, M]``
-    (leading dimensions broadcast: a batch of box sets at once), the same operations in the same order (so
-    the same values); NumPy is ~10x cheaper than torch at these sizes."""
-    ax0, ay0, ax1, ay1 = (a[..., :, None, k] for k in range(4))  # [..., N, 1] each
-    bx0, by0, bx1, by1 = (b[..., None, :, k] for k in range(4))  # [..., 1, M] each
-    inter = np.maximum(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0.0)
-    inter *= np.maximum(np.minimum(ay1, by1) - np.maximum(ay0, by0), 0.0)  # [..., N, M]
-    area_a = np.maximum(ax1 - ax0, 0.0) * np.maximum(ay1 - ay0, 0.0)
-    area_b = np.maximum(bx1 - bx0, 0.0) * np.maximum(by1 - by0, 0.0)
-    union = area_a + area_b - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.maximum(union, np.finfo(np.float64).tiny), 0.0)
-
-
 def _sample_crop_np(boxes_px: np.ndarray, width: int, height: int, generator: torch.Generator,
                     max_trials: int) -> tuple[tuple[int, int, int, int] | None, np.ndarray, float | None]:
     """:func:`sample_crop` on a float64 ``[G, 4]`` array: (window, keep ``[G]`` bool array, min_iou)."""
@@ -153,7 +139,7 @@ def _sample_crop_np(boxes_px: np.ndarray, width: int, height: int, generator: to
     ok &= (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
     inside = np.zeros((max_trials, g), dtype=bool)
     if g > 0:
-        ok &= _box_iou_np(rects, boxes_px).max(axis=1) >= min_iou
+        ok &= box_iou(torch.from_numpy(rects), torch.from_numpy(boxes_px)).numpy().max(axis=1) >= min_iou
         centres = (boxes_px[:, :2] + boxes_px[:, 2:]) / 2  # [G, 2]
         inside = ((rects[:, None, :2] < centres) & (centres < rects[:, None, 2:])).all(axis=-1)  # [T, G]
         ok &= inside.any(axis=1)

@@ -155,11 +155,11 @@ def test_prior_gt_iou_equals_box_iou(dtype):
     boxes = random_batch(gen, 1, 9, duplicates=False)[0][0].to(dtype)
     boxes = boxes[~boxes.isnan().any(1)]
     priors_xyxy = cxcywh_to_xyxy(SSD300_PRIORS.to(dtype))
-    torch.testing.assert_close(prior_gt_iou(boxes, priors_xyxy), box_iou(priors_xyxy, boxes), atol=0, rtol=0)
+    torch.testing.assert_close(prior_gt_iou(priors_xyxy, boxes), box_iou(priors_xyxy, boxes), atol=0, rtol=0)
     # Priors without shared intervals (random) take the same path, just without the savings.
     random_priors = torch.cat((torch.rand(50, 2, generator=gen), 0.1 + torch.rand(50, 2, generator=gen)), 1)
     random_xyxy = cxcywh_to_xyxy(random_priors.to(dtype))
-    torch.testing.assert_close(prior_gt_iou(boxes, random_xyxy), box_iou(random_xyxy, boxes), atol=0, rtol=0)
+    torch.testing.assert_close(prior_gt_iou(random_xyxy, boxes), box_iou(random_xyxy, boxes), atol=0, rtol=0)
 
 
 @st.composite

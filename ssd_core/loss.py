@@ -22,6 +22,10 @@ gradient, and ``topk`` picks the negatives (a partial selection, not a full sort
 gradient is then computed only on the rows that count (positives and mined negatives, a few percent
 of the priors), so the backward pass scatters a few thousand rows instead of a dense softmax over all
 B x P priors. No Python loop runs over images or priors.
+
+The same loss written one image and prior at a time, in float64, is
+:func:`ssd_core.reference.reference_multibox_loss` (mining: :func:`ssd_core.reference.reference_hard_negative_mask`);
+the tests check values and gradients against it.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ def hard_negative_mask(
     Returns:
         ``[B, P]`` bool, True for the mined negatives. Computed without gradient. Among exactly equal losses
         the choice is up to ``torch.topk``; the count is always exact.
+
+    Reference: :func:`ssd_core.reference.reference_hard_negative_mask` (a sort per image).
     """
     if conf_loss.ndim != 2 or positive_mask.shape != conf_loss.shape or positive_mask.dtype != torch.bool:
         raise ValueError(
@@ -182,6 +188,8 @@ def multibox_loss(
 
     Returns:
         ``LossTerms(total, loc, conf, num_positives)``, 0-d tensors; ``total`` carries the gradient.
+
+    Reference: :func:`ssd_core.reference.reference_multibox_loss` (one image and prior at a time).
     """
     _check_loss_inputs(loc_pred, cls_logits, loc_targets, cls_targets)
     _check_ratio("multibox_loss", neg_pos_ratio)

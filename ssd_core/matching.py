@@ -19,6 +19,9 @@ For every image of a padded batch at once (no Python loop over images or priors)
    positive for it even if it also overlaps a difficult one.
 
 Padded boxes (``gt_mask`` False) take no part at all; images without boxes are all background.
+
+The same rules written one image, box and prior at a time: :func:`ssd_core.reference.reference_assign_targets`;
+the tests check this module against it on random batches and on the SSD300 priors.
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ def assign_targets(
 
     Returns:
         ``Targets(loc_targets [B, P, 4], cls_targets [B, P] int64)``; see the module docstring for the rules.
+
+    Reference: :func:`ssd_core.reference.reference_assign_targets` (the rules one box and prior at a time).
     """
     _check_inputs(gt_boxes, gt_labels, gt_mask, priors, gt_difficult)
     if not 0.0 < iou_threshold <= 1.0:

@@ -4,11 +4,15 @@ The fast code is vectorised, batched and tuned; these follow the docstrings of t
 Python loops, and the tests check the fast code against them on random inputs (as torchvision checks its
 ``nms`` against ``_reference_nms``). They are for tests and benchmarks, far too slow for training.
 
+- :func:`reference_assign_targets` for :func:`ssd_core.matching.assign_targets`;
+- :func:`reference_multibox_loss` and :func:`reference_hard_negative_mask` for :mod:`ssd_core.loss`;
 - :func:`reference_train_transform` (with :func:`canvas_window` and :func:`reference_resize`) for
   :mod:`ssd_core.augment`: the augmentation chain as the original SSD and most ports run it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,134 @@ from ssd_core.augment import (
     sample_crop,
     sample_expansion,
 )
+from ssd_core.boxes import box_iou, cxcywh_to_xyxy
+from ssd_core.coding import DEFAULT_VARIANCES, encode_boxes
+from ssd_core.matching import IGNORE_LABEL
+
+
+# ------------------------------------------------------------------------------------------------ matching
+def reference_assign_targets(
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_mask: Tensor,
+    priors: Tensor,
+    iou_threshold: float = 0.5,
+    gt_difficult: Tensor | None = None,
+    variances: tuple[float, float] = DEFAULT_VARIANCES,
+) -> tuple[Tensor, Tensor]:
+    """The matching rules of :mod:`ssd_core.matching`, one image, box and prior at a time.
+
+    Args and shapes as :func:`ssd_core.matching.assign_targets`: ``gt_boxes [B, G, 4]`` xyxy, ``gt_labels
+    [B, G]``, ``gt_mask [B, G]``, ``priors [P, 4]`` cxcywh, ``gt_difficult [B, G]`` or None.
+
+    Returns:
+        ``(loc_targets [B, P, 4], cls_targets [B, P] int64)``.
+    """
+    num_images, num_gt = gt_mask.shape
+    num_priors = len(priors)
+    cls = torch.zeros(num_images, num_priors, dtype=torch.long)
+    loc = torch.zeros(num_images, num_priors, 4)
+    for b in range(num_images):
+        valid = [g for g in range(num_gt) if gt_mask[b, g]]
+        regular = [g for g in valid if gt_difficult is None or not gt_difficult[b, g]]
+        hard = [g for g in valid if g not in regular]
+        iou = box_iou(gt_boxes[b], cxcywh_to_xyxy(priors)).tolist()  # [G][P]
+        matched = {}
+        for p in range(num_priors):  # threshold matches: the best regular box, the earlier one on ties
+            best_g, best_v = None, -1.0
+            for g in regular:
+                if iou[g][p] > best_v:
+                    best_g, best_v = g, iou[g][p]
+            if best_g is not None and best_v >= iou_threshold:
+                matched[p] = best_g
+        claimed, pending, forced = set(), list(regular), {}
+        while pending:  # forced matches: rounds of proposals
+            proposals = {}
+            for g in pending:
+                free = [p for p in range(num_priors) if p not in claimed]
+                if free:
+                    proposals[g] = max(free, key=lambda p, g=g: (iou[g][p], -p))  # best IoU, lowest index
+            by_prior = {}
+            for g, p in proposals.items():
+                by_prior.setdefault(p, []).append(g)
+            pending = []
+            for p, boxes in by_prior.items():
+                winner = max(boxes, key=lambda g, p=p: (iou[g][p], g))  # higher IoU, later box on ties
+                forced[winner] = p
+                claimed.add(p)
+                pending += [g for g in boxes if g != winner]
+        for g, p in forced.items():
+            matched[p] = g
+        for p, g in matched.items():
+            cls[b, p] = int(gt_labels[b, g])
+            loc[b, p] = encode_boxes(gt_boxes[b, g], priors[p], variances)
+        for g in hard:
+            best_p = max(range(num_priors), key=lambda p, g=g: (iou[g][p], -p))
+            for p in range(num_priors):
+                if p not in matched and (iou[g][p] >= iou_threshold or p == best_p):
+                    cls[b, p] = IGNORE_LABEL
+    return loc, cls
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def reference_hard_negative_mask(
+    conf_loss: Tensor, positive: Tensor, neg_pos_ratio: float, ignore: Tensor | None = None
+) -> Tensor:
+    """:func:`ssd_core.loss.hard_negative_mask` by sorting each image's negatives: ``conf_loss [B, P]``,
+    ``positive [B, P]`` bool, ``ignore [B, P]`` bool or None -> bool ``[B, P]``."""
+    mask = torch.zeros_like(positive)
+    for b in range(conf_loss.shape[0]):
+        pool = [p for p in range(conf_loss.shape[1]) if not positive[b, p] and (ignore is None or not ignore[b, p])]
+        keep = min(math.floor(neg_pos_ratio * int(positive[b].sum())), len(pool))
+        for p in sorted(pool, key=lambda p: -float(conf_loss[b, p]))[:keep]:
+            mask[b, p] = True
+    return mask
+
+
+def reference_multibox_loss(
+    loc_pred: Tensor,
+    logits: Tensor,
+    loc_targets: Tensor,
+    cls_targets: Tensor,
+    neg_pos_ratio: float = 3,
+    alpha: float = 1.0,
+    normalize: str = "batch",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss of :mod:`ssd_core.loss`, one image and one prior at a time, in float64 (autograd gives the
+    gradients).
+
+    Args and shapes as :func:`ssd_core.loss.multibox_loss`: ``loc_pred [B, P, 4]``, ``logits [B, P, C]``,
+    ``loc_targets [B, P, 4]``, ``cls_targets [B, P]`` (1..C-1 positive, 0 background, -1 ignored).
+
+    Returns:
+        ``(total, loc, conf)``, float64 0-d tensors.
+    """
+    num_images, num_priors, _ = logits.shape
+    loc_terms, conf_terms, counts = [], [], []
+    for b in range(num_images):
+        log_prob = torch.log_softmax(logits[b].double(), dim=-1)  # [P, C]
+        labels = cls_targets[b].tolist()
+        positives = [p for p in range(num_priors) if labels[p] > 0]
+        negatives = [p for p in range(num_priors) if labels[p] == 0]
+        background_loss = (-log_prob[:, 0]).tolist()
+        keep = min(math.floor(neg_pos_ratio * len(positives)), len(negatives))
+        mined = sorted(negatives, key=lambda p: -background_loss[p])[:keep]
+        conf = sum((-log_prob[p, labels[p]] for p in positives), torch.zeros((), dtype=torch.float64))
+        conf = conf + sum((-log_prob[p, 0] for p in mined), torch.zeros((), dtype=torch.float64))
+        loc = sum(
+            (F.smooth_l1_loss(loc_pred[b, p].double(), loc_targets[b, p].double(), reduction="sum") for p in positives),
+            torch.zeros((), dtype=torch.float64),
+        )
+        loc_terms.append(loc)
+        conf_terms.append(conf)
+        counts.append(len(positives))
+    if normalize == "batch":
+        total_n = max(sum(counts), 1)
+        loc, conf = sum(loc_terms) / total_n, sum(conf_terms) / total_n
+    else:
+        loc = sum(t / max(n, 1) for t, n in zip(loc_terms, counts, strict=True)) / num_images
+        conf = sum(t / max(n, 1) for t, n in zip(conf_terms, counts, strict=True)) / num_images
+    return conf + alpha * loc, loc, conf
 
 
 # ------------------------------------------------------------------------------------------------ augment

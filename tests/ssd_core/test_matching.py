@@ -1,4 +1,4 @@
-"""ssd_core.matching: hand examples, a slow reference on random batches, properties and edge cases."""
+"""ssd_core.matching: hand examples, ssd_core.reference on random batches, properties and edge cases."""
 
 import math
 
@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssd_core.boxes import box_iou, cxcywh_to_xyxy
-from ssd_core.coding import decode_boxes, encode_boxes
+from ssd_core.coding import decode_boxes
 from ssd_core.matching import Targets, assign_targets, prior_gt_iou
 from ssd_core.priors import SSD300_VOC, PriorSpec, generate_priors
+from ssd_core.reference import reference_assign_targets
 
 SSD300_PRIORS = generate_priors(SSD300_VOC)  # [8732, 4]
 # A small grid (5x5, 3x3, 1x1 maps; 25*4 + 9*6 + 1*4 = 158 priors) keeps the Python reference quick.
@@ -21,54 +22,6 @@ SMALL_PRIORS = generate_priors(
 QUADRANTS = torch.tensor(
     [[0.25, 0.25, 0.5, 0.5], [0.75, 0.25, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]
 )
-
-
-def reference_assign(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5, gt_difficult=None):
-    """The rules of the module docstring, one image, box and prior at a time."""
-    num_images, num_gt = gt_mask.shape
-    num_priors = len(priors)
-    cls = torch.zeros(num_images, num_priors, dtype=torch.long)
-    loc = torch.zeros(num_images, num_priors, 4)
-    for b in range(num_images):
-        valid = [g for g in range(num_gt) if gt_mask[b, g]]
-        regular = [g for g in valid if gt_difficult is None or not gt_difficult[b, g]]
-        hard = [g for g in valid if g not in regular]
-        iou = box_iou(gt_boxes[b], cxcywh_to_xyxy(priors)).tolist()  # [G][P]
-        matched = {}
-        for p in range(num_priors):  # threshold matches: the best regular box, the earlier one on ties
-            best_g, best_v = None, -1.0
-            for g in regular:
-                if iou[g][p] > best_v:
-                    best_g, best_v = g, iou[g][p]
-            if best_g is not None and best_v >= iou_threshold:
-                matched[p] = best_g
-        claimed, pending, forced = set(), list(regular), {}
-        while pending:  # forced matches: rounds of proposals
-            proposals = {}
-            for g in pending:
-                free = [p for p in range(num_priors) if p not in claimed]
-                if free:
-                    proposals[g] = max(free, key=lambda p, g=g: (iou[g][p], -p))  # best IoU, lowest index
-            by_prior = {}
-            for g, p in proposals.items():
-                by_prior.setdefault(p, []).append(g)
-            pending = []
-            for p, boxes in by_prior.items():
-                winner = max(boxes, key=lambda g, p=p: (iou[g][p], g))  # higher IoU, later box on ties
-                forced[winner] = p
-                claimed.add(p)
-                pending += [g for g in boxes if g != winner]
-        for g, p in forced.items():
-            matched[p] = g
-        for p, g in matched.items():
-            cls[b, p] = int(gt_labels[b, g])
-            loc[b, p] = encode_boxes(gt_boxes[b, g], priors[p])
-        for g in hard:
-            best_p = max(range(num_priors), key=lambda p, g=g: (iou[g][p], -p))
-            for p in range(num_priors):
-                if p not in matched and (iou[g][p] >= iou_threshold or p == best_p):
-                    cls[b, p] = -1
-    return loc, cls
 
 
 def random_batch(gen, num_images, num_gt, *, duplicates=True, difficult_rate=0.0):
@@ -132,7 +85,7 @@ def test_matches_the_reference_on_random_batches(seed):
     targets = assign_targets(
         boxes, labels, mask, SMALL_PRIORS, iou_threshold=threshold, gt_difficult=difficult if seed % 2 else None
     )
-    loc, cls = reference_assign(
+    loc, cls = reference_assign_targets(
         boxes, labels, mask, SMALL_PRIORS, iou_threshold=threshold, gt_difficult=difficult if seed % 2 else None
     )
     assert torch.equal(targets.cls_targets, cls)
@@ -143,7 +96,7 @@ def test_matches_the_reference_on_ssd300_priors():
     gen = torch.Generator().manual_seed(11)
     boxes, labels, mask, difficult = random_batch(gen, 2, 6, difficult_rate=0.3)
     targets = assign_targets(boxes, labels, mask, SSD300_PRIORS, gt_difficult=difficult)
-    loc, cls = reference_assign(boxes, labels, mask, SSD300_PRIORS, gt_difficult=difficult)
+    loc, cls = reference_assign_targets(boxes, labels, mask, SSD300_PRIORS, gt_difficult=difficult)
     assert torch.equal(targets.cls_targets, cls)
     torch.testing.assert_close(targets.loc_targets, loc)
     assert int((cls > 0).sum()) > 0 and int((cls < 0).sum()) > 0  # the case exercises both

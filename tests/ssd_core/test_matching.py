@@ -211,6 +211,51 @@ def test_regular_box_wins_over_a_difficult_one():
     assert targets.cls_targets.tolist() == [[4, 0, 0, 0]]
 
 
+# ------------------------------------------------------------------------- thresholds at exactly their value
+def just_above(value):
+    """The next float32 above ``value``: IoUs are float32, and so is the threshold they are compared with."""
+    return torch.nextafter(torch.tensor(value), torch.tensor(2.0)).item()
+
+
+def threshold_priors(threshold):
+    """Three priors (cxcywh): p0 = [0, 0, 0.5, 0.5], p1 = [0, 0, 0.5, threshold / 2], p2 = [0.5, 0.5, 1, 1] in xyxy.
+
+    With the box [0, 0, 0.5, 0.5]: IoU(p0) = 1, so p0 is its forced match; p1 lies inside it, IoU(p1) =
+    (0.5 * threshold / 2) / 0.25 = threshold, exactly in float32 for the dyadic thresholds used here (every
+    coordinate, area and quotient is a short binary fraction); IoU(p2) = 0.
+    """
+    return torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.25, threshold / 4, 0.5, threshold / 2], [0.75, 0.75, 0.5, 0.5]])
+
+
+THRESHOLD_BOX = torch.tensor([[[0.0, 0.0, 0.5, 0.5]]])
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.5, 0.75])
+def test_iou_exactly_at_the_threshold_is_positive(threshold):
+    priors = threshold_priors(threshold)
+    assert prior_gt_iou(cxcywh_to_xyxy(priors), THRESHOLD_BOX[0])[:, 0].tolist() == [1.0, threshold, 0.0]
+    labels, mask = torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.bool)
+    at = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=threshold)
+    assert at.cls_targets.tolist() == [[7, 7, 0]]  # ">= threshold": p1 is positive
+    assert reference_assign_targets(THRESHOLD_BOX, labels, mask, priors, threshold)[1].tolist() == [[7, 7, 0]]
+    above = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=just_above(threshold))
+    assert above.cls_targets.tolist() == [[7, 0, 0]]  # the forced match only
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.5, 0.75])
+def test_difficult_box_at_exactly_the_threshold_is_ignored(threshold):
+    priors = threshold_priors(threshold)
+    labels, mask = torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.bool)
+    difficult = mask.clone()
+    at = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=threshold, gt_difficult=difficult)
+    assert at.cls_targets.tolist() == [[-1, -1, 0]]  # its best prior, and p1 at ">= threshold"
+    reference = reference_assign_targets(THRESHOLD_BOX, labels, mask, priors, threshold, difficult)[1]
+    assert reference.tolist() == [[-1, -1, 0]]
+    above = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=just_above(threshold),
+                           gt_difficult=difficult)
+    assert above.cls_targets.tolist() == [[-1, 0, 0]]
+
+
 def test_threshold_one_keeps_only_forced_matches():
     gen = torch.Generator().manual_seed(8)
     boxes, labels, mask, _ = random_batch(gen, 2, 5, duplicates=False)

@@ -287,6 +287,18 @@ def test_postprocess_equals_per_class_loop(seed):
         assert torch.equal(det.boxes, boxes)
 
 
+def test_score_exactly_at_the_threshold_is_dropped():
+    # Four equal logits: the softmax gives every class exactly 1 / 4 (exp(0) / 4). A score must be above the
+    # threshold ("> score_threshold", as ssd.pytorch's Detect: conf_scores.gt(conf_thresh)).
+    loc, logits, priors = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.tensor([[0.5, 0.5, 0.25, 0.25]])
+    assert torch.softmax(logits, dim=-1).unique().tolist() == [0.25]
+    at = postprocess(loc, logits, priors, [[64, 64]], score_threshold=0.25)[0]
+    assert at.scores.numel() == 0
+    below = torch.nextafter(torch.tensor(0.25), torch.tensor(0.0)).item()
+    kept = postprocess(loc, logits, priors, [[64, 64]], score_threshold=below)[0]
+    assert kept.labels.tolist() == [1, 2, 3] and kept.scores.tolist() == [0.25] * 3
+
+
 def test_postprocess_rejects_bad_shapes():
     loc, logits, priors, sizes = golden_inputs()
     with pytest.raises(ValueError, match="cls_logits"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssd_core.augment import AugmentOptions, plan_augmentation, plan_augmentations
-from tests.ssd_core.augment.helpers import ALL, CROP_ONLY, FLIP_ONLY, NONE, gen
+from tests.ssd_core.augment.helpers import ALL, CROP_ONLY, FLIP_ONLY, NONE, crop_at_exactly_half_iou, gen
 
 
 def assert_same_plan(a, b):
@@ -72,3 +72,14 @@ def test_a_batch_plan_checks_its_inputs():
         plan_augmentations([(0, 5)] + sizes[1:], boxes, labels, difficult, options=ALL, generators=generators)
     with pytest.raises(ValueError, match="labels"):
         plan_augmentations(sizes, boxes, [x[:0] for x in labels], difficult, options=ALL, generators=generators)
+
+
+def test_crop_rules_at_exactly_their_boundaries(monkeypatch):
+    # The case of test_plan.py's test of the same name, planned as a batch (random batches almost never land
+    # exactly on a boundary, so the equality test above would not notice a ">" for a ">=").
+    width, height, boxes, labels, difficult = crop_at_exactly_half_iou(monkeypatch)
+    plan, empty = plan_augmentations([(width, height)] * 2, [boxes, boxes[:0]], [labels, labels[:0]],
+                                     [difficult, difficult[:0]], options=CROP_ONLY, generators=[gen(0), gen(1)])
+    assert plan.window == (0, 0, 64, 127)
+    assert plan.boxes.tolist() == [[0.0, 0.0, 1.0, 1.0]] and plan.labels.tolist() == [3]
+    assert empty.window == (0, 0, 64, 127)  # without boxes, no IoU or centre constraint: the first trial

@@ -18,7 +18,7 @@ from ssd_core.augment import (
 )
 from ssd_core.boxes import box_iou
 from ssd_core.reference import canvas_window
-from tests.ssd_core.augment.helpers import ALL, CROP_ONLY, assert_valid, gen, random_sample
+from tests.ssd_core.augment.helpers import ALL, CROP_ONLY, assert_valid, crop_at_exactly_half_iou, gen, random_sample
 
 
 def test_image_without_boxes():
@@ -138,3 +138,12 @@ def test_plan_is_the_geometry_and_render_the_pixels():
     reference = gen(5)
     torch.rand(PHOTOMETRIC_DRAWS + 4 + 1 + 4 * 50 + 1, generator=reference, dtype=torch.float64)
     assert torch.equal(g.get_state(), reference.get_state())
+
+
+def test_crop_rules_at_exactly_their_boundaries(monkeypatch):
+    # A trial whose best IoU equals the option's minimum satisfies it (Caffe's SatisfySampleConstraint rejects
+    # only IoU < min); a box whose centre lies on the window's edge is not inside (helpers: the derivation).
+    width, height, boxes, labels, difficult = crop_at_exactly_half_iou(monkeypatch)
+    plan = plan_augmentation(width, height, boxes, labels, difficult, options=CROP_ONLY, generator=gen(0))
+    assert plan.window == (0, 0, 64, 127)
+    assert plan.boxes.tolist() == [[0.0, 0.0, 1.0, 1.0]] and plan.labels.tolist() == [3]

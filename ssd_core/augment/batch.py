@@ -60,8 +60,9 @@ def _crops(boxes_px: np.ndarray, valid: np.ndarray, width: np.ndarray, height: n
     ok = (aspect >= CROP_ASPECT_RANGE[0]) & (aspect <= CROP_ASPECT_RANGE[1]) & ~np.isnan(min_iou)[:, None]
     ok &= (rects[..., 2:] > rects[..., :2]).all(axis=2)
     # Without boxes there is no IoU or centre constraint; with boxes, the best IoU must reach the option's
-    # minimum (a NaN IoU, from a non-finite box, fails it) and some box centre must lie strictly inside.
-    with np.errstate(divide="ignore", invalid="ignore"):  # NaN padding (never inside), non-finite boxes (fail)
+    # minimum and some box centre must lie strictly inside (box_iou gives a non-finite box IoU 0, and a NaN
+    # centre is never inside).
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN padding (never inside), non-finite boxes
         iou = box_iou(torch.from_numpy(rects), torch.from_numpy(boxes_px)).numpy()  # [B, T, G]
         iou = np.where(valid[:, None], iou, -np.inf)  # padding never counts
         best_iou = iou.max(axis=2, initial=-np.inf)  # [B, T]

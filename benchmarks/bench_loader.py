@@ -66,14 +66,14 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import collate_train, sample_seed, train_loader  # noqa: E402
-from pipeline.jpeg import decode_rgb, jpeg_size  # noqa: E402
+from pipeline.jpeg import decode_reduction, decode_rgb, jpeg_size  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.sources.images import inspect_image, load_rgb  # noqa: E402
 from pipeline.sources.records import read_index, write_index  # noqa: E402
 from pipeline.sources.voc import parse_voc_xml  # noqa: E402
 from pipeline.stages.prepare import prepare  # noqa: E402
 from pipeline.stages.shard import shard  # noqa: E402
-from ssd_core.transforms import AugmentOptions, decode_reduction, plan_augmentation, train_transform  # noqa: E402
+from ssd_core.augment import AugmentOptions, plan_augmentation, train_transform  # noqa: E402
 
 SIZE, BATCH, WORKERS, SEED = 300, 32, 2, 0
 MAX_PIXELS = 89_478_485

@@ -12,7 +12,7 @@ the load average, and CPU times and the 1-thread run are the steadier figures.
 
 Augmentation: ``train_transform`` (all steps on) to 300 x 300 and 160 x 160 from a 500 x 375 image, one
 thread, as a DataLoader worker runs it. The reference is the chain written out literally, as the original
-and most ports run it (``literal_train_transform`` of the transform tests, which checks that both give the
+and most ports run it (``ssd_core.reference.reference_train_transform``; the tests check that both give the
 same boxes and images within 1 grey level): photometric distortion of the whole image in float, the whole
 zoom-out canvas built, the crop cut out of it and resized with ``interpolate``, then the flip.
 
@@ -42,12 +42,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from ssd_core import transforms  # noqa: E402
+from ssd_core import augment  # noqa: E402
 from ssd_core.boxes import box_iou  # noqa: E402
 from ssd_core.coding import decode_boxes  # noqa: E402
 from ssd_core.postprocess import postprocess  # noqa: E402
 from ssd_core.priors import SSD300_VOC, generate_priors  # noqa: E402
-from tests.ssd_core.test_transforms import literal_train_transform  # noqa: E402
+from ssd_core.reference import reference_train_transform  # noqa: E402
 
 BATCH = 8
 NUM_CLASSES = 21  # VOC: 20 classes + background
@@ -143,17 +143,17 @@ def bench_augmentation(size: int, reps: int) -> dict:
     image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=gen)
     boxes = torch.tensor([[0.10, 0.15, 0.45, 0.70], [0.40, 0.30, 0.95, 0.90], [0.70, 0.05, 0.80, 0.20]])
     labels, difficult = torch.tensor([12, 15, 7]), torch.tensor([False, False, True])
-    options = transforms.AugmentOptions()
+    options = augment.AugmentOptions()
 
     def run() -> None:
         for seed in range(reps):
             g = torch.Generator().manual_seed(seed)
-            transforms.train_transform(image, boxes, labels, difficult, size=size, options=options, generator=g)
+            augment.train_transform(image, boxes, labels, difficult, size=size, options=options, generator=g)
 
     def run_literal() -> None:
         for seed in range(reps):
             g = torch.Generator().manual_seed(seed)
-            literal_train_transform(image, boxes, labels, difficult, size=size, options=options, generator=g)
+            reference_train_transform(image, boxes, labels, difficult, size=size, options=options, generator=g)
 
     ours_s, _, _ = timed(run, 1)
     ref_s, _, _ = timed(run_literal, 1)
@@ -173,7 +173,7 @@ def bench_planning(batches: int, batch_size: int = 32) -> dict:
         boxes.append(torch.cat([corner, corner + 0.05 + torch.rand(1 + i % 5, 2, generator=gen) * 0.35], 1))
         labels.append(torch.randint(1, 21, (1 + i % 5,), generator=gen))
         difficult.append(torch.zeros(1 + i % 5, dtype=torch.bool))
-    options = transforms.AugmentOptions()
+    options = augment.AugmentOptions()
     plans = {}
 
     def generators(batch: int) -> list[torch.Generator]:
@@ -181,13 +181,13 @@ def bench_planning(batches: int, batch_size: int = 32) -> dict:
 
     def one_at_a_time() -> None:
         for batch in range(batches):
-            plans["alone"] = [transforms.plan_augmentation(*sizes[i], boxes[i], labels[i], difficult[i],
+            plans["alone"] = [augment.plan_augmentation(*sizes[i], boxes[i], labels[i], difficult[i],
                                                            options=options, generator=g)
                               for i, g in enumerate(generators(batch))]  # fmt: skip
 
     def together() -> None:
         for batch in range(batches):
-            plans["together"] = transforms.plan_augmentations(sizes, boxes, labels, difficult, options=options,
+            plans["together"] = augment.plan_augmentations(sizes, boxes, labels, difficult, options=options,
                                                               generators=generators(batch))  # fmt: skip
 
     alone_s, _, _ = timed(one_at_a_time, 3)

@@ -62,10 +62,10 @@ sys.path[:0] = [str(REPO)]
 import torch  # noqa: E402
 from _torchvision_reference import require_torchvision  # noqa: E402
 
+from ssd_core.augment import normalize_images  # noqa: E402
 from ssd_core.loss import multibox_loss  # noqa: E402
 from ssd_core.matching import assign_targets  # noqa: E402
 from ssd_core.model import build_ssd  # noqa: E402
-from ssd_core.transforms import normalize_images  # noqa: E402
 
 require_torchvision("bench_train_step")
 from torchvision.models.detection import ssd300_vgg16  # noqa: E402

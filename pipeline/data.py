@@ -27,12 +27,12 @@ batches are exactly those of the per-epoch loaders, concatenated.
 
 Decoding a training sample uses what the shard format gives for free: the JSON record carries the stored
 image's size, so the whole augmentation is planned (every random draw, the crop window, the output boxes)
-before a pixel is decoded, for the whole batch at once (``ssd_core.transforms.plan_augmentations``: the
+before a pixel is decoded, for the whole batch at once (``ssd_core.augment.plan_augmentations``: the
 per-sample plans, vectorised; ~0.07 instead of ~0.2 ms per sample). When the window is at least 2, 4 or 8
 times the output side on both axes, the JPEG is decoded at 1/2, 1/4 or 1/8 of its size by the decoder's
 DCT scaling (``decode_reduction``), which skips most of the inverse-DCT and colour work, and the window is
 sampled from the smaller image (``render_augmentation(..., reduction=r)``; close to, not bit-equal to, the
-full-size result: see ``ssd_core.transforms``). Orientation is not touched here: the shard stage stores
+full-size result: see ``ssd_core.augment.render``). Orientation is not touched here: the shard stage stores
 every image as an upright RGB JPEG (EXIF orientation applied and dropped), and the record's size and boxes
 are in that frame. Decoding is libjpeg-turbo through simplejpeg (``pipeline.jpeg``: the same pixels as
 PIL, decoded straight into the array that becomes the tensor, ~30% faster); the JPEG header must match
@@ -65,16 +65,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.jpeg import JpegError, decode_rgb
+from pipeline.jpeg import JpegError, decode_reduction, decode_rgb
 from pipeline.manifest import ShardError, ShardInfo, ShardManifest, join, load_manifest
-from ssd_core.transforms import (
-    AugmentOptions,
-    Sample,
-    decode_reduction,
-    eval_transform,
-    plan_augmentations,
-    render_augmentation,
-)
+from ssd_core.augment import AugmentOptions, Sample, eval_transform, plan_augmentations, render_augmentation
 
 __all__ = [
     "EvalBatch", "ShardError", "ShardManifest", "TrainBatch", "TrainLoader", "EvalLoader", "batches_per_epoch",

@@ -2,11 +2,11 @@
 
 The shard stage stores every image as an upright RGB JPEG (anything else is re-encoded), so the loaders
 need one thing from a decoder: the RGB pixels of a JPEG, at full size or at 1/2, 1/4 or 1/8 by the
-decoder's DCT scaling. simplejpeg decodes into the array it returns, where PIL decodes into its own
-4-bytes-per-pixel storage that ``np.asarray`` then repacks: on this project's machine 0.88 against 1.27 ms
-per raccoon photo (~500 x 400). Both wrap libjpeg-turbo with the same defaults (accurate integer IDCT,
-smooth chroma upsampling), and the pixels are bit-identical to PIL's, reduced sizes (PIL ``Image.draft``)
-included; ``tests/pipeline/test_jpeg.py`` checks that.
+decoder's DCT scaling (``decode_reduction`` picks the smallest size an augmentation plan can use). simplejpeg
+decodes into the array it returns, where PIL decodes into its own 4-bytes-per-pixel storage that
+``np.asarray`` then repacks (``benchmarks/bench_loader.py`` measures the difference). Both wrap libjpeg-turbo
+with the same defaults (accurate integer IDCT, smooth chroma upsampling), and the pixels are bit-identical to
+PIL's, reduced sizes (PIL ``Image.draft``) included; ``tests/pipeline/test_jpeg.py`` checks that.
 
 Errors: anything that is not a whole, readable JPEG raises ``JpegError`` naming what the decoder said.
 Decoding is strict, so libjpeg's "recoverable" warnings (a truncated stream, a corrupt entropy segment)
@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 import simplejpeg
 
-from ssd_core.transforms import DECODE_REDUCTIONS, reduced_size
+from ssd_core.augment import AugmentPlan, reduced_size
+
+DECODE_REDUCTIONS = (8, 4, 2)  # the DCT scalings (1/8, 1/4, 1/2) libjpeg decodes at, largest first
 
 
 class JpegError(ValueError):
@@ -32,6 +34,20 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     except ValueError as error:
         raise JpegError(f"unreadable JPEG header ({error})") from None
     return width, height
+
+
+def decode_reduction(plan: AugmentPlan, size: int) -> int:
+    """Largest ``r`` in 1, 2, 4, 8 with the plan's crop window at least ``r * size`` canvas pixels on both sides.
+
+    Decoding the image at ``1 / r`` then still leaves at least one source pixel per output pixel, so
+    ``ssd_core.augment.render_augmentation(..., reduction=r)`` loses no resolution the ``size x size`` output
+    can show.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"decode_reduction: expected size as a positive int, got {size!r}")
+    x0, y0, x1, y1 = plan.window
+    side = min(x1 - x0, y1 - y0)
+    return next((r for r in DECODE_REDUCTIONS if side >= r * size), 1)
 
 
 def decode_rgb(data: bytes, *, width: int, height: int, reduction: int = 1) -> np.ndarray:

@@ -323,7 +323,7 @@ def detections_from_selected(boxes: np.ndarray, scores: np.ndarray, selected_ind
 def sidecar(model: SSD, classes: list[str], *, opset: int, nms: NmsSettings | None, max_detections: int | None,
             tolerance: Tolerance, verification: Verification, size_bytes: int) -> dict:  # fmt: skip
     """The ``<out>.json`` description of an exported model: names, shapes, preprocessing and the check."""
-    from ssd_core.transforms import IMAGE_MEAN, IMAGE_STD
+    from ssd_core.augment import IMAGE_MEAN, IMAGE_STD
 
     s, p, c = model.image_size, model.prior_spec.num_priors, model.num_classes
     outputs = [
@@ -346,7 +346,7 @@ def sidecar(model: SSD, classes: list[str], *, opset: int, nms: NmsSettings | No
         "num_priors": p,
         "classes": list(classes),
         "inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": [BATCH_AXIS, 3, s, s],
-                    "meaning": f"RGB, NCHW, resized to {s}x{s} (bilinear, as ssd_core.transforms.eval_transform); "
+                    "meaning": f"RGB, NCHW, resized to {s}x{s} (bilinear, as ssd_core.augment.eval_transform); "
                                "normalised inside the graph"}],
         "outputs": outputs,
         "normalisation": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "formula": "(x / 255 - mean) / std"},
@@ -360,7 +360,7 @@ def sidecar(model: SSD, classes: list[str], *, opset: int, nms: NmsSettings | No
 
 def metadata(model: SSD, classes: list[str]) -> dict[str, str]:
     """``metadata_props`` of the exported model: enough to use it without the sidecar."""
-    from ssd_core.transforms import IMAGE_MEAN, IMAGE_STD
+    from ssd_core.augment import IMAGE_MEAN, IMAGE_STD
 
     return {
         "preset": model.preset,

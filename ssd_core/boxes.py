@@ -6,6 +6,12 @@ Formats (see STYLE.md):
 
 All functions accept any leading batch shape ``[..., 4]`` unless stated otherwise and never edit
 their arguments in place.
+
+:func:`box_iou` is the one IoU of the package: augmentation (crop constraints), matching, NMS and the
+VOC metric all compute it. Two callers need a faster form and keep one beside their code, each computing
+the same floating-point operations in the same order and tested to give the same bits:
+:func:`ssd_core.matching.prior_gt_iou` (shares work across the prior grid's repeated intervals) and the
+in-place, cache-sized tiles of :mod:`ssd_core.postprocess` (NMS).
 """
 
 from __future__ import annotations
@@ -26,31 +32,47 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
 
 
-def box_area(boxes: Tensor) -> Tensor:
-    """Area of ``[..., 4]`` xyxy boxes -> ``[...]``; inverted boxes give 0, never a negative area."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+def box_area(boxes: Tensor, *, offset: float = 0.0) -> Tensor:
+    """Area of ``[..., 4]`` xyxy boxes -> ``[...]``; inverted boxes give 0, never a negative area.
+
+    ``offset`` is added to every width and height before clamping (see :func:`box_iou`).
+    """
+    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    if offset:
+        w, h = w + offset, h + offset
+    return w.clamp(min=0) * h.clamp(min=0)
 
 
-def box_intersection(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise intersection areas of xyxy boxes ``a [..., N, 4]`` and ``b [..., M, 4]`` -> ``[..., N, M]``."""
+def box_intersection(a: Tensor, b: Tensor, *, offset: float = 0.0) -> Tensor:
+    """Pairwise intersection areas of xyxy boxes ``a [..., N, 4]`` and ``b [..., M, 4]`` -> ``[..., N, M]``.
+
+    ``offset`` is added to the overlap's width and height before clamping (see :func:`box_iou`).
+    """
     top_left = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])  # [..., N, M, 2]
     bottom_right = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])  # [..., N, M, 2]
-    wh = (bottom_right - top_left).clamp(min=0)  # [..., N, M, 2]
+    wh = bottom_right - top_left  # [..., N, M, 2]
+    if offset:
+        wh = wh + offset
+    wh = wh.clamp(min=0)
     return wh[..., 0] * wh[..., 1]
 
 
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
+def box_iou(a: Tensor, b: Tensor, *, offset: float = 0.0) -> Tensor:
     """Pairwise IoU (Jaccard overlap) of xyxy boxes.
 
     Args:
         a: ``[..., N, 4]`` boxes (x1, y1, x2, y2).
-        b: ``[..., M, 4]`` boxes in the same space as ``a``; leading dims broadcast.
+        b: ``[..., M, 4]`` boxes in the same space as ``a``; leading dims broadcast (e.g. ``a [D, 1, 4]``
+            and ``b [D, G, 4]`` compare each of D boxes with its own G boxes -> ``[D, 1, G]``).
+        offset: added to every width and height: 0 for continuous coordinates, 1 for inclusive integer
+            pixel coordinates (a box from pixel 0 to pixel 9 is 10 pixels wide), as the VOC devkit counts.
 
     Returns:
-        ``[..., N, M]`` IoU in [0, 1]. A pair whose union is empty (two degenerate boxes) has IoU 0.
+        ``[..., N, M]`` IoU in [0, 1], in the dtype of the boxes. A pair whose union is empty (two degenerate
+        boxes) has IoU 0.
     """
-    inter = box_intersection(a, b)  # [..., N, M]
-    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter  # [..., N, M]
+    inter = box_intersection(a, b, offset=offset)  # [..., N, M]
+    union = box_area(a, offset=offset)[..., :, None] + box_area(b, offset=offset)[..., None, :] - inter  # [..., N, M]
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), 0.0)
 
 

@@ -5,7 +5,7 @@ tensor and non-maximum suppression runs inside the module, which is what an expo
 TorchScript) needs to be usable without this package:
 
 1. normalisation ``(x / 255 - mean) / std`` with the training mean and std, computed exactly as
-   :func:`ssd_core.transforms.normalize_images` (same fused ``addcmul``, same float32 constants);
+   :func:`ssd_core.augment.normalize_images` (same fused ``addcmul``, same float32 constants);
 2. the network;
 3. box decoding with the model's priors (a constant of the graph) and variances, clipped to [0, 1]
    (as :func:`ssd_core.postprocess.postprocess` clips before NMS);
@@ -23,9 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ssd_core.augment.normalize import IMAGE_MEAN, IMAGE_STD
 from ssd_core.coding import DEFAULT_VARIANCES, decode_boxes
 from ssd_core.model import SSD
-from ssd_core.transforms import IMAGE_MEAN, IMAGE_STD
 
 
 class DeployOutput(NamedTuple):
@@ -41,7 +41,7 @@ class DeployedSSD(nn.Module):
     Args:
         model: the network, in eval mode (its batch norm must use running statistics). It is held, not
             copied; ``S = model.image_size``. Resizing to ``S x S`` is the caller's job
-            (``ssd_core.transforms.eval_transform``: bilinear, no antialiasing, rounded to uint8).
+            (``ssd_core.augment.eval_transform``: bilinear, no antialiasing, rounded to uint8).
         variances: the box coding variances the model was trained with.
     """
 

@@ -19,6 +19,9 @@ For every image of a padded batch at once (no Python loop over images or priors)
    positive for it even if it also overlaps a difficult one.
 
 Padded boxes (``gt_mask`` False) take no part at all; images without boxes are all background.
+
+The same rules written one image, box and prior at a time: :func:`ssd_core.reference.reference_assign_targets`;
+the tests check this module against it on random batches and on the SSD300 priors.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ssd_core.boxes import cxcywh_to_xyxy, degenerate_box_mask
+from ssd_core.boxes import box_area, cxcywh_to_xyxy, degenerate_box_mask
 from ssd_core.coding import DEFAULT_VARIANCES, encode_boxes
 
 IGNORE_LABEL = -1  # class target of priors the loss must skip (matched only to difficult boxes)
@@ -59,24 +62,23 @@ def _interval_groups(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lo.new_empty(count).index_put_((inverse,), lo), hi.new_empty(count).index_put_((inverse,), hi), inverse
 
 
-def prior_gt_iou(boxes: Tensor, priors_xyxy: Tensor) -> Tensor:
-    """IoU of every prior with every box: ``[P, 4]`` priors x ``[N, 4]`` boxes -> ``[P, N]``.
+def prior_gt_iou(priors_xyxy: Tensor, gt_boxes: Tensor) -> Tensor:
+    """IoU of every prior with every ground-truth box: ``[P, 4]`` priors x ``[N, 4]`` boxes -> ``[P, N]``, xyxy.
 
-    The same numbers as ``box_iou(priors_xyxy, boxes)``, computed faster by using the prior grid's
-    structure: SSD priors share few distinct x-intervals and y-intervals (334 of each for the 8,732
-    SSD300 priors), so overlap widths and heights are computed per distinct interval and only their
-    product is formed per prior. Works for any priors with positive area (without repeats it is just
-    slower). Priors-major layout so that the per-prior gathers copy whole rows.
+    Exactly ``ssd_core.boxes.box_iou(priors_xyxy, gt_boxes)``, bit for bit (the tests check it), for a
+    fraction of the work, which is why this second form exists: SSD priors share few distinct x-intervals
+    and y-intervals (334 of each for the 8,732 SSD300 priors), so overlap widths and heights are computed per
+    distinct interval and only their product is formed per prior, with the same float operations as
+    ``box_iou``. Works for any priors with positive area (without repeats it is just slower). Priors-major
+    layout so that the per-prior gathers copy whole rows.
     """
     x_lo, x_hi, x_inv = _interval_groups(priors_xyxy[:, 0], priors_xyxy[:, 2])  # [Ux], [Ux], [P]
     y_lo, y_hi, y_inv = _interval_groups(priors_xyxy[:, 1], priors_xyxy[:, 3])  # [Uy], [Uy], [P]
-    bx1, by1, bx2, by2 = boxes.unbind(-1)  # each [N]
+    bx1, by1, bx2, by2 = gt_boxes.unbind(-1)  # each [N]
     overlap_w = (torch.minimum(bx2, x_hi[:, None]) - torch.maximum(bx1, x_lo[:, None])).clamp_(min=0)  # [Ux, N]
     overlap_h = (torch.minimum(by2, y_hi[:, None]) - torch.maximum(by1, y_lo[:, None])).clamp_(min=0)  # [Uy, N]
     inter = overlap_w.index_select(0, x_inv).mul_(overlap_h.index_select(0, y_inv))  # [P, N]
-    box_area = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)  # [N]
-    prior_area = (priors_xyxy[:, 2] - priors_xyxy[:, 0]) * (priors_xyxy[:, 3] - priors_xyxy[:, 1])  # [P]
-    union = torch.add(prior_area[:, None], box_area).sub_(inter)  # [P, N], > 0 as priors have area
+    union = torch.add(box_area(priors_xyxy)[:, None], box_area(gt_boxes)).sub_(inter)  # [P, N], > 0: priors have area
     return inter.div_(union)
 
 
@@ -195,6 +197,8 @@ def assign_targets(
 
     Returns:
         ``Targets(loc_targets [B, P, 4], cls_targets [B, P] int64)``; see the module docstring for the rules.
+
+    Reference: :func:`ssd_core.reference.reference_assign_targets` (the rules one box and prior at a time).
     """
     _check_inputs(gt_boxes, gt_labels, gt_mask, priors, gt_difficult)
     if not 0.0 < iou_threshold <= 1.0:
@@ -211,7 +215,7 @@ def assign_targets(
         boxes = gt_boxes[image, slot]  # [N, 4]
         labels = gt_labels[image, slot].long()  # [N]
         regular = ~gt_difficult[image, slot] if gt_difficult is not None else torch.ones_like(image, dtype=torch.bool)
-        iou = prior_gt_iou(boxes, cxcywh_to_xyxy(priors))  # [P, N]
+        iou = prior_gt_iou(cxcywh_to_xyxy(priors), boxes)  # [P, N]
 
         # The candidate pairs: each box's best priors and every pair at or above the threshold. They are few,
         # so first find the priors that have any (one fast row reduction), then search only their rows.

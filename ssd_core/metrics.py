@@ -39,6 +39,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ssd_core.boxes import box_iou
+
 ArrayLike = np.ndarray | torch.Tensor
 
 _RECALL_LEVELS_07 = np.arange(11) / 10.0  # 0, 0.1, ..., 1.0, each the float nearest k/10
@@ -295,7 +297,11 @@ def _flatten_detections(det_boxes, det_scores, det_labels, num_classes: int) -> 
 def _best_overlaps(boxes, labels, image, gt: _PaddedGT, box_offset: float) -> tuple[np.ndarray, np.ndarray]:
     """Highest IoU of each detection with a ground-truth box of its class in its image, and that box's index.
 
-    boxes [D, 4], labels [D], image [D] -> ovmax [D] (-inf when no box of the class overlaps), jmax [D].
+    boxes [D, 4], labels [D], image [D] -> ovmax [D] (-inf when the image has no box of the class), jmax [D].
+    ``box_iou`` with ``offset=box_offset`` computes the devkit's overlap (``iw * ih / ua``, widths and heights
+    plus the offset) with the same float64 operations in the same order wherever the boxes overlap; where
+    they do not, the devkit skips the box and ``box_iou`` gives 0, which is below every threshold in (0, 1]
+    as well, so the matches are the devkit's.
     """
     num = boxes.shape[0]
     ovmax = np.full(num, -np.inf)
@@ -303,17 +309,9 @@ def _best_overlaps(boxes, labels, image, gt: _PaddedGT, box_offset: float) -> tu
     chunk = max(1, _MAX_PAIRS_PER_CHUNK // gt.width)
     for start in range(0, num, chunk):
         sl = slice(start, min(start + chunk, num))
-        det = boxes[sl, None, :]  # [d, 1, 4]
-        ref = gt.boxes[image[sl]]  # [d, Gmax, 4]
-        iw = np.minimum(det[..., 2], ref[..., 2]) - np.maximum(det[..., 0], ref[..., 0]) + box_offset  # [d, Gmax]
-        ih = np.minimum(det[..., 3], ref[..., 3]) - np.maximum(det[..., 1], ref[..., 1]) + box_offset
-        overlapping = (iw > 0) & (ih > 0)  # the devkit considers only boxes that overlap
-        inter = np.where(overlapping, iw * ih, 0.0)
-        area_det = (det[..., 2] - det[..., 0] + box_offset) * (det[..., 3] - det[..., 1] + box_offset)
-        area_ref = (ref[..., 2] - ref[..., 0] + box_offset) * (ref[..., 3] - ref[..., 1] + box_offset)
-        union = area_det + area_ref - inter
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(overlapping & (union > 0), inter / union, -np.inf)
+        det = torch.from_numpy(boxes[sl, None, :])  # [d, 1, 4]
+        ref = torch.from_numpy(gt.boxes[image[sl]])  # [d, Gmax, 4]
+        iou = box_iou(det, ref, offset=box_offset)[:, 0].numpy()  # [d, Gmax] float64
         iou[gt.labels[image[sl]] != labels[sl, None]] = -np.inf  # other classes and padding
         jmax[sl] = np.argmax(iou, axis=1)  # first maximum, like the devkit's strict ``ov > ovmax``
         ovmax[sl] = np.take_along_axis(iou, jmax[sl, None], axis=1)[:, 0]

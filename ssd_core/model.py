@@ -17,10 +17,11 @@ alike, float32 even under autocast, in the order of ``generate_priors(model.prio
 level, and inside a level row, column, then box.
 
 Precision and layout, chosen by the caller: ``model.to(memory_format=torch.channels_last)`` (NHWC
-convolutions: on CPU ~15% faster in fp32, and what makes bf16 fast; the head permutes become free
-views); ``torch.autocast("cpu" | "cuda", dtype=torch.bfloat16)``, or fp16 autocast with a GradScaler
-on GPU. L2Norm accumulates its norm in float32 and the outputs are cast to float32, so the loss and
-its hard-negative ranking never run in 16 bits. ReLUs are in place.
+convolutions: faster on CPU in fp32, and what makes bf16 fast; the head permutes become free views;
+``benchmarks/bench_train_step.py`` measures the combinations); ``torch.autocast("cpu" | "cuda",
+dtype=torch.bfloat16)``, or fp16 autocast with a GradScaler on GPU. L2Norm accumulates its norm in float32
+and the outputs are cast to float32, so the loss and its hard-negative ranking never run in 16 bits. ReLUs
+are in place.
 """
 
 from __future__ import annotations
@@ -283,13 +284,12 @@ def _tiny_layers() -> tuple[list[nn.Module], int, tuple[int, ...], list[nn.Seque
     """A narrow VGG-style base with batch norm for 160x160 input (~1.3 M parameters with 6 classes).
 
     Sources (channels @ side): 128 @ 20 (after L2Norm), 256 @ 10 ("fc7"), then 128 @ 5, 3, 1; 2,390 priors.
-    Forward + backward at batch 32 on one core of this machine: ~15 ms/image fp32, ~12 channels_last,
-    ~7 bf16 + channels_last (benchmarks/bench_train_step.py).
+    Its step time in each precision and memory layout: ``benchmarks/bench_train_step.py``.
 
     Batch norm after every conv (absent from the VGG presets, which follow the paper) lets this
     from-scratch model train quickly at high learning rates. The first two convs have stride 2 instead
     of VGG's conv + pool pairs: at 160x160 and 80x80 the early layers are memory-bound on CPU (a
-    full-resolution conv stage with its BN, ReLU and pool cost a quarter of the step), and objects
+    full-resolution conv stage with its BN, ReLU and pool costs a large share of the step), and objects
     below ~5 px are out of reach at any rate.
     """
     bn = {"batch_norm": True}

@@ -14,8 +14,8 @@ Zheng et al. 2020, proves the same). Columns are processed in blocks of at most 
 kept boxes of earlier blocks suppress a block in one step, then the block iterates on its own, which
 bounds both memory and the worst-case number of rounds. Many groups (classes x images) go through
 together, in chunks sized so that the IoU temporaries stay in CPU cache (written in place into reused
-buffers): on a 2-core machine that is an order of magnitude faster than one big IoU tensor, and memory
-stays bounded for any number of boxes.
+buffers): on a CPU that is much faster than one big IoU tensor (``benchmarks/bench_postprocess.py``
+measures it), and memory stays bounded for any number of boxes.
 
 The IoU is computed with exactly the operations of :func:`ssd_core.boxes.box_iou`, so ``nms`` keeps the
 same boxes as a reference built on ``box_iou``, bit for bit, ties included.
@@ -74,8 +74,9 @@ def _overlaps(
     """``box_iou > iou_threshold`` as 0/1 floats: ``rows [4, g, R]``, ``cols [4, g, M]`` -> ``[g, R, M]``.
 
     Boxes come coordinate-major (x1, y1, x2, y2 each a contiguous ``[g, n]`` plane) so that every
-    pairwise op reads unit-stride rows; with ``[g, n, 4]`` boxes the broadcast ops run ~30x slower.
-    The same float operations in the same order as ``box_iou`` (so the same bits), written into the
+    pairwise op reads unit-stride rows (with ``[g, n, 4]`` boxes every broadcast op reads with stride 4, many
+    times slower). The same float operations in the same order as ``box_iou`` (so the same bits, as
+    ``tests/ssd_core/test_postprocess.py`` checks), written into the
     workspace. ``union >= inter`` always holds (rounding is monotonic), so ``box_iou``'s guard for an
     empty union reduces to the ``clamp``. The result is a workspace view, valid until the next call.
     """

@@ -37,7 +37,8 @@ def test_ssd_core_sources_import_only_torch_numpy_and_stdlib():
 
 
 def test_importing_every_ssd_core_module_loads_no_pipeline_dependency():
-    modules = [f"ssd_core.{p.stem}" for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__"]
+    parts = [p.relative_to(PACKAGE_DIR).with_suffix("").parts for p in sorted(PACKAGE_DIR.rglob("*.py"))]
+    modules = [".".join(("ssd_core", *(part for part in path if part != "__init__"))) for path in parts]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -100,8 +100,8 @@ def run_inference(model, shards: str, cfg: EvalConfig, *, device: torch.device, 
                   progress: bool = True) -> Collected:  # fmt: skip
     """Run ``model`` (an ``ssd_core.model.SSD`` in eval mode) over every validation sample of ``shards``."""
     from pipeline.data import eval_loader
+    from ssd_core.augment import normalize_images
     from ssd_core.postprocess import postprocess
-    from ssd_core.transforms import normalize_images
 
     loader = eval_loader(shards, split="val", batch_size=cfg.batch_size, image_size=model.image_size,
                          num_workers=num_workers)  # fmt: skip

@@ -228,7 +228,7 @@ def read_image(path: Path, *, image_size: int, max_pixels: int) -> tuple[Image.I
     Raises:
         ImageRejected: the file is not a usable image (reason as ``pipeline.sources.images``).
     """
-    from ssd_core.transforms import eval_transform
+    from ssd_core.augment import eval_transform
 
     image = load_rgb(path, max_pixels=max_pixels)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3], a writable copy
@@ -259,8 +259,8 @@ def predict_images(
     Images are read ``batch_size`` at a time on ``READ_THREADS`` threads, the next batch while the model
     runs on this one; the images of a batch that could be read go through one forward pass.
     """
+    from ssd_core.augment import normalize_images
     from ssd_core.postprocess import postprocess
-    from ssd_core.transforms import normalize_images
 
     if batch_size < 1:
         raise InputError(f"predict: --batch-size: expected a positive number, got {batch_size}")

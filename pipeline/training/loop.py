@@ -39,11 +39,11 @@ from pipeline.training.guard import SkipGuard, StepStats, reduce_step
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.progress import Progress
+from ssd_core.augment import AugmentOptions, normalize_images
 from ssd_core.backbone import load_vgg16_backbone
 from ssd_core.loss import multibox_loss
 from ssd_core.matching import assign_targets
 from ssd_core.model import SSD, build_ssd
-from ssd_core.transforms import AugmentOptions, normalize_images
 
 logger = logging.getLogger(__name__)
 

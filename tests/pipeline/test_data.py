@@ -31,16 +31,12 @@ from pipeline.data import (
     train_sample,
     train_samples,
 )
+from pipeline.jpeg import decode_reduction
 from pipeline.sources.records import write_index
 from pipeline.stages.prepare import prepare
 from pipeline.stages.shard import shard
-from ssd_core.transforms import (
-    AugmentOptions,
-    canvas_window,
-    decode_reduction,
-    plan_augmentation,
-    train_transform,
-)
+from ssd_core.augment import AugmentOptions, plan_augmentation, train_transform
+from ssd_core.reference import canvas_window
 from tests.pipeline.fixtures import Obj, image_with_box, make_params, prepare_and_shard, save_jpeg, voc_xml
 
 FULL = AugmentOptions()

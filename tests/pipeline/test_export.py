@@ -33,11 +33,11 @@ from pipeline.onnx_export import (
     sample_images,
 )
 from pipeline.stages import export as export_stage
+from ssd_core.augment import normalize_images
 from ssd_core.coding import decode_boxes
 from ssd_core.deploy import DeployedSSD
 from ssd_core.model import build_ssd
 from ssd_core.postprocess import nms, postprocess
-from ssd_core.transforms import normalize_images
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["circle", "square", "triangle"]

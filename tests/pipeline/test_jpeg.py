@@ -6,9 +6,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.jpeg import JpegError, decode_rgb, jpeg_size
+from pipeline.jpeg import JpegError, decode_reduction, decode_rgb, jpeg_size
+from ssd_core.augment import AugmentOptions, plan_augmentation, reduced_size
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -82,3 +84,18 @@ def test_reduction_must_be_a_dct_scaling():
     data = _jpeg(_photo(32, 32))
     with pytest.raises(ValueError, match="reduction 1, 2, 4 or 8"):
         decode_rgb(data, width=32, height=32, reduction=3)
+
+
+def test_decode_reduction_rule():
+    boxes, labels, difficult = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
+    seen = set()
+    for seed in range(200):
+        plan = plan_augmentation(500, 400, boxes, labels, difficult, options=AugmentOptions(),
+                                 generator=torch.Generator().manual_seed(seed))
+        r = decode_reduction(plan, 100)
+        x0, y0, x1, y1 = plan.window
+        side = min(x1 - x0, y1 - y0)
+        assert side >= r * 100 and (r == 8 or side < 2 * r * 100)  # the largest power of two that fits, up to 8
+        seen.add(r)
+    assert seen == {1, 2, 4, 8}
+    assert reduced_size(650, 417, 4) == (163, 105) and reduced_size(8, 8, 8) == (1, 1)

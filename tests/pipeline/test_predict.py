@@ -46,10 +46,10 @@ from pipeline.drawing import class_colour, draw_detections, label_text
 from pipeline.model_file import load_model_file, save_model_file
 from pipeline.sources.images import load_rgb
 from pipeline.stages.predict import InputError, collect_inputs, drawn_names, resolve_device
+from ssd_core.augment import eval_transform, normalize_images
 from ssd_core.model import build_ssd
 from ssd_core.postprocess import postprocess
 from ssd_core.priors import generate_priors
-from ssd_core.transforms import eval_transform, normalize_images
 from tests.pipeline.fixtures import eps_bytes, image_with_box, png_header_only, save_jpeg
 
 REPO = Path(__file__).resolve().parents[2]

@@ -88,6 +88,34 @@ def test_iou_broadcasts_over_leading_dims():
     torch.testing.assert_close(batched[1], box_iou(a[1], b))
 
 
+def test_iou_with_the_devkit_pixel_offset_by_hand():
+    # [0, 0, 9, 9] and [0, 0, 9, 4] as inclusive pixels (offset 1): 10 x 10 and 10 x 5, IoU 50 / 100 = 0.5;
+    # as continuous coordinates: 9 x 9 and 9 x 4, IoU 36 / 81.
+    a, b = torch.tensor([[0.0, 0.0, 9.0, 9.0]]), torch.tensor([[0.0, 0.0, 9.0, 4.0]])
+    assert box_iou(a, b, offset=1.0).item() == 0.5
+    assert box_iou(a, b).item() == pytest.approx(36 / 81)
+    assert box_area(a, offset=1.0).item() == 100.0
+
+
+def test_iou_with_offset_is_the_devkit_overlap_bit_for_bit():
+    # The VOC devkit's overlap, written as it does (iw, ih, ua in that order), for overlapping pairs; the
+    # metric relies on box_iou reproducing it exactly, and on non-overlapping pairs giving 0 (below any threshold).
+    gen = torch.Generator().manual_seed(3)
+    a = random_boxes(40, gen).double() * 37
+    b = random_boxes(50, gen).double() * 37
+    for offset in (0.0, 1.0, 0.25):
+        det, ref = a[:, None, :], b[None, :, :]  # [N, 1, 4], [1, M, 4]
+        iw = torch.minimum(det[..., 2], ref[..., 2]) - torch.maximum(det[..., 0], ref[..., 0]) + offset  # [N, M]
+        ih = torch.minimum(det[..., 3], ref[..., 3]) - torch.maximum(det[..., 1], ref[..., 1]) + offset
+        ua = ((det[..., 2] - det[..., 0] + offset) * (det[..., 3] - det[..., 1] + offset)
+              + (ref[..., 2] - ref[..., 0] + offset) * (ref[..., 3] - ref[..., 1] + offset) - iw * ih)
+        overlapping = (iw > 0) & (ih > 0)
+        iou = box_iou(a, b, offset=offset)
+        assert overlapping.any() and (~overlapping).any()
+        assert torch.equal(iou[overlapping], (iw * ih / ua)[overlapping])
+        assert bool((iou[~overlapping] == 0).all())
+
+
 def test_iou_of_two_degenerate_boxes_is_zero_not_nan():
     point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
     assert box_iou(point, point).item() == 0.0

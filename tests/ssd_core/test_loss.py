@@ -1,12 +1,11 @@
-"""ssd_core.loss: the seed notebook's worked example, a slow reference (values and gradients), edge cases."""
+"""ssd_core.loss: the seed notebook's worked example, ssd_core.reference (values and gradients), edge cases."""
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ssd_core.loss import LossTerms, background_rank_key, hard_negative_mask, multibox_loss
+from ssd_core.reference import reference_hard_negative_mask, reference_multibox_loss
 
 # ../shared/seeds/003_90fd92c1ab64e943.txt: 3 images x 5 anchors, 3 classes with BACKGROUND IN THE LAST
 # COLUMN of the one-hot targets, and the per-anchor cross-entropy `conf` it mines from.
@@ -105,36 +104,6 @@ def test_seed_example_through_multibox_loss():
     torch.testing.assert_close(terms.total, terms.conf + terms.loc)
 
 
-def reference_loss(loc_pred, logits, loc_targets, cls_targets, neg_pos_ratio=3, alpha=1.0, normalize="batch"):
-    """The loss of the module docstring, one image and one prior at a time (autograd gives the gradients)."""
-    num_images, num_priors, _ = logits.shape
-    loc_terms, conf_terms, counts = [], [], []
-    for b in range(num_images):
-        log_prob = torch.log_softmax(logits[b].double(), dim=-1)  # [P, C]
-        labels = cls_targets[b].tolist()
-        positives = [p for p in range(num_priors) if labels[p] > 0]
-        negatives = [p for p in range(num_priors) if labels[p] == 0]
-        background_loss = (-log_prob[:, 0]).tolist()
-        keep = min(math.floor(neg_pos_ratio * len(positives)), len(negatives))
-        mined = sorted(negatives, key=lambda p: -background_loss[p])[:keep]
-        conf = sum((-log_prob[p, labels[p]] for p in positives), torch.zeros((), dtype=torch.float64))
-        conf = conf + sum((-log_prob[p, 0] for p in mined), torch.zeros((), dtype=torch.float64))
-        loc = sum(
-            (F.smooth_l1_loss(loc_pred[b, p].double(), loc_targets[b, p].double(), reduction="sum") for p in positives),
-            torch.zeros((), dtype=torch.float64),
-        )
-        loc_terms.append(loc)
-        conf_terms.append(conf)
-        counts.append(len(positives))
-    if normalize == "batch":
-        total_n = max(sum(counts), 1)
-        loc, conf = sum(loc_terms) / total_n, sum(conf_terms) / total_n
-    else:
-        loc = sum(t / max(n, 1) for t, n in zip(loc_terms, counts, strict=True)) / num_images
-        conf = sum(t / max(n, 1) for t, n in zip(conf_terms, counts, strict=True)) / num_images
-    return conf + alpha * loc, loc, conf
-
-
 def random_problem(seed: int, num_images=3, num_priors=300, num_classes=6, empty_image=False, scale=2.0):
     gen = torch.Generator().manual_seed(seed)
     loc_pred = torch.randn(num_images, num_priors, 4, generator=gen)
@@ -159,7 +128,7 @@ def test_multibox_loss_matches_the_reference_values_and_gradients(seed, normaliz
     ref_loc, ref_logits = loc_pred.clone().requires_grad_(), logits.clone().requires_grad_()
     terms = multibox_loss(ours_loc, ours_logits, loc_targets, cls_targets, neg_pos_ratio=ratio, alpha=1.5,
                           normalize=normalize)
-    total, loc, conf = reference_loss(ref_loc, ref_logits, loc_targets, cls_targets, ratio, 1.5, normalize)
+    total, loc, conf = reference_multibox_loss(ref_loc, ref_logits, loc_targets, cls_targets, ratio, 1.5, normalize)
     torch.testing.assert_close(terms.loc.double(), loc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms.conf.double(), conf, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms.total.double(), total, rtol=1e-5, atol=1e-6)
@@ -167,16 +136,6 @@ def test_multibox_loss_matches_the_reference_values_and_gradients(seed, normaliz
     total.backward()
     torch.testing.assert_close(ours_logits.grad, ref_logits.grad.float(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ours_loc.grad, ref_loc.grad.float(), rtol=1e-4, atol=1e-7)
-
-
-def reference_mining(conf_loss, positive, ratio, ignore=None):
-    mask = torch.zeros_like(positive)
-    for b in range(conf_loss.shape[0]):
-        pool = [p for p in range(conf_loss.shape[1]) if not positive[b, p] and (ignore is None or not ignore[b, p])]
-        keep = min(math.floor(ratio * int(positive[b].sum())), len(pool))
-        for p in sorted(pool, key=lambda p: -float(conf_loss[b, p]))[:keep]:
-            mask[b, p] = True
-    return mask
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -188,7 +147,7 @@ def test_hard_negative_mask_matches_the_reference(seed):
     ignore = (torch.rand(5, 400, generator=gen) < 0.05) & ~positive if seed % 2 else None
     ratio = (3, 2.5, 3, 1)[seed]
     mask = hard_negative_mask(conf_loss, positive, ratio, ignore_mask=ignore)
-    assert torch.equal(mask, reference_mining(conf_loss, positive, ratio, ignore))
+    assert torch.equal(mask, reference_hard_negative_mask(conf_loss, positive, ratio, ignore))
     assert not bool((mask & positive).any()) and not bool(mask[0].any())
 
 
@@ -215,7 +174,7 @@ def test_background_rank_key_orders_like_the_background_loss():
 def test_huge_logits_give_the_reference_loss():
     loc_pred, logits, loc_targets, cls_targets = random_problem(7, scale=150.0)
     terms = multibox_loss(loc_pred, logits, loc_targets, cls_targets)
-    total, _, _ = reference_loss(loc_pred, logits, loc_targets, cls_targets)
+    total, _, _ = reference_multibox_loss(loc_pred, logits, loc_targets, cls_targets)
     assert bool(torch.isfinite(terms.total))
     torch.testing.assert_close(terms.total.double(), total, rtol=1e-5, atol=1e-4)
 

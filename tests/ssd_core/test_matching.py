@@ -1,4 +1,4 @@
-"""ssd_core.matching: hand examples, a slow reference on random batches, properties and edge cases."""
+"""ssd_core.matching: hand examples, ssd_core.reference on random batches, properties and edge cases."""
 
 import math
 
@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssd_core.boxes import box_iou, cxcywh_to_xyxy
-from ssd_core.coding import decode_boxes, encode_boxes
+from ssd_core.coding import decode_boxes
 from ssd_core.matching import Targets, assign_targets, prior_gt_iou
 from ssd_core.priors import SSD300_VOC, PriorSpec, generate_priors
+from ssd_core.reference import reference_assign_targets
 
 SSD300_PRIORS = generate_priors(SSD300_VOC)  # [8732, 4]
 # A small grid (5x5, 3x3, 1x1 maps; 25*4 + 9*6 + 1*4 = 158 priors) keeps the Python reference quick.
@@ -21,54 +22,6 @@ SMALL_PRIORS = generate_priors(
 QUADRANTS = torch.tensor(
     [[0.25, 0.25, 0.5, 0.5], [0.75, 0.25, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]
 )
-
-
-def reference_assign(gt_boxes, gt_labels, gt_mask, priors, iou_threshold=0.5, gt_difficult=None):
-    """The rules of the module docstring, one image, box and prior at a time."""
-    num_images, num_gt = gt_mask.shape
-    num_priors = len(priors)
-    cls = torch.zeros(num_images, num_priors, dtype=torch.long)
-    loc = torch.zeros(num_images, num_priors, 4)
-    for b in range(num_images):
-        valid = [g for g in range(num_gt) if gt_mask[b, g]]
-        regular = [g for g in valid if gt_difficult is None or not gt_difficult[b, g]]
-        hard = [g for g in valid if g not in regular]
-        iou = box_iou(gt_boxes[b], cxcywh_to_xyxy(priors)).tolist()  # [G][P]
-        matched = {}
-        for p in range(num_priors):  # threshold matches: the best regular box, the earlier one on ties
-            best_g, best_v = None, -1.0
-            for g in regular:
-                if iou[g][p] > best_v:
-                    best_g, best_v = g, iou[g][p]
-            if best_g is not None and best_v >= iou_threshold:
-                matched[p] = best_g
-        claimed, pending, forced = set(), list(regular), {}
-        while pending:  # forced matches: rounds of proposals
-            proposals = {}
-            for g in pending:
-                free = [p for p in range(num_priors) if p not in claimed]
-                if free:
-                    proposals[g] = max(free, key=lambda p, g=g: (iou[g][p], -p))  # best IoU, lowest index
-            by_prior = {}
-            for g, p in proposals.items():
-                by_prior.setdefault(p, []).append(g)
-            pending = []
-            for p, boxes in by_prior.items():
-                winner = max(boxes, key=lambda g, p=p: (iou[g][p], g))  # higher IoU, later box on ties
-                forced[winner] = p
-                claimed.add(p)
-                pending += [g for g in boxes if g != winner]
-        for g, p in forced.items():
-            matched[p] = g
-        for p, g in matched.items():
-            cls[b, p] = int(gt_labels[b, g])
-            loc[b, p] = encode_boxes(gt_boxes[b, g], priors[p])
-        for g in hard:
-            best_p = max(range(num_priors), key=lambda p, g=g: (iou[g][p], -p))
-            for p in range(num_priors):
-                if p not in matched and (iou[g][p] >= iou_threshold or p == best_p):
-                    cls[b, p] = -1
-    return loc, cls
 
 
 def random_batch(gen, num_images, num_gt, *, duplicates=True, difficult_rate=0.0):
@@ -132,7 +85,7 @@ def test_matches_the_reference_on_random_batches(seed):
     targets = assign_targets(
         boxes, labels, mask, SMALL_PRIORS, iou_threshold=threshold, gt_difficult=difficult if seed % 2 else None
     )
-    loc, cls = reference_assign(
+    loc, cls = reference_assign_targets(
         boxes, labels, mask, SMALL_PRIORS, iou_threshold=threshold, gt_difficult=difficult if seed % 2 else None
     )
     assert torch.equal(targets.cls_targets, cls)
@@ -143,7 +96,7 @@ def test_matches_the_reference_on_ssd300_priors():
     gen = torch.Generator().manual_seed(11)
     boxes, labels, mask, difficult = random_batch(gen, 2, 6, difficult_rate=0.3)
     targets = assign_targets(boxes, labels, mask, SSD300_PRIORS, gt_difficult=difficult)
-    loc, cls = reference_assign(boxes, labels, mask, SSD300_PRIORS, gt_difficult=difficult)
+    loc, cls = reference_assign_targets(boxes, labels, mask, SSD300_PRIORS, gt_difficult=difficult)
     assert torch.equal(targets.cls_targets, cls)
     torch.testing.assert_close(targets.loc_targets, loc)
     assert int((cls > 0).sum()) > 0 and int((cls < 0).sum()) > 0  # the case exercises both
@@ -155,11 +108,11 @@ def test_prior_gt_iou_equals_box_iou(dtype):
     boxes = random_batch(gen, 1, 9, duplicates=False)[0][0].to(dtype)
     boxes = boxes[~boxes.isnan().any(1)]
     priors_xyxy = cxcywh_to_xyxy(SSD300_PRIORS.to(dtype))
-    torch.testing.assert_close(prior_gt_iou(boxes, priors_xyxy), box_iou(priors_xyxy, boxes), atol=0, rtol=0)
+    torch.testing.assert_close(prior_gt_iou(priors_xyxy, boxes), box_iou(priors_xyxy, boxes), atol=0, rtol=0)
     # Priors without shared intervals (random) take the same path, just without the savings.
     random_priors = torch.cat((torch.rand(50, 2, generator=gen), 0.1 + torch.rand(50, 2, generator=gen)), 1)
     random_xyxy = cxcywh_to_xyxy(random_priors.to(dtype))
-    torch.testing.assert_close(prior_gt_iou(boxes, random_xyxy), box_iou(random_xyxy, boxes), atol=0, rtol=0)
+    torch.testing.assert_close(prior_gt_iou(random_xyxy, boxes), box_iou(random_xyxy, boxes), atol=0, rtol=0)
 
 
 @st.composite
@@ -256,6 +209,51 @@ def test_regular_box_wins_over_a_difficult_one():
         gt_difficult=torch.tensor([[True, False]]),
     )
     assert targets.cls_targets.tolist() == [[4, 0, 0, 0]]
+
+
+# ------------------------------------------------------------------------- thresholds at exactly their value
+def just_above(value):
+    """The next float32 above ``value``: IoUs are float32, and so is the threshold they are compared with."""
+    return torch.nextafter(torch.tensor(value), torch.tensor(2.0)).item()
+
+
+def threshold_priors(threshold):
+    """Three priors (cxcywh): p0 = [0, 0, 0.5, 0.5], p1 = [0, 0, 0.5, threshold / 2], p2 = [0.5, 0.5, 1, 1] in xyxy.
+
+    With the box [0, 0, 0.5, 0.5]: IoU(p0) = 1, so p0 is its forced match; p1 lies inside it, IoU(p1) =
+    (0.5 * threshold / 2) / 0.25 = threshold, exactly in float32 for the dyadic thresholds used here (every
+    coordinate, area and quotient is a short binary fraction); IoU(p2) = 0.
+    """
+    return torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.25, threshold / 4, 0.5, threshold / 2], [0.75, 0.75, 0.5, 0.5]])
+
+
+THRESHOLD_BOX = torch.tensor([[[0.0, 0.0, 0.5, 0.5]]])
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.5, 0.75])
+def test_iou_exactly_at_the_threshold_is_positive(threshold):
+    priors = threshold_priors(threshold)
+    assert prior_gt_iou(cxcywh_to_xyxy(priors), THRESHOLD_BOX[0])[:, 0].tolist() == [1.0, threshold, 0.0]
+    labels, mask = torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.bool)
+    at = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=threshold)
+    assert at.cls_targets.tolist() == [[7, 7, 0]]  # ">= threshold": p1 is positive
+    assert reference_assign_targets(THRESHOLD_BOX, labels, mask, priors, threshold)[1].tolist() == [[7, 7, 0]]
+    above = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=just_above(threshold))
+    assert above.cls_targets.tolist() == [[7, 0, 0]]  # the forced match only
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.5, 0.75])
+def test_difficult_box_at_exactly_the_threshold_is_ignored(threshold):
+    priors = threshold_priors(threshold)
+    labels, mask = torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.bool)
+    difficult = mask.clone()
+    at = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=threshold, gt_difficult=difficult)
+    assert at.cls_targets.tolist() == [[-1, -1, 0]]  # its best prior, and p1 at ">= threshold"
+    reference = reference_assign_targets(THRESHOLD_BOX, labels, mask, priors, threshold, difficult)[1]
+    assert reference.tolist() == [[-1, -1, 0]]
+    above = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=just_above(threshold),
+                           gt_difficult=difficult)
+    assert above.cls_targets.tolist() == [[-1, 0, 0]]
 
 
 def test_threshold_one_keeps_only_forced_matches():

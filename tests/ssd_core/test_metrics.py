@@ -232,6 +232,25 @@ def test_iou_exactly_at_threshold_matches():
     assert result.map_voc == 1.0
 
 
+@pytest.mark.parametrize(("threshold", "height"), [(0.5, 5.0), (0.75, 7.5), (0.25, 2.5)])
+def test_iou_exactly_at_any_threshold_matches_and_just_below_it_does_not(threshold, height):
+    # GT [0,0,10,10]; detection [0,0,10,h]: IoU = 10 h / 100 = threshold exactly (dyadic quotients). The
+    # devkit (VOCevaldet.m) counts a match when ``ovmax >= VOCopts.minoverlap``.
+    at = evaluate_voc([np.array([[0, 0, 10, height]])], [np.array([0.9])], [np.array([1])],
+                      [np.array([[0.0, 0, 10, 10]])], [np.array([1])], num_classes=2, iou_threshold=threshold)
+    assert at.curves[0].tp.tolist() == [True] and at.map_voc == 1.0
+    above = np.nextafter(threshold, 1.0)
+    miss = evaluate_voc([np.array([[0, 0, 10, height]])], [np.array([0.9])], [np.array([1])],
+                        [np.array([[0.0, 0, 10, 10]])], [np.array([1])], num_classes=2, iou_threshold=above)
+    assert miss.curves[0].tp.tolist() == [False] and miss.map_voc == 0.0
+
+
+def test_iou_exactly_at_threshold_with_a_difficult_box_is_ignored():
+    # The same exact 0.5 with a difficult box: the detection hits it, so it is ignored (neither TP nor FP).
+    result = _one_image([[0, 0, 10, 10]], [1], [True], [[0, 0, 10, 5]], [0.9], [1])
+    assert result.curves[0].scores.size == 0 and result.num_positives.tolist() == [0]
+
+
 def test_devkit_pixel_offset_changes_the_overlap():
     # GT [0,0,9,9], detection [0,0,9,4] inside it.
     # offset 1 (inclusive pixels): 10x10 vs 10x5 -> IoU 50/100 = .5 -> TP -> AP 1.

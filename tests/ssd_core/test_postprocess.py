@@ -140,6 +140,24 @@ def test_nms_all_suppressed_and_ties_keep_lowest_index():
     assert nms(boxes, torch.tensor([0.5, 0.9, 0.5, 0.9, 0.1]), 1.0).tolist() == [1, 3, 0, 2, 4]
 
 
+def test_nms_overlap_tiles_are_box_iou_above_the_threshold_bit_for_bit():
+    # NMS computes IoU in place in cache-sized tiles, not with box_iou; the two must agree on every pair, also
+    # at thresholds equal to an IoU that occurs (the comparison is then decided by the last bit).
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(g, 2 * 70).view(2, 70, 4)  # two groups
+    boxes[:, 5] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # IoU exactly 0.5 with the next box: 0.125 / 0.25
+    boxes[:, 6] = torch.tensor([0.0, 0.0, 0.5, 0.25])
+    iou = box_iou(boxes, boxes)  # [2, 70, 70]
+    planes, area = boxes.permute(2, 0, 1).contiguous(), pp.box_area(boxes)  # [4, 2, 70], [2, 70]
+    work = pp._Workspace(2 * 70 * 70, torch.float32, torch.device("cpu"))
+    assert iou[0, 5, 6] == 0.5
+    occurring = iou[(iou > 0) & (iou < 1)]  # IoUs of overlapping pairs
+    assert occurring.numel() > 20
+    for threshold in (0.0, 0.3, 0.45, 0.5, 1.0, *occurring[::7].tolist()):
+        over = pp._overlaps(planes, area, planes, area, threshold, work)
+        assert torch.equal(over, (iou > threshold).float()), threshold
+
+
 def test_nms_threshold_is_strict():
     # [0, 0, 3, 1] and [1, 0, 4, 1]: intersection 2, union 3 + 3 - 2 = 4, IoU exactly 0.5.
     boxes = torch.tensor([[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0]])
@@ -267,6 +285,18 @@ def test_postprocess_equals_per_class_loop(seed):
         assert torch.equal(det.labels, labels)
         assert torch.equal(det.scores, scores)
         assert torch.equal(det.boxes, boxes)
+
+
+def test_score_exactly_at_the_threshold_is_dropped():
+    # Four equal logits: the softmax gives every class exactly 1 / 4 (exp(0) / 4). A score must be above the
+    # threshold ("> score_threshold", as ssd.pytorch's Detect: conf_scores.gt(conf_thresh)).
+    loc, logits, priors = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.tensor([[0.5, 0.5, 0.25, 0.25]])
+    assert torch.softmax(logits, dim=-1).unique().tolist() == [0.25]
+    at = postprocess(loc, logits, priors, [[64, 64]], score_threshold=0.25)[0]
+    assert at.scores.numel() == 0
+    below = torch.nextafter(torch.tensor(0.25), torch.tensor(0.0)).item()
+    kept = postprocess(loc, logits, priors, [[64, 64]], score_threshold=below)[0]
+    assert kept.labels.tolist() == [1, 2, 3] and kept.scores.tolist() == [0.25] * 3
 
 
 def test_postprocess_rejects_bad_shapes():

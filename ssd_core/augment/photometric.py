@@ -1,4 +1,4 @@
-"""SSD photometric distortion on float images in [0, 255] (part of :mod:`ssd_core.transforms`).
+"""SSD photometric distortion on float images in [0, 255] (the first step of :mod:`ssd_core.augment`).
 
 The original (Caffe SSD, ssd.pytorch ``PhotometricDistort``): random brightness, then contrast either
 before or after a saturation + hue block, then an optional random channel swap; each step applied with
@@ -15,8 +15,8 @@ probability 1/2. Differences, all deliberate:
   colour identity, and most later SSD ports drop it.
 
 Drawing and applying are separate (:func:`sample_photometric`, :func:`apply_photometric`): every step is a
-function of one pixel's own value, so :mod:`ssd_core.transforms` draws the parameters first and applies
-them only to the source pixels its output reads. :func:`photometric_distort` does both on a whole image.
+function of one pixel's own value, so :mod:`ssd_core.augment` draws the parameters first (in the plan) and
+applies them only to the source pixels its output reads. :func:`photometric_distort` does both on a whole image.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class AugmentConfig:
     photometric: bool = _p(True, help="brightness, contrast, saturation, hue in random order")
     expand: bool = _p(True, help="zoom out onto a mean-filled canvas")
     expand_max_ratio: float = _p(
-        4.0, le=16.0, help="largest canvas side / image side (>= 1: ssd_core.transforms.AugmentOptions decides); "
+        4.0, le=16.0, help="largest canvas side / image side (>= 1: ssd_core.augment.AugmentOptions decides); "
         "the canvas grows with its square, 16 makes a 500 px image an 8000 px canvas"
     )
     crop: bool = _p(True, help="min-IoU random crop")
@@ -413,7 +413,7 @@ def _augment_problems(augment: AugmentConfig) -> list[str]:
     The workers build the same object from ``params.augment``; building it here moves its refusal before
     Ray starts. ssd_core (torch) is imported only when parameters are validated, not when the CLI starts.
     """
-    from ssd_core.transforms import AugmentOptions
+    from ssd_core.augment import AugmentOptions
 
     try:
         AugmentOptions(**dataclasses.asdict(augment))

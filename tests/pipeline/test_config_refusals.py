@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import ssd_core.transforms
+import ssd_core.augment
 from pipeline.config import RUN_NAME_PATTERN, ConfigError, Params, load_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def test_class_names_must_be_distinct_and_non_empty(classes, message):
 
 
 def test_augmentation_is_checked_by_ssd_cores_own_options():
-    # The message is ssd_core.transforms.AugmentOptions's, under the params key.
+    # The message is ssd_core.augment.AugmentOptions's, under the params key.
     refused = _refused("augment.expand_max_ratio=0.5")
     assert refused == "augment.expand_max_ratio: expected a finite number >= 1, got 0.5"
     assert _refused("augment.expand_max_ratio=17") == "augment.expand_max_ratio: must be <= 16.0, got 17.0"
@@ -150,7 +150,7 @@ def test_a_rule_added_to_ssd_cores_augment_options_is_enforced_by_load_params(mo
         if self.flip:
             raise ValueError("AugmentOptions.flip: expected False, got True")
 
-    monkeypatch.setattr(ssd_core.transforms.AugmentOptions, "__post_init__", refuse_flip)
+    monkeypatch.setattr(ssd_core.augment.AugmentOptions, "__post_init__", refuse_flip)
     assert _refused("augment.flip=true") == "augment.flip: expected False, got True"
     assert load_params(None, ["augment.flip=false"]).augment.flip is False
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
+from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import detach_credentials
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -31,31 +32,40 @@ class Command:
     takes_inputs: bool = False  # positional arguments that are not KEY=VALUE are inputs
 
 
+def _path(p: argparse.ArgumentParser, flag: str, stage: str, help: str, *, stage_flag: str = "", url: bool = False):
+    """A path option whose default is the value ``dvc.yaml`` gives ``stage_flag`` (default: ``flag``) in
+    ``stage``'s command; without a ``dvc.yaml`` naming it, the option is required (checked after parsing)."""
+    source = (stage, stage_flag or flag, url)
+    p.add_argument(flag, type=str if url else Path, default=None,
+                   help=f"{help} (default: {source[1]} in the {stage} stage's cmd in dvc.yaml)")  # fmt: skip
+    p.set_defaults(**{f"_dvc_{flag.lstrip('-').replace('-', '_')}": source})
+
+
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("data/prepared"), help="index folder to write")
-    p.add_argument("--report", type=Path, default=Path("reports/prepare.json"), help="counts (DVC metric)")
+    _path(p, "--out", "prepare", "index folder to write")
+    _path(p, "--report", "prepare", "counts (DVC metric)")
 
 
 def _shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", type=Path, default=Path("data/prepared"), help="prepared index folder")
-    p.add_argument("--out", type=Path, default=Path("shards"), help="shard folder (with manifest.json)")
+    _path(p, "--index", "shard", "prepared index folder")
+    _path(p, "--out", "shard", "shard folder (with manifest.json)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", default="shards", help="shard folder or fsspec URL (with manifest.json)")
-    p.add_argument("--model-out", type=Path, default=Path("models/ssd.pt"), help="final model file")
+    _path(p, "--shards", "train", "shard folder or fsspec URL (with manifest.json)", url=True)
+    _path(p, "--model-out", "train", "final model file")
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
-    p.add_argument("--shards", default="shards", help="shard folder or URL (validation split is used)")
-    p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"), help="DVC metrics file")
-    p.add_argument("--plots", type=Path, default=Path("plots"), help="PR-curve data (DVC plots)")
-    p.add_argument("--out", type=Path, default=Path("eval"), help="PNGs and COCO-format JSON")
+    _path(p, "--model", "evaluate", "model file from train")
+    _path(p, "--shards", "evaluate", "shard folder or URL (validation split is used)", url=True)
+    _path(p, "--metrics", "evaluate", "DVC metrics file")
+    _path(p, "--plots", "evaluate", "PR-curve data (DVC plots)")
+    _path(p, "--out", "evaluate", "PNGs and COCO-format JSON")
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="folder for detections.json (COCO results format) and the drawn images")
     p.add_argument("--min-score", type=float, default=0.3, help="detections below this score are left out")
@@ -65,16 +75,16 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=Path("models/ssd.pt"), help="model file from train")
+    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
-    p.add_argument("--out", type=Path, default=Path("models/ssd.onnx"), help="file to write")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default: the model's path, suffix .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--nms", action="store_true",
                    help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores")
 
 
 def _summary_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"), help="eval.json of the run")
+    _path(p, "--metrics", "evaluate", "eval.json of the run")
 
 
 def _no_args(p: argparse.ArgumentParser) -> None:
@@ -137,7 +147,26 @@ def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Name
     args.inputs = [a for a in rest if not _OVERRIDE.match(a)]
     if args.inputs and not command.takes_inputs:
         parser.error(f"{command.name}: unexpected argument(s) {args.inputs}; overrides look like KEY=VALUE")
+    _fill_paths_from_dvc(args, parser, command)
     return args, command, overrides
+
+
+def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentParser, command: Command) -> None:
+    """Give every path option left unset the value ``dvc.yaml``'s stage command names; refuse when none does."""
+    for key in [k for k in vars(args) if k.startswith("_dvc_")]:
+        stage, flag, url = getattr(args, key)
+        delattr(args, key)
+        dest = key.removeprefix("_dvc_")
+        if getattr(args, dest) is not None:
+            continue
+        value = stage_options(stage, DVC_FILE).get(flag)
+        if value is None:
+            own = "--" + dest.replace("_", "-")
+            parser.error(f"{command.name}: {own} is required here: no {DVC_FILE} in {Path.cwd()} gives "
+                         f"{flag} in its {stage} stage")  # fmt: skip
+        setattr(args, dest, value if url else Path(value))
+    if command.name == "export" and args.out is None:
+        args.out = Path(args.model).with_suffix(".onnx")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

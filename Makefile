@@ -73,11 +73,18 @@ lock: $(TOOLS_STAMP)
 	! grep -qiE '^(nvidia-|triton)' requirements.lock || { echo "requirements.lock: a CUDA package came in"; exit 1; }
 	$(PIP_COMPILE) -o requirements-tools.lock requirements-tools.in 2>&1 | $(QUIET_PIP)
 
-# pip-audit reads the pins and hashes of requirements.lock (no resolution, no install) and asks PyPI's JSON API
-# which of those versions have known vulnerabilities; it exits 1 on any. Responses are cached in .cache/pip-audit.
+# pip-audit reads the pins and hashes of requirements.lock (no resolution, no install) and asks a vulnerability
+# service which of those versions have known vulnerabilities; it exits 1 on any. It needs that service: PyPI's
+# JSON API (pypi.org/pypi/NAME/VERSION/json, the default) or an OSV API (AUDIT_SERVICE=osv, OSV_URL= for a
+# mirror of api.osv.dev). --strict: a package the service cannot answer for fails the audit instead of being
+# skipped, so an index mirror without the JSON API gives an error, never "No known vulnerabilities found".
+# Answers are cached in .cache/pip-audit.
+AUDIT_SERVICE ?= pypi
+OSV_URL ?= https://api.osv.dev/v1/query
 audit: $(TOOLS_STAMP)
-	$(TOOLS_VENV)/bin/pip-audit --disable-pip --require-hashes -r requirements.lock \
-		--vulnerability-service pypi --cache-dir .cache/pip-audit --progress-spinner off
+	$(TOOLS_VENV)/bin/pip-audit --disable-pip --require-hashes -r requirements.lock --strict \
+		--vulnerability-service $(AUDIT_SERVICE) --osv-url $(OSV_URL) --cache-dir .cache/pip-audit \
+		--progress-spinner off
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV)

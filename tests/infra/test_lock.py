@@ -112,4 +112,5 @@ def test_make_lock_and_audit_use_the_hashed_tools_and_stay_out_of_make_test():
         assert all(option in c for c in lock), option
     (audit,) = [c for c in _make_commands("audit") if "pip-audit" in c]
     assert "-r requirements.lock" in audit and "--require-hashes" in audit and "--disable-pip" in audit
+    assert "--strict" in audit, "a package the service cannot answer for must fail the audit, not be skipped"
     assert not [c for c in _make_commands("test") if "pip-audit" in c or "pip-compile" in c or "venv-tools" in c]

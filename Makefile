@@ -64,9 +64,10 @@ $(TOOLS_STAMP): requirements-tools.lock
 	$(TOOLS_VENV)/bin/python -m pip check
 	touch $(TOOLS_STAMP)
 
-# Re-resolve both locks (about 10 minutes: every version's hashes are read from the index). torch is the
-# machine's CPU build, 2.13.0+cpu; its pin drops the local label so that the training image's CUDA build
-# (2.13.0+cu128) also satisfies it, while the hash still admits only the CPU wheel here.
+# Re-resolve both locks, keeping every version already locked (the first run reads each version's hashes from
+# the index, about 10 minutes; later runs reuse pip-tools' cache). torch is the machine's CPU build, 2.13.0+cpu;
+# its pin drops the local label so that the training image's CUDA build (2.13.0+cu128) also satisfies it, while
+# the hash still admits only the CPU wheel here.
 lock: $(TOOLS_STAMP)
 	$(PIP_COMPILE) --extra dev -o requirements.lock pyproject.toml 2>&1 | $(QUIET_PIP)
 	sed -E -i 's/^torch==([0-9.]+)\+cpu /torch==\1 /' requirements.lock

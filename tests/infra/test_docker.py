@@ -21,6 +21,7 @@ from tests.infra._infra import (
     dockerfile_args,
     dockerfile_env,
     dockerfile_instructions,
+    image_parts,
     image_tag_problem,
     lock_module,
     lock_pins,
@@ -113,7 +114,8 @@ def test_paths_the_manifests_use_inside_the_image_are_where_the_dockerfile_puts_
     assert workdirs[-1] == home == "/home/ray/ssd"  # infra/k8s/rayjob.yaml refers to /home/ray/ssd/...
     # The image the manifests name says the Python and CUDA that the Dockerfile builds.
     cuda = RAY_TAG.match(_base_image(instructions))["cuda"]
-    assert our_image().endswith(f"-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}")
+    _, tag, _ = image_parts(our_image())
+    assert tag.endswith(f"-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}")
 
 
 # ------------------------------------------------------------------------------------------ entry point

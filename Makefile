@@ -1,9 +1,9 @@
 # Two commands set up a fresh machine:
 #   make run   - install everything into .venv, then run the main job (dvc repro on the embedded default)
 #   make test  - install everything into .venv, then run the whole test suite
-# Supply chain (not part of make test; both need the package index):
+# Supply chain (not part of make test; both need the network):
 #   make lock  - re-resolve requirements.lock (with hashes) after a change of pyproject.toml's dependencies
-#   make audit - look up every locked version in PyPI's vulnerability data (pip-audit)
+#   make audit - look up every locked version in a vulnerability database (pip-audit)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
@@ -18,8 +18,8 @@ TOOLS_STAMP := $(TOOLS_VENV)/.installed-stamp
 # project. Keep the install output readable (sed, unlike grep -v, never fails the pipe).
 QUIET_PIP := sed -e '/is ignored: it is neither a file nor a directory/d'
 # pip-compile writes every hash of each pinned version that the configured indexes serve (all platforms),
-# keeps the versions already in the output file (upgrade with --upgrade-package NAME), and leaves index
-# URLs out (each machine's pip config names its own).
+# keeps the versions already in the output file (make lock LOCK_ARGS="--upgrade-package NAME" moves one),
+# and leaves index URLs out (each machine's pip config names its own).
 PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS_VENV)/bin/pip-compile -q --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 
@@ -68,8 +68,9 @@ $(TOOLS_STAMP): requirements-tools.lock
 # the index, about 10 minutes; later runs reuse pip-tools' cache). torch is the machine's CPU build, 2.13.0+cpu;
 # its pin drops the local label so that the training image's CUDA build (2.13.0+cu128) also satisfies it, while
 # the hash still admits only the CPU wheel here.
+LOCK_ARGS ?=
 lock: $(TOOLS_STAMP)
-	$(PIP_COMPILE) --extra dev -o requirements.lock pyproject.toml 2>&1 | $(QUIET_PIP)
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra dev -o requirements.lock pyproject.toml 2>&1 | $(QUIET_PIP)
 	sed -E -i 's/^torch==([0-9.]+)\+cpu /torch==\1 /' requirements.lock
 	! grep -qiE '^(nvidia-|triton)' requirements.lock || { echo "requirements.lock: a CUDA package came in"; exit 1; }
 	$(PIP_COMPILE) -o requirements-tools.lock requirements-tools.in 2>&1 | $(QUIET_PIP)

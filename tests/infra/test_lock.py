@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -21,7 +22,8 @@ CUDA_PACKAGE = re.compile(r"^(nvidia-|triton|cuda-|cupy)")
 
 def _make_commands(target: str) -> list[str]:
     """The shell commands ``make target`` runs, prerequisites included (``make -n -B``: printed, not run)."""
-    result = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}  # under make test
+    result = subprocess.run(["make", "-n", "-B", target], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [line.strip() for line in result.stdout.replace("\\\n", " ").splitlines() if line.strip()]
 

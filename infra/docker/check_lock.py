@@ -8,9 +8,10 @@ Fails (exit 1, one line per problem) when
     ``torch==2.13.0``: PEP 440 ignores the local label when the pin has none);
   - a runtime requirement of the installed project (extras such as [dev] excluded) is missing or unmet;
   - ``--require-cuda cuXYZ`` is given and torch is not a CUDA X.YZ build (``cu128`` means CUDA 12.8).
-Not problems: what the lock does not list (the nvidia-* wheels of CUDA torch), and what the project does not
-need (the base image's own tools, such as conda, may keep their versions of packages the lock pins only for
-the dev tools).
+Not problems: what the lock does not list (the nvidia-* wheels of CUDA torch, the base image's own tools such
+as conda), and pins of what the project does not need at run time (the dev tools).
+
+The lock itself must be pip-compile's hashed format (read_locked): a malformed entry is an error, not a skip.
 """
 
 from __future__ import annotations
@@ -21,27 +22,73 @@ import sys
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 PROJECT = "ssd-pipeline"
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*(?:#.*)?$")
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#\\]+)$")
+_HASH = re.compile(r"^--hash=sha256:([0-9a-f]{64})$")
+_EXPECTED = "expected 'name==version' followed by '--hash=sha256:<64 hex digits>' options"
+
+
+class LockedPin(NamedTuple):
+    """One entry of the lock: the exact version and the sha256 digests of the files pip may install for it."""
+
+    version: str
+    hashes: tuple[str, ...]  # hex digests, in the lock's order; empty only in a lock without hashes
+    line: int  # where the entry starts in the file (1-based), for messages
+
+
+def read_locked(path: Path) -> dict[str, LockedPin]:
+    """Entries of a pip-compile lock -> {canonical name: LockedPin}.
+
+    The lock is pip's requirements format as ``pip-compile --generate-hashes`` writes it: one entry per package,
+    ``name==version`` and its ``--hash=sha256:...`` options joined by backslash continuations, and comments
+    (``# via ...``) on lines of their own. Anything else (another operator, another option, a second entry for
+    the same name) is refused with its line, because ``pip install --require-hashes`` would install something
+    other than what the lock seems to say.
+    """
+    pins: dict[str, LockedPin] = {}
+    entry, start = "", 0
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if not entry:
+            start = number
+        if line.endswith("\\"):
+            entry += line[:-1] + " "
+            continue
+        entry += line
+        if entry.strip():
+            name, pin = _parse_entry(entry, f"{path}:{start}")
+            if name in pins:
+                raise ValueError(f"{path}:{start}: {name} pinned twice (first on line {pins[name].line})")
+            pins[name] = pin._replace(line=start)
+        entry = ""
+    if entry.strip():
+        raise ValueError(f"{path}:{start}: the last entry ends with a backslash, got {entry!r}")
+    return pins
+
+
+def _parse_entry(entry: str, where: str) -> tuple[str, LockedPin]:
+    first, *options = entry.split()
+    match = _PIN.match(first)
+    if match is None:
+        raise ValueError(f"{where}: {_EXPECTED}, got {entry!r}")
+    hashes = []
+    for option in options:
+        digest = _HASH.match(option)
+        if digest is None:
+            raise ValueError(f"{where}: {_EXPECTED}, got {option!r} in {first}")
+        hashes.append(digest.group(1))
+    return canonicalize_name(match.group(1)), LockedPin(match.group(2), tuple(hashes), 0)
 
 
 def read_lock(path: Path) -> dict[str, str]:
-    """``name==version`` lines of a pip-freeze style lock -> {canonical name: version}; comments skipped."""
-    pins: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _PIN.match(line)
-        if match is None:
-            raise ValueError(f"{path}:{number}: expected 'name==version', got {raw!r}")
-        pins[canonicalize_name(match.group(1))] = match.group(2)
-    return pins
+    """{canonical name: version} of every entry of the lock (see read_locked)."""
+    return {name: pin.version for name, pin in read_locked(path).items()}
 
 
 def installed_versions() -> dict[str, str]:

@@ -98,6 +98,18 @@ def image_tag_problem(ref: str) -> str | None:
     return None
 
 
+IMAGE_REF = re.compile(r"^(?P<name>[^@\s]+?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@sha256:(?P<digest>[0-9a-f]{64}))?$")
+# The digest the files carry until the image exists (infra/README.md, section 1): no registry serves it.
+PLACEHOLDER_DIGEST = "0" * 64
+
+
+def image_parts(ref: str) -> tuple[str, str | None, str | None]:
+    """``registry/name:tag@sha256:hex`` -> (registry/name, tag or None, hex digest or None)."""
+    match = IMAGE_REF.match(ref)
+    assert match, f"not an image reference: {ref!r}"
+    return match["name"], match["tag"], match["digest"]
+
+
 @cache
 def lock_module() -> ModuleType:
     """infra/docker/check_lock.py, imported from its path (infra/ is not a package)."""

@@ -21,6 +21,7 @@ from tests.infra._infra import (
     dockerfile_args,
     dockerfile_env,
     dockerfile_instructions,
+    image_parts,
     image_tag_problem,
     lock_module,
     lock_pins,
@@ -62,10 +63,15 @@ def test_cuda_torch_matches_the_lock_and_the_base_image(instructions):
     runs = [rest for keyword, rest in instructions if keyword == "RUN"]
     torch_install = [r for r in runs if "--index-url" in r and "torch==" in r]
     assert len(torch_install) == 1, "torch comes from the CUDA index, in one step"
-    # Everything after torch is installed with the lock as constraints, and the build checks the result.
+    # Everything after torch is the lock, installed hash-checked with no resolution of its own; the project is
+    # built with the locked setuptools (no isolated build fetching tools unhashed); the build checks the result.
     later = runs[runs.index(torch_install[0]) + 1 :]
-    assert any("-c requirements.lock" in r and "-r /tmp/requirements.txt" in r for r in later)
-    assert any("-c requirements.lock" in r and "--no-deps" in r for r in later)
+    lock_installs = [r for r in later if "-r requirements.lock" in r]
+    assert lock_installs and all("--require-hashes" in r and "--no-deps" in r for r in lock_installs)
+    assert not any("-c requirements.lock" in r for r in later), "a hashed lock as constraints needs pinned requirements"
+    project = [r for r in later if re.search(r"pip install [^&]*--no-deps --no-build-isolation \.(\s|$)", r)]
+    assert len(project) == 1, "the project is installed from the checkout with the locked setuptools"
+    assert runs.index(project[0]) > runs.index(lock_installs[-1])
     assert any("check_lock.py requirements.lock --require-cuda" in r for r in later)
 
 
@@ -108,7 +114,8 @@ def test_paths_the_manifests_use_inside_the_image_are_where_the_dockerfile_puts_
     assert workdirs[-1] == home == "/home/ray/ssd"  # infra/k8s/rayjob.yaml refers to /home/ray/ssd/...
     # The image the manifests name says the Python and CUDA that the Dockerfile builds.
     cuda = RAY_TAG.match(_base_image(instructions))["cuda"]
-    assert our_image().endswith(f"-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}")
+    _, tag, _ = image_parts(our_image())
+    assert tag.endswith(f"-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}")
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -259,9 +266,29 @@ def test_check_lock_ignores_pins_outside_the_runtime_dependencies():
 
 def test_check_lock_rejects_a_malformed_lock(tmp_path):
     lock = tmp_path / "requirements.lock"
-    lock.write_text("numpy>=1\n")
-    with pytest.raises(ValueError, match=r"requirements.lock:1: expected 'name==version'"):
-        lock_module().read_lock(lock)
+    for text, line in [
+        ("numpy>=1\n", 1),  # not an exact pin
+        ("# header\nsix==1.17.0 \\\n    --hash=md5:0123\n", 2),  # not a sha256 digest
+        ("six==1.17.0 --index-url https://example.org/simple\n", 1),  # an option pip would obey
+        ("six==1.17.0\nSix==1.16.0\n", 2),  # the same project twice (names compare canonically)
+        ("six==1.17.0 \\\n", 1),  # a continuation that never ends
+    ]:
+        lock.write_text(text)
+        with pytest.raises(ValueError, match=rf"requirements.lock:{line}: "):
+            lock_module().read_lock(lock)
+
+
+def test_check_lock_reads_pip_compile_entries_with_their_hashes(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    a, b = "a" * 64, "0123456789abcdef" * 4
+    lock.write_text(
+        "#\n# header\n#\n"
+        f"Six==1.17.0 \\\n    --hash=sha256:{a} \\\n    --hash=sha256:{b}\n    # via\n    #   dvc\n"
+        f"torch==2.13.0 \\\n    --hash=sha256:{b}\n    # via ssd-pipeline (pyproject.toml)\n"
+    )
+    locked = lock_module().read_locked(lock)
+    assert locked == {"six": ("1.17.0", (a, b), 4), "torch": ("2.13.0", (b,), 9)}
+    assert lock_module().read_lock(lock) == {"six": "1.17.0", "torch": "2.13.0"}
 
 
 def test_check_lock_knows_a_cpu_torch_from_a_cuda_one():

@@ -20,7 +20,14 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.config import load_params
-from tests.infra._infra import CLUSTER_YAML, GPU_PARAMS, image_tag_problem, is_secret_name, lock_pins
+from tests.infra._infra import (
+    CLUSTER_YAML,
+    GPU_PARAMS,
+    image_parts,
+    image_tag_problem,
+    is_secret_name,
+    lock_pins,
+)
 
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
@@ -100,7 +107,9 @@ def test_the_gpu_params_fit_one_scale_up(config, monkeypatch):
 def test_image_is_pinned_and_runs_the_locked_ray(config):
     image = config["docker"]["image"]
     assert image_tag_problem(image) is None, image_tag_problem(image)
-    assert f"-ray{lock_pins()['ray']}-" in image.rpartition(":")[2]
+    _, tag, digest = image_parts(image)
+    assert tag and f"-ray{lock_pins()['ray']}-" in tag
+    assert digest, "pulled by digest, so a re-pushed tag cannot change what the nodes run (infra/README.md)"
     assert config["docker"]["pull_before_run"] is True
 
 

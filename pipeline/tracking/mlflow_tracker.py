@@ -56,9 +56,15 @@ DEFAULT_FLUSH_TIMEOUT_S = 120.0
 MODEL_DIGEST_TAG = "model_sha256"  # run tag: sha256 of the model file logged by log_model_file
 _ATEXIT_FLUSH_MAX_S = 30.0  # an interpreter exiting without close() waits at most this long for the queue
 _PERMANENT_ERROR_CODES = {
-    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
-    "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_REQUEST",
-}  # fmt: skip
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_STATE",
+    "BAD_REQUEST",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "INVALID_REQUEST",
+}
 _ILLEGAL_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -109,8 +115,9 @@ class MlflowTracker:
         self._stored_params = stored.params  # param -> value stored or queued: MLflow params are immutable
         self._skipped_steps = 0
         self._staging = Path(tempfile.mkdtemp(prefix="ssd-mlflow-staging-"))
-        self._sender = Sender(self._send_metrics, is_transient=_is_transient, store=self.uri,
-                              name=f"tracker for run {self.run_id}")  # fmt: skip
+        self._sender = Sender(
+            self._send_metrics, is_transient=_is_transient, store=self.uri, name=f"tracker for run {self.run_id}"
+        )
         atexit.register(self._atexit)
         logger.info("MLflow run %s in experiment %r at %s", self.run_id, cfg.experiment, self.uri)
 
@@ -131,8 +138,9 @@ class MlflowTracker:
             stored = self._stored_params.get(name)
             if stored is not None:
                 if stored != text:
-                    logger.warning("param %s changed on resume (%r -> %r); MLflow keeps the first value",
-                                   name, stored, text)  # fmt: skip
+                    logger.warning(
+                        "param %s changed on resume (%r -> %r); MLflow keeps the first value", name, stored, text
+                    )
                 continue
             self._stored_params[name] = text
             fresh.append(Param(name, text))
@@ -167,8 +175,12 @@ class MlflowTracker:
             if step <= self._last_step.get(name, -1):
                 self._skipped_steps += 1
                 if self._skipped_steps == 1:
-                    logger.info("%s at step %d is already stored in run %s; skipping steps already logged",
-                                name, step, self.run_id)  # fmt: skip
+                    logger.info(
+                        "%s at step %d is already stored in run %s; skipping steps already logged",
+                        name,
+                        step,
+                        self.run_id,
+                    )
                 continue
             self._last_step[name] = step
             batch.append(Metric(name, number, now_ms, step))
@@ -193,8 +205,9 @@ class MlflowTracker:
             else:
                 self.client.log_artifact(self.run_id, str(staged), artifact_path=artifact_path)
 
-        self._sender.put_call(f"artifact {source.name}", upload,
-                              cleanup=lambda: shutil.rmtree(staged_dir, ignore_errors=True))  # fmt: skip
+        self._sender.put_call(
+            f"artifact {source.name}", upload, cleanup=lambda: shutil.rmtree(staged_dir, ignore_errors=True)
+        )
 
     def log_model_file(self, path: str | Path, *, metrics: Mapping[str, float] | None = None) -> None:
         """Log the model file under ``model/`` and, with ``tracking.register_model``, register it as a new
@@ -223,8 +236,9 @@ class MlflowTracker:
             tags = {legal_metric_name(k): str(v) for k, v in tags.items()}
             tags["model_file"] = path.name
             tags[MODEL_DIGEST_TAG] = digest
-            version = self.client.create_model_version(self.cfg.model_name, source=source, run_id=self.run_id,
-                                                       tags=tags, await_creation_for=0)  # fmt: skip
+            version = self.client.create_model_version(
+                self.cfg.model_name, source=source, run_id=self.run_id, tags=tags, await_creation_for=0
+            )
             logger.info("registered %s version %s", self.cfg.model_name, version.version)
 
         self._sender.put_call(f"register {self.cfg.model_name}", register)
@@ -247,8 +261,11 @@ class MlflowTracker:
         try:
             profile = shard_dataset_profile(shards, root)
         except (OSError, ValueError) as error:
-            logger.warning("could not read the shard manifest of %s for the run's dataset: %s", redact_uri(shards),
-                           redact_uri(str(error)))  # fmt: skip
+            logger.warning(
+                "could not read the shard manifest of %s for the run's dataset: %s",
+                redact_uri(shards),
+                redact_uri(str(error)),
+            )
             return
         profile["manifest"] = redact_uri(profile["manifest"])
         location = redact_uri(shards) if "://" in shards else str((root / shards).resolve())
@@ -257,8 +274,9 @@ class MlflowTracker:
             from mlflow.entities import DatasetInput, InputTag
 
             dataset = _shard_dataset(location, profile)
-            self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                              [InputTag("mlflow.data.context", context)])])  # fmt: skip
+            self.client.log_inputs(
+                self.run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+            )
 
         self._sender.put_call(f"dataset {location}", log)
 

@@ -118,8 +118,12 @@ class Sender:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         pending = sum(len(op.metrics) or 1 for op in self._ops) + int(self._busy)
-                        logger.error("MLflow store %s: %d queued items (metrics, artifacts...) not stored after %g s",
-                                     self.store, pending, timeout_s)  # fmt: skip
+                        logger.error(
+                            "MLflow store %s: %d queued items (metrics, artifacts...) not stored after %g s",
+                            self.store,
+                            pending,
+                            timeout_s,
+                        )
                         return False
                     self._cond.wait(timeout=min(remaining, 0.5))
             finally:
@@ -200,16 +204,20 @@ class Sender:
                     break
                 failures += 1
                 if failures == 1:
-                    logger.warning("MLflow store %s unavailable (%s); buffering and retrying", self.store,
-                                   _short_error(error))  # fmt: skip
+                    logger.warning(
+                        "MLflow store %s unavailable (%s); buffering and retrying", self.store, _short_error(error)
+                    )
                 if self._stop.wait(delay):
                     logger.error("MLflow store %s: gave up on %s at close", self.store, op.description)
                     break
                 delay = min(delay * 2, self._backoff[1])
                 continue
             if failures:
-                logger.warning("MLflow store %s is back after %.1f s; sending the buffered items",
-                               self.store, time.monotonic() - started)  # fmt: skip
+                logger.warning(
+                    "MLflow store %s is back after %.1f s; sending the buffered items",
+                    self.store,
+                    time.monotonic() - started,
+                )
             break
         if op.cleanup is not None:
             op.cleanup()

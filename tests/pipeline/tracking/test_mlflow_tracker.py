@@ -78,8 +78,9 @@ def test_sqlite_default_store_run_metadata_artifacts_and_resume_without_duplicat
     tracker = create_tracker(cfg, enabled_here=True, run_id=None, run_name="job", repo_root=repo)
     assert isinstance(tracker, MlflowTracker)
     assert tracker.uri == f"sqlite:///{repo.resolve()}/mlflow.db"
-    tracker.log_run_metadata({"train": {"lr": 0.01, "milestones": [3, 5]}, "seed": 0}, world_size=2,
-                             device_type="cpu", shards="shards")  # fmt: skip
+    tracker.log_run_metadata(
+        {"train": {"lr": 0.01, "milestones": [3, 5]}, "seed": 0}, world_size=2, device_type="cpu", shards="shards"
+    )
     for step in range(1, 7):
         tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.01}, step)
     wide = {f"grad/layer{i}/norm": float(i) for i in range(MAX_METRICS_PER_REQUEST + 200)}  # over one request

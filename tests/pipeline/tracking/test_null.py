@@ -17,8 +17,9 @@ def _protocol_methods() -> list[str]:
 def test_disabled_or_other_rank_gets_a_null_tracker(tmp_path):
     other_rank = create_tracker(TrackingConfig(), enabled_here=False, run_id=None, run_name="r", repo_root=tmp_path)
     assert isinstance(other_rank, NullTracker)
-    null = create_tracker(TrackingConfig(enabled=False), enabled_here=True, run_id=None, run_name="r",
-                          repo_root=tmp_path)  # fmt: skip
+    null = create_tracker(
+        TrackingConfig(enabled=False), enabled_here=True, run_id=None, run_name="r", repo_root=tmp_path
+    )
     assert isinstance(null, NullTracker) and null.run_id is None
     null.log_metrics({"a": 1.0}, 1)
     assert null.flush() and null.close()

@@ -38,7 +38,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from pipeline.artifacts.output_folder import check_output_folder, claim_output_f
 from pipeline.coco_eval import CocoMetrics, coco_detections, coco_evaluate, coco_ground_truth
 from pipeline.config import EvalConfig, Params
 from ssd_core.metrics import PRCurve, VocResult, evaluate_voc
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -268,17 +271,7 @@ def run_wall_time_s(now: float | None = None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------- tracking
-def _stored_run_id(loaded) -> str | None:
-    """A tracking run id stored in the model file, if the training side stores one (read defensively)."""
-    for holder in (getattr(loaded, "metadata", None), loaded.params):
-        if isinstance(holder, dict):
-            for key in ("tracking_run_id", "mlflow_run_id", "run_id"):
-                if isinstance(holder.get(key), str) and holder[key]:
-                    return holder[key]
-    return None
-
-
-def open_tracker(params: Params, loaded, model_path: Path, repo_root: Path):
+def open_tracker(params: Params, model_path: Path, repo_root: Path) -> tuple[Tracker, bool]:
     """The MLflow run to report to: the one that logged this model file, else a new one. A disabled
     tracking config gives a ``NullTracker``. Raises ``TrackingError`` early if the server is unreachable."""
     from pipeline.tracking import MODEL_DIGEST_TAG, NullTracker, create_tracker, file_sha256, find_run_by_tag
@@ -286,7 +279,7 @@ def open_tracker(params: Params, loaded, model_path: Path, repo_root: Path):
     if not params.tracking.enabled:
         return NullTracker(), False
     digest = file_sha256(model_path)
-    run_id = _stored_run_id(loaded) or find_run_by_tag(params.tracking, repo_root, MODEL_DIGEST_TAG, digest)
+    run_id = find_run_by_tag(params.tracking, repo_root, MODEL_DIGEST_TAG, digest)
     tracker = create_tracker(params.tracking, enabled_here=True, run_id=run_id,
                              run_name=f"{params.train.run_name}-evaluate", repo_root=repo_root,
                              resume_status=None)  # fmt: skip
@@ -297,7 +290,7 @@ def open_tracker(params: Params, loaded, model_path: Path, repo_root: Path):
     return tracker, run_id is None
 
 
-def log_to_tracking(tracker, result: EvalResult, classes: list[str], paths: dict[str, Path], *, step: int,
+def log_to_tracking(tracker: Tracker, result: EvalResult, classes: list[str], paths: dict[str, Path], *, step: int,
                     images_per_sec: float | None) -> None:  # fmt: skip
     """val/* metrics, per-class table, PR data and PNGs to the run; val metrics as model-version tags.
     A model already evaluated in this run (same step) is not logged again: no metric is stored twice for
@@ -335,7 +328,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model_file(args.model, map_location=device)
     try:
-        tracker, new_run = open_tracker(params, loaded, Path(args.model), repo_root)
+        tracker, new_run = open_tracker(params, Path(args.model), repo_root)
     except TrackingError as error:
         logger.error("%s", error)
         return 2

@@ -99,7 +99,7 @@ class EvalResult(NamedTuple):
 def run_inference(model, shards: str, cfg: EvalConfig, *, device: torch.device, num_workers: int,
                   progress: bool = True) -> Collected:  # fmt: skip
     """Run ``model`` (an ``ssd_core.model.SSD`` in eval mode) over every validation sample of ``shards``."""
-    from pipeline.data import eval_loader
+    from pipeline.shards.loader import eval_loader
     from ssd_core.augment import normalize_images
     from ssd_core.postprocess import postprocess
 

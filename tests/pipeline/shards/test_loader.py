@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data import (
+from pipeline.shards.jpeg import decode_reduction
+from pipeline.shards.loader import (
     EvalBatch,
     ShardError,
     TrainBatch,
@@ -31,7 +32,6 @@ from pipeline.data import (
     train_sample,
     train_samples,
 )
-from pipeline.jpeg import decode_reduction
 from pipeline.sources.records import write_index
 from pipeline.stages.prepare import prepare
 from pipeline.stages.shard import shard
@@ -283,7 +283,7 @@ def test_training_sample_is_a_function_of_its_seed(large_shards):
 def test_a_batch_of_samples_is_each_sample_alone_and_a_corrupt_member_stays_in_its_place(large_shards):
     # Planned together (one vectorised plan for the batch), made one by one: the same samples. A member that
     # cannot be used (bad JSON, bad JPEG) is reported at its position and changes nothing for the others.
-    from pipeline.data import _Corrupt
+    from pipeline.shards.loader import _Corrupt
 
     members = [(jpg, meta) for _, jpg, meta in _members(large_shards)]
     members[2] = (members[2][0], b"{not json")
@@ -374,7 +374,7 @@ GOOD_RECORD = {"id": "x", "width": 4, "height": 3, "boxes": [[0, 0, 2, 2]], "lab
     {"labels": [10**30]},
 ])
 def test_bad_json_records_are_corrupt(change):
-    from pipeline.data import _Corrupt, _parse_record
+    from pipeline.shards.loader import _Corrupt, _parse_record
 
     _parse_record(json.dumps(GOOD_RECORD).encode(), 5)  # the unchanged record is fine
     with pytest.raises(_Corrupt, match="JSON record"):
@@ -383,14 +383,14 @@ def test_bad_json_records_are_corrupt(change):
 
 @pytest.mark.parametrize("text", [b"[1, 2]", b'"a string"', b"[" * 100_000 + b"]" * 100_000])
 def test_a_json_member_that_is_not_an_object_is_corrupt(text):
-    from pipeline.data import _Corrupt, _parse_record
+    from pipeline.shards.loader import _Corrupt, _parse_record
 
     with pytest.raises(_Corrupt, match="bad JSON record"):
         _parse_record(text, 5)
 
 
 def test_the_record_bounds_admit_a_box_on_the_far_edges_of_the_largest_image():
-    from pipeline.data import MAX_SAMPLE_PIXELS, _parse_record
+    from pipeline.shards.loader import MAX_SAMPLE_PIXELS, _parse_record
 
     side = 16_384  # 16384 * 16384 = 2**28 = MAX_SAMPLE_PIXELS
     record = {"id": "x", "width": side, "height": side, "boxes": [[0, 0, side, side]], "labels": [5],

@@ -34,7 +34,7 @@ DCT scaling (``decode_reduction``), which skips most of the inverse-DCT and colo
 sampled from the smaller image (``render_augmentation(..., reduction=r)``; close to, not bit-equal to, the
 full-size result: see ``ssd_core.augment.render``). Orientation is not touched here: the shard stage stores
 every image as an upright RGB JPEG (EXIF orientation applied and dropped), and the record's size and boxes
-are in that frame. Decoding is libjpeg-turbo through simplejpeg (``pipeline.jpeg``: the same pixels as
+are in that frame. Decoding is libjpeg-turbo through simplejpeg (``pipeline.shards.jpeg``: the same pixels as
 PIL, decoded straight into the array that becomes the tensor, ~30% faster); the JPEG header must match
 the record's size before any pixel is decoded.
 
@@ -65,8 +65,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.jpeg import JpegError, decode_reduction, decode_rgb
-from pipeline.manifest import ShardError, ShardInfo, ShardManifest, join, load_manifest
+from pipeline.shards.jpeg import JpegError, decode_reduction, decode_rgb
+from pipeline.shards.manifest import ShardError, ShardInfo, ShardManifest, join, load_manifest
 from ssd_core.augment import AugmentOptions, Sample, eval_transform, plan_augmentations, render_augmentation
 
 __all__ = [

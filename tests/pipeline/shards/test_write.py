@@ -17,8 +17,8 @@ from PIL import Image
 from pipeline import cli
 from pipeline.artifacts.output_folder import MARKER_NAME, OutputFolderError, marker_stage
 from pipeline.config import ShardConfig
-from pipeline.manifest import ShardError, load_manifest
-from pipeline.shards import ShardWriteError, clear_outputs, write_split
+from pipeline.shards.manifest import ShardError, load_manifest
+from pipeline.shards.write import ShardWriteError, clear_outputs, write_split
 from pipeline.sources.records import read_index, write_index
 from pipeline.stages.prepare import prepare
 from pipeline.stages.shard import shard

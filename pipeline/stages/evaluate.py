@@ -321,7 +321,7 @@ def log_to_tracking(tracker, result: EvalResult, classes: list[str], paths: dict
 
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace, params: Params) -> int:
-    from pipeline.model_file import load_model_file
+    from pipeline.artifacts.model_file import load_model_file
     from pipeline.tracking import TrackingError, redact_uri
 
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """``python -m pipeline predict``: detect objects in image files and folders with a trained model file.
 
-No Ray, no MLflow, no shards: the model file (``pipeline.model_file``) and the images are all it needs.
+No Ray, no MLflow, no shards: the model file (``pipeline.artifacts.model_file``) and the images are all it needs.
 
 Inputs are files and folders. A folder contributes the files directly inside it (not its subfolders) whose
 extension is one of ``IMAGE_EXTENSIONS`` (any case), sorted by name; a file named on the command line is
@@ -384,7 +384,7 @@ def _write_json(path: Path, document: dict[str, Any] | list[Any], *, overwrite: 
 def main(args: argparse.Namespace, params: Params) -> int:
     from tqdm import tqdm
 
-    from pipeline.model_file import load_model_file
+    from pipeline.artifacts.model_file import load_model_file
 
     started = time.perf_counter()
     out = Path(args.out)

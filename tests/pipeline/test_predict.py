@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 
 from pipeline import cli
+from pipeline.artifacts.model_file import load_model_file, save_model_file
 from pipeline.config import load_params, params_to_dict
-from pipeline.model_file import load_model_file, save_model_file
 from pipeline.sources.images import load_rgb
 from pipeline.stages.predict import InputError, collect_inputs, drawn_names, resolve_device
 from ssd_core.augment import eval_transform, normalize_images

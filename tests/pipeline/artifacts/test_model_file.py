@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model_file import load_model_file, save_model_file
+from pipeline.artifacts.model_file import load_model_file, save_model_file
 from ssd_core.model import build_ssd
 
 CLASSES = ["circle", "square", "triangle"]
@@ -98,7 +98,7 @@ def _edited(model, tmp_path, edit) -> Path:
 def real_builds(monkeypatch):
     """Records every model the loader builds off the meta device, and refuses big ones: a hostile file
     must be refused before anything real is built (and a test of old code must not allocate gigabytes)."""
-    import pipeline.model_file as model_file
+    import pipeline.artifacts.model_file as model_file
 
     built: list[tuple[str, int]] = []
     real = model_file.build_ssd

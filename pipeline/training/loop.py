@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import TrainConfig, params_to_dict
-from pipeline.grad_stats import GradStats
 from pipeline.shards.loader import TrainBatch, train_loader
 from pipeline.tracking import create_tracker, redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import configure_determinism, rng_state, seed_step, set_rng_state
 from pipeline.training.faults import Faults
+from pipeline.training.grad_stats import GradStats
 from pipeline.training.guard import SkipGuard, StepStats, reduce_step
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler

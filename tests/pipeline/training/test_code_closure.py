@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.code_closure import PROJECT_PACKAGES, import_closure
+from pipeline.training.code_closure import PROJECT_PACKAGES, import_closure
 from pipeline.training.job import TRAINING_CODE, TRAINING_ENTRY, code_digest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STAGE_ENTRIES = {"train": "pipeline/stages/train.py", "evaluate": "pipeline/stages/evaluate.py"}
 
 

@@ -132,9 +132,9 @@ def _reshape(key):
     (_set("classes", ["circle", "", "triangle"]), r"classes\[1\]: expected a non-empty string, got ''"),
     (_set("classes", ["circle", 2, "triangle"]), r"classes\[1\]: expected a non-empty string, got 2"),
     (_set("classes", ["circle", "circle", "square"]), r"classes: expected unique names, got \['circle'\]"),
-    # len(classes) must match the head: one name too many used to load, with a class map off by one.
+    # len(classes) must match the head: one name too many would load with a class map off by one.
     (_set("classes", [*CLASSES, "extra"]), r"num_classes: expected len\(classes\) \+ 1 = 5 .*got 4"),
-    # A few bytes claiming ten million classes: used to build (allocate) the model before any check.
+    # A few bytes claiming ten million classes: refused before the model is built (allocated).
     (_set("num_classes", 10_000_000), r"num_classes: expected len\(classes\) \+ 1 = 4 .*got 10000000"),
     (_set("num_classes", "4"), r"num_classes: .*got '4'"),
     (_set("params", ["lr", 1]), r"params: expected a dict with string keys .*got list"),

@@ -207,7 +207,7 @@ def _rewrite_record(shards: Path, split: str, edit) -> str:
 ], ids=["width-0", "tiny-image", "int-id", "label-9", "box-outside", "difficult-7"])
 def test_a_record_out_of_bounds_is_a_counted_corrupt_sample(uneven_shards, tmp_path, edit):
     """Like a corrupt JPEG: skipped and counted in its batch during training, named by evaluation. A record
-    with width 0 used to raise out of the loader (the whole batch's plan failed)."""
+    with width 0, for one, must not raise out of the loader (it would fail the whole batch's plan)."""
     shutil.copytree(uneven_shards, tmp_path / "shards")
     key = _rewrite_record(tmp_path / "shards", "train", edit)
     for workers in (0, 2):

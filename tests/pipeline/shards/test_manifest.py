@@ -71,8 +71,8 @@ def test_shards_open_through_an_fsspec_url(sharded):
 @pytest.mark.parametrize("name", ["../outside.tar", "sub/train-000000.tar", "..\\outside.tar", "/tmp/outside.tar",
                                   "..", "", "train\0.tar", 7])
 def test_a_shard_name_that_leaves_the_folder_is_refused(sharded, name):
-    """A manifest is data: ``../outside.tar`` (hash and size matching a real file there) used to pass
-    ``verify=True`` and be read as a training shard."""
+    """A manifest is data: ``../outside.tar`` (hash and size matching a real file there) must not
+    pass ``verify=True`` and be read as a training shard."""
     shutil.copy(sharded / "val-000000.tar", sharded.parent / "outside.tar")
     data = json.loads((sharded / "manifest.json").read_text())
     index = next(i for i, s in enumerate(data["shards"]) if s["name"] == "val-000000.tar")

@@ -153,7 +153,7 @@ GOOD_RECORD = {"id": "x", "width": 4, "height": 3, "boxes": [[0, 0, 2, 2]], "lab
     {"labels": [0]},  # background is not a label
     {"difficult": [False, True]},  # length differs
     {"width": "wide"},
-    # Each of these used to pass the check and then raise out of the loader, or to allocate or mislabel.
+    # Each of these would pass a looser check and then raise out of the loader, allocate or mislabel.
     {"width": 0},
     {"height": -3},
     {"width": True},

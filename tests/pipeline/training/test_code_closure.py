@@ -63,7 +63,7 @@ def test_closure_refuses_an_entry_outside_the_packages(tmp_path):
 def test_training_code_is_the_closure_of_the_worker_loop():
     assert TRAINING_CODE == tuple(sorted(_reference_closure(TRAINING_ENTRY)))
     assert "pipeline/shards/jpeg.py" in TRAINING_CODE  # the loader's decoder decides the pixels a run trains on
-    assert "pipeline/sources/images.py" not in TRAINING_CODE  # prepare's reader: training no longer imports it
+    assert "pipeline/sources/images.py" not in TRAINING_CODE  # prepare's reader: training does not import it
     assert "pipeline/training/launcher.py" not in TRAINING_CODE  # the driver: how a run starts, not what it computes
 
 

@@ -7,7 +7,7 @@ scores uniform. One seed, so every run scores the same 500,000 detections.
 
 Timed (wall clock, best of ``--reps`` for ours; pycocotools once unless ``--ref-reps``):
 - ``voc``: ``ssd_core.metrics.evaluate_voc`` (VOC07 11-point + VOC area AP, all classes);
-- ``coco_faster``: building the COCO ground truth / results (``pipeline.coco_eval``) + faster-coco-eval's
+- ``coco_faster``: building the COCO ground truth / results (``pipeline.report.coco_eval``) + faster-coco-eval's
   COCOeval (evaluate, accumulate, summarize) — the COCO path the evaluate stage uses;
 - ``ours_total``: both, i.e. everything the evaluate stage spends on metrics;
 - ``pycocotools``: the reference, COCOeval from pycocotools on the same dicts (loadRes, evaluate,
@@ -37,7 +37,7 @@ sys.path[:0] = [str(REPO)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.coco_eval import STAT_NAMES, coco_detections, coco_evaluate, coco_ground_truth  # noqa: E402
+from pipeline.report.coco_eval import STAT_NAMES, coco_detections, coco_evaluate, coco_ground_truth  # noqa: E402
 from ssd_core.metrics import evaluate_voc  # noqa: E402
 
 NUM_CLASSES = 80

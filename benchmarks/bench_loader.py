@@ -5,13 +5,13 @@ prepared (seeded split) and sharded into a temporary folder; its training split 
 ``--epochs`` times by every path, in each of ``--rounds`` rounds.
 
 Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 32):
-- ``shards``: ``pipeline.data.train_loader`` with the full SSD augmentation at 300 x 300, as the trainer
-  runs it: one loader for all the epochs (``epochs=n``), whose workers run on across epoch boundaries. Its
-  workers make whole batches: each batch's augmentation is planned from the JSON records before decoding,
-  in one vectorised pass (``plan_augmentations``; the same plans as one by one), and each JPEG is decoded
-  (libjpeg-turbo through simplejpeg, ``pipeline.jpeg``) at 1/2, 1/4 or 1/8 when the crop window is that
-  much larger than the output (see ``pipeline.data``); the share of samples decoded at each scale is
-  reported;
+- ``shards``: ``pipeline.shards.loader.train_loader`` with the full SSD augmentation at 300 x 300, as the
+  trainer runs it: one loader for all the epochs (``epochs=n``), whose workers run on across epoch
+  boundaries. Its workers make whole batches: each batch's augmentation is planned from the JSON records
+  before decoding, in one vectorised pass (``plan_augmentations``; the same plans as one by one), and each
+  JPEG is decoded (libjpeg-turbo through simplejpeg, ``pipeline.shards.jpeg``) at 1/2, 1/4 or 1/8 when the
+  crop window is that much larger than the output (see ``pipeline.shards.samples``); the share of samples
+  decoded at each scale is reported;
 - ``folder``: the reference users would write first: a map-style Dataset over the VOC folder that parses
   each XML (defusedxml), opens the JPEG with PIL, applies EXIF orientation, converts to RGB and runs the
   same ``train_transform`` (same per-sample seeding), batched by the same collate, in a ``DataLoader``
@@ -24,8 +24,8 @@ Timed (images/s over all epochs, 2 DataLoader worker processes each, batches of 
   (its workers keep the dataset they started with, so every epoch draws epoch 0's augmentation: the same
   work). The goal's ratio uses the faster of ``folder`` and ``folder_persistent``;
 - ``folder_same_decoder``: ``folder_persistent`` decoding with the shard loader's decoder
-  (``pipeline.jpeg`` instead of PIL; none of the raccoon photos carries an EXIF rotation, checked at start),
-  to show how much of the gap is the decoder and how much the rest;
+  (``pipeline.shards.jpeg`` instead of PIL; none of the raccoon photos carries an EXIF rotation, checked at
+  start), to show how much of the gap is the decoder and how much the rest;
 - ``shards_resize_only``: the shard loader with every augmentation step off (decode + resize to 300): what
   the loader itself costs, without ``train_transform``'s augmentation work;
 - ``decode_only``: the ceiling: the same JPEG bytes, held in memory, only decoded to uint8 tensors with the
@@ -65,9 +65,10 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
-from pipeline.data import collate_train, sample_seed, train_loader  # noqa: E402
-from pipeline.jpeg import decode_reduction, decode_rgb, jpeg_size  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.shards.jpeg import decode_reduction, decode_rgb, jpeg_size  # noqa: E402
+from pipeline.shards.loader import collate_train, train_loader  # noqa: E402
+from pipeline.shards.manifest import load_manifest  # noqa: E402
+from pipeline.shards.order import sample_seed  # noqa: E402
 from pipeline.sources.images import inspect_image, load_rgb  # noqa: E402
 from pipeline.sources.records import read_index, write_index  # noqa: E402
 from pipeline.sources.voc import parse_voc_xml  # noqa: E402
@@ -122,7 +123,7 @@ class FolderDataset(Dataset):
 
 
 class DecodeOnly(Dataset):
-    """The JPEG bytes held in memory, decoded to uint8 ``[3, H, W]``: with ``pipeline.jpeg`` or with PIL."""
+    """The JPEG bytes held in memory, decoded to uint8 ``[3, H, W]``: with ``pipeline.shards.jpeg`` or PIL."""
 
     def __init__(self, blobs: list[bytes], pil: bool = False) -> None:
         self.blobs, self.pil = blobs, pil

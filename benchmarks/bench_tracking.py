@@ -41,8 +41,8 @@ sys.path[:0] = [str(REPO)]
 import torch  # noqa: E402
 
 from pipeline.config import TrackingConfig  # noqa: E402
-from pipeline.grad_stats import GradStats  # noqa: E402
 from pipeline.tracking import create_tracker  # noqa: E402
+from pipeline.training.grad_stats import GradStats  # noqa: E402
 from ssd_core.loss import multibox_loss  # noqa: E402
 from ssd_core.matching import assign_targets  # noqa: E402
 from ssd_core.model import build_ssd  # noqa: E402

@@ -6,7 +6,7 @@ score the detections:
 
 * VOC07 11-point mAP@0.5 (the SSD paper's number) and VOC2010+ area mAP@0.5 (``ssd_core.metrics``,
   difficult boxes ignored as in the devkit), per-class AP and precision-recall curves;
-* COCO mAP@[.5:.95], AP50, AP75, AP small/medium/large through faster-coco-eval (``pipeline.coco_eval``).
+* COCO mAP@[.5:.95], AP50, AP75, AP small/medium/large through faster-coco-eval (``pipeline.report.coco_eval``).
 
 Outputs (paths from the command line, i.e. from ``dvc.yaml``):
 
@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from pipeline.artifacts.atomic_write import write_csv_atomic, write_text_atomic
 from pipeline.artifacts.output_folder import check_output_folder, claim_output_folder
-from pipeline.coco_eval import CocoMetrics, coco_detections, coco_evaluate, coco_ground_truth
 from pipeline.config import EvalConfig, Params
+from pipeline.report.coco_eval import CocoMetrics, coco_detections, coco_evaluate, coco_ground_truth
 from ssd_core.metrics import PRCurve, VocResult, evaluate_voc
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class EvalResult(NamedTuple):
 def run_inference(model, shards: str, cfg: EvalConfig, *, device: torch.device, num_workers: int,
                   progress: bool = True) -> Collected:  # fmt: skip
     """Run ``model`` (an ``ssd_core.model.SSD`` in eval mode) over every validation sample of ``shards``."""
-    from pipeline.data import eval_loader
+    from pipeline.shards.loader import eval_loader
     from ssd_core.augment import normalize_images
     from ssd_core.postprocess import postprocess
 
@@ -207,7 +207,7 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
 
     Each file is written atomically; ``--plots`` and ``--out`` must be new, empty, or folders this stage
     made (``pipeline.artifacts.output_folder``), and only there are stale PR-curve CSVs deleted."""
-    from pipeline.plots import detection_grid_png, pr_curves_png
+    from pipeline.report.plots import detection_grid_png, pr_curves_png
 
     paths: dict[str, Path] = {}
     claim_output_folder(plots_dir, EVALUATE_STAGE, option="--plots")
@@ -314,7 +314,7 @@ def log_to_tracking(tracker: Tracker, result: EvalResult, classes: list[str], pa
 
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace, params: Params) -> int:
-    from pipeline.model_file import load_model_file
+    from pipeline.artifacts.model_file import load_model_file
     from pipeline.tracking import TrackingError, redact_uri
 
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 ``--model`` (``models/ssd.pt``) is exported to ``--out`` (``models/ssd.onnx``) at ``--opset`` (17); with
 ``--nms`` the graph ends in ONNX ``NonMaxSuppression`` with the ``params.eval`` thresholds (see
-``pipeline.onnx_export`` for inputs, outputs and the exact NMS semantics). Before anything is written
+``pipeline.artifacts.onnx_export`` for inputs, outputs and the exact NMS semantics). Before anything is written
 the model passes ``onnx.checker`` and onnxruntime (CPU) is compared with PyTorch on random images: max
 |diff| within ``Tolerance`` for boxes and scores and, with ``--nms``, the same selected indices as
 ``ssd_core``'s NMS. Then the ``.onnx`` is written atomically, and ``<out>.json`` describes it (names,
@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts.atomic_write import write_bytes_atomic
-from pipeline.config import Params
-from pipeline.model_file import load_model_file
-from pipeline.onnx_export import (
+from pipeline.artifacts.model_file import load_model_file
+from pipeline.artifacts.onnx_export import (
     NmsSettings,
     Tolerance,
     check_opset,
@@ -31,6 +30,7 @@ from pipeline.onnx_export import (
     sidecar,
     verify_onnx,
 )
+from pipeline.config import Params
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``python -m pipeline predict``: detect objects in image files and folders with a trained model file.
 
-No Ray, no MLflow, no shards: the model file (``pipeline.model_file``) and the images are all it needs.
+No Ray, no MLflow, no shards: the model file (``pipeline.artifacts.model_file``) and the images are all it needs.
 
 Inputs are files and folders. A folder contributes the files directly inside it (not its subfolders) whose
 extension is one of ``IMAGE_EXTENSIONS`` (any case), sorted by name; a file named on the command line is
@@ -28,7 +28,7 @@ folder predict only creates files and refuses, before starting, when one of its 
                        decreasing score); ``failed``: ``{"file", "reason"}``
 ``results.json``       the plain COCO results list ``[{"image_id", "category_id", "bbox", "score"}]``, as
                        ``COCO.loadRes`` / ``faster_coco_eval`` read it (same ids)
-``images/<name>``      each image with its detections drawn (``pipeline.drawing``), upright, at its
+``images/<name>``      each image with its detections drawn (``pipeline.report.drawing``), upright, at its
                        original size; PNG for ``.png`` inputs, JPEG otherwise; a name already taken by an
                        earlier input gets ``-2``, ``-3``, ... before its extension
 =====================  ==================================================================================
@@ -68,7 +68,7 @@ DRAWN_FOLDER = "images"
 JPEG_QUALITY = 90  # drawn copies: small files, labels still crisp
 MAX_PENDING_SAVES = 16  # drawn images waiting to be written before inference waits for them
 READ_THREADS = 4  # decoding and resizing overlap with the forward pass (PIL and torch release the GIL)
-_BOX_DECIMALS = 2  # as pipeline.coco_eval: 1/100 pixel
+_BOX_DECIMALS = 2  # as pipeline.report.coco_eval: 1/100 pixel
 _SCORE_DECIMALS = 5
 PREDICT_STAGE = "predict"  # the marker of an output folder predict made (pipeline.artifacts.output_folder)
 
@@ -345,7 +345,7 @@ def results_list(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _save_drawn(pred: Prediction, classes: Sequence[str], path: Path, *, overwrite: bool) -> None:
-    from pipeline.drawing import draw_detections
+    from pipeline.report.drawing import draw_detections
 
     order = np.argsort(pred.scores, kind="stable")  # ascending: the best box is drawn last, on top
     drawn = draw_detections(pred.image, pred.boxes[order], pred.scores[order], pred.labels[order], classes)
@@ -384,7 +384,7 @@ def _write_json(path: Path, document: dict[str, Any] | list[Any], *, overwrite: 
 def main(args: argparse.Namespace, params: Params) -> int:
     from tqdm import tqdm
 
-    from pipeline.model_file import load_model_file
+    from pipeline.artifacts.model_file import load_model_file
 
     started = time.perf_counter()
     out = Path(args.out)

@@ -1,9 +1,9 @@
 """``python -m pipeline shard``: the prepared index -> WebDataset shards + ``manifest.json``.
 
 Reads ``--index/{train,val}.jsonl`` and ``classes.json``; writes ``--out/{split}-%06d.tar`` and
-``--out/manifest.json`` (see ``pipeline.shards`` and ``pipeline.manifest``) into a folder the stage owns
-(``pipeline.artifacts.output_folder``). Shows a progress bar and ends with one line of counts and
-throughput.
+``--out/manifest.json`` (see ``pipeline.shards.write`` and ``pipeline.shards.manifest``) into a folder the
+stage owns (``pipeline.artifacts.output_folder``). Shows a progress bar and ends with one line of counts
+and throughput.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.config import Params, ShardConfig
-from pipeline.manifest import ShardManifest
-from pipeline.shards import SHARD_STAGE, ShardWriteError, clear_outputs, write_manifest, write_split
+from pipeline.shards.manifest import ShardManifest
+from pipeline.shards.write import SHARD_STAGE, ShardWriteError, clear_outputs, write_manifest, write_split
 from pipeline.sources.records import SPLITS, read_classes, read_index
 
 logger = logging.getLogger(__name__)

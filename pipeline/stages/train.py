@@ -21,9 +21,9 @@ from pathlib import Path
 import fsspec
 from torch import nn
 
+from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
-from pipeline.manifest import ShardError, load_manifest
-from pipeline.model_file import save_model_file
+from pipeline.shards.manifest import ShardError, load_manifest
 from pipeline.tracking import (
     TrackingError,
     create_tracker,

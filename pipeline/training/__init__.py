@@ -1,6 +1,7 @@
 """Distributed SSD training with Ray Train: one module per job.
 
 - ``job``: ``TrainJob``, what the driver hands the workers; the run identity that names the run folder.
+- ``code_closure``: the source files a run executes (its import closure), hashed into the run identity.
 - ``launcher``: join or start Ray, prepare the run folder, build and run the ``TorchTrainer``.
 - ``loop``: ``train_loop_per_worker``, what every DDP rank runs.
 - ``progress``: rank 0's progress lines and per-step metrics.
@@ -8,6 +9,7 @@
 - ``checkpoint``: atomic checkpoint directories, validation, finding the newest valid one, pruning.
 - ``guard``: the joint non-finite-step decision and skip counting.
 - ``determinism``: seeds from (seed, epoch, step) and deterministic kernels.
+- ``grad_stats``: rank 0's per-layer gradient statistics and their per-epoch table and heatmap.
 - ``faults``: test-only fault injection (SIGKILL, NaN), off unless an environment variable is set.
 
 Nothing here imports Ray at module import time except ``launcher`` and ``loop``.

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.code_closure import import_closure
 from pipeline.config import Params, flatten, params_to_dict
 from pipeline.tracking import redact_uri
+from pipeline.training.code_closure import import_closure
 
 # Params that change how a run is executed but not what it computes: a run may resume under other values.
 # Everything else under seed, model, augment and train is the run's identity (see ``identity_digest``).

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import TrainConfig, params_to_dict
-from pipeline.data import TrainBatch, train_loader
-from pipeline.grad_stats import GradStats
+from pipeline.shards.loader import TrainBatch, train_loader
 from pipeline.tracking import create_tracker, redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import configure_determinism, rng_state, seed_step, set_rng_state
 from pipeline.training.faults import Faults
+from pipeline.training.grad_stats import GradStats
 from pipeline.training.guard import SkipGuard, StepStats, reduce_step
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger.info("rank %d/%d on %s: starting at step %d of %d (%d steps per epoch)",
                 rank, world, device, step, cfg.max_steps, steps_per_epoch)  # fmt: skip
 
-    # One loader for every remaining step: its workers run on across epoch boundaries (pipeline.data).
+    # One loader for every remaining step: its workers run on across epoch boundaries (pipeline.shards.loader).
     first_epoch, first_batch = divmod(step, steps_per_epoch)
     epochs = math.ceil(cfg.max_steps / steps_per_epoch) - first_epoch
     batches = train_loader(**loader_args, epoch=first_epoch, skip_batches=first_batch, epochs=max(epochs, 1),

@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.config import Params, load_params
 from pipeline.sources.records import write_index
 from pipeline.stages.prepare import prepare
 from pipeline.stages.shard import shard
+from ssd_core.augment import normalize_images
+from ssd_core.coding import decode_boxes
+from ssd_core.model import build_ssd
 
 BACKGROUND = (20, 40, 200)  # blue
 MARK = (230, 30, 30)  # red: the annotated region, so tests can see where a box lands after a transform
@@ -365,3 +369,32 @@ def prepare_and_shard(params: Params, base: Path) -> tuple[Path, Path]:
     write_index(index, result.records, result.classes)
     shard(index, shards, params.shard, progress=False)
     return index, shards
+
+
+# ------------------------------------------------------------------------------------------ models
+def random_tiny_ssd(num_classes: int, seed: int = 0) -> torch.nn.Module:
+    """ssd_tiny (160 x 160 input, P = 2390 priors) in eval mode with random weights, its batch norm running
+    statistics and heads randomised so that eval mode matters and scores and boxes are spread out."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = build_ssd("ssd_tiny", num_classes)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # eval uses these, batch statistics would not
+                module.running_mean.normal_(0.0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+        for head in [*model.conf, *model.loc]:  # spread the scores and move boxes off their priors
+            head.weight.normal_(0.0, 0.05, generator=generator)
+    return model.eval()
+
+
+def reference_boxes_scores(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes and scores computed without the deployment wrapper: normalise, forward, decode + clip, softmax.
+
+    ``images``: uint8 ``[B, 3, S, S]``. Returns boxes float32 ``[B, P, 4]`` xyxy normalised, scores ``[B, P, C]``.
+    """
+    with torch.no_grad():
+        out = model(normalize_images(images))
+        boxes = decode_boxes(out.loc, model.priors()).clamp(0.0, 1.0)  # [B, P, 4]
+        scores = torch.softmax(out.cls_logits, dim=-1)  # [B, P, C]
+    return boxes, scores

@@ -16,11 +16,11 @@ from mlflow.tracking import MlflowClient
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline.artifacts.model_file import save_model_file
 from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
-from pipeline.data import eval_loader
-from pipeline.model_file import save_model_file
+from pipeline.shards.loader import eval_loader
 from pipeline.stages.evaluate import SUMMARY_KEYS, Collected, score_detections
 from pipeline.tracking import create_tracker
 from ssd_core.model import build_ssd

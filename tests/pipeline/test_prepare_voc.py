@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import load_manifest
+from pipeline.shards.manifest import load_manifest
 from pipeline.sources.records import read_classes, read_index
 from pipeline.sources.voc import seeded_split
 from pipeline.stages import prepare as prepare_stage

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts.model_file import load_model_file
 from pipeline.cli import main as cli_main
-from pipeline.model_file import load_model_file
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

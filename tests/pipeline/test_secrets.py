@@ -28,9 +28,9 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.artifacts.model_file import save_model_file
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
-from pipeline.model_file import save_model_file
 from pipeline.stages.train import build_job
 from pipeline.tracking import TrackingError, create_tracker, find_run_by_tag
 from ssd_core.model import build_ssd

@@ -20,9 +20,9 @@ import pytest
 import ray
 import torch
 
+from pipeline.artifacts.model_file import load_model_file
 from pipeline.cli import main as cli_main
 from pipeline.config import load_params
-from pipeline.model_file import load_model_file
 from pipeline.stages.train import build_job, train
 from pipeline.training import checkpoint, faults
 from pipeline.training.launcher import TrainingError

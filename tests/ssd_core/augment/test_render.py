@@ -252,7 +252,7 @@ def smooth_image(seed, height, width):
 
 def largest_reduction(plan, size):
     """The largest r in 8, 4, 2 with the window at least ``r * size`` on both sides (else 1): the condition for
-    rendering from a source reduced by r (``pipeline.jpeg.decode_reduction`` chooses the same way)."""
+    rendering from a source reduced by r (``pipeline.shards.jpeg.decode_reduction`` chooses the same way)."""
     x0, y0, x1, y1 = plan.window
     return next((r for r in (8, 4, 2) if min(x1 - x0, y1 - y0) >= r * size), 1)
 

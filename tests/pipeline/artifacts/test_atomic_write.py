@@ -18,7 +18,7 @@ from pipeline.artifacts.atomic_write import (
     write_text_atomic,
 )
 
-PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"
+PIPELINE = Path(__file__).resolve().parents[3] / "pipeline"
 
 
 @pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
@@ -107,6 +107,7 @@ IN_PLACE = re.compile(
     r"\.write_text\(|\.write_bytes\(|open\(.*[\"'][wx]b?\+?[\"']|os\.replace\(|os\.rename\(|\.rename\("
     r"|\.savefig\((?!buffer)|(?<!torch)\.save\((?!buffer)"
 )
+WRITERS = {"artifacts/atomic_write.py", "artifacts/output_folder.py"}  # the modules that implement the writes
 ALLOWED = {
     # Generated images go into the hidden build folder that replacing_folder fsyncs and swaps in whole.
     ("sources/synthetic.py", "sample.image.save(path"),
@@ -117,7 +118,7 @@ def test_no_module_writes_in_place():
     found = []
     for path in sorted(PIPELINE.rglob("*.py")):
         relative = path.relative_to(PIPELINE).as_posix()
-        if relative.startswith("artifacts/"):
+        if relative in WRITERS:
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             code = line.split("#", 1)[0]

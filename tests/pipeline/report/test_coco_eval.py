@@ -1,4 +1,4 @@
-"""pipeline.coco_eval: COCO JSON building, and the faster-coco-eval path against pycocotools' COCOeval."""
+"""pipeline.report.coco_eval: COCO JSON building, and the faster-coco-eval path against pycocotools' COCOeval."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.coco_eval import BACKENDS, STAT_NAMES, coco_detections, coco_evaluate, coco_ground_truth
+from pipeline.report.coco_eval import BACKENDS, STAT_NAMES, coco_detections, coco_evaluate, coco_ground_truth
 
 CLASSES = ["cat", "dog", "bird"]
 

@@ -1,12 +1,10 @@
-"""Shards: WebDataset round trip, byte-identical reruns, sizing, atomic writes, and the manifest check."""
+"""Writing shards: WebDataset round trip, byte-identical reruns, sizing, atomic writes, the output folder."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +15,9 @@ from PIL import Image
 from pipeline import cli
 from pipeline.artifacts.output_folder import MARKER_NAME, OutputFolderError, marker_stage
 from pipeline.config import ShardConfig
-from pipeline.manifest import ShardError, load_manifest
-from pipeline.shards import ShardWriteError, clear_outputs, write_split
-from pipeline.sources.records import read_index, write_index
-from pipeline.stages.prepare import prepare
+from pipeline.shards.write import ShardWriteError, clear_outputs, write_split
+from pipeline.sources.records import read_index
 from pipeline.stages.shard import shard
-from tests.pipeline.fixtures import Obj, image_with_box, make_params, make_voc_tree, save_jpeg, voc_xml
-
-
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory) -> Path:
-    """A VOC tree (7 plain JPEGs) plus an EXIF-rotated and a grayscale image, prepared into an index."""
-    root = tmp_path_factory.mktemp("voc")
-    make_voc_tree(root / "VOC", trainval=[f"t{i}" for i in range(5)], test=["v0", "v1"])
-    # Same 80x60 stored image with orientation 6 as the hostile corpus: the upright box is [35, 10, 55, 30].
-    save_jpeg(root / "VOC" / "JPEGImages" / "t5.jpg", image_with_box((80, 60), (10, 5, 30, 25)), orientation=6)
-    save_jpeg(root / "VOC" / "JPEGImages" / "t6.jpg", image_with_box((48, 40), (3, 4, 12, 30)).convert("L"))
-    for stem, size in (("t5", (80, 60)), ("t6", (48, 40))):
-        obj = Obj("cat", 11, 6, 30, 25) if stem == "t5" else Obj("dog", 4, 5, 12, 30)
-        (root / "VOC" / "Annotations" / f"{stem}.xml").write_text(voc_xml(f"{stem}.jpg", size, [obj]))
-    lists = root / "VOC" / "ImageSets" / "Main" / "trainval.txt"
-    lists.write_text(lists.read_text() + "t5\nt6\n")
-    params = make_params(**{"data.source": "voc", "data.root": str(root / "VOC")})
-    result = prepare(params, root / "index", progress=False)
-    write_index(root / "index", result.records, result.classes)
-    return root / "index"
 
 
 def _names(folder: Path) -> list[str]:
@@ -166,79 +142,3 @@ def test_a_folder_the_stage_did_not_make_is_refused_untouched(index_dir, tmp_pat
     assert f"--out {out} is not empty" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train-000000.tar"]
     assert (out / "train-000000.tar").read_bytes() == b"the user's own tar"
-
-
-@pytest.fixture
-def sharded(index_dir, tmp_path) -> Path:
-    shard(index_dir, tmp_path, ShardConfig(maxcount=3), progress=False)
-    assert load_manifest(str(tmp_path), verify=True).splits["train"].shards == 3
-    return tmp_path
-
-
-def test_manifest_catches_a_truncated_shard(sharded):
-    path = sharded / "train-000001.tar"
-    path.write_bytes(path.read_bytes()[:-1024])
-    for verify in (False, True):  # the size check runs even without hashing
-        with pytest.raises(ShardError, match=r"train-000001\.tar: truncated"):
-            load_manifest(str(sharded), verify=verify)
-
-
-def test_manifest_catches_a_missing_shard(sharded):
-    (sharded / "val-000000.tar").unlink()
-    with pytest.raises(ShardError, match=r"val-000000\.tar: missing"):
-        load_manifest(str(sharded), verify=False)
-
-
-def test_manifest_catches_a_tampered_shard(sharded):
-    path = sharded / "train-000002.tar"
-    blob = bytearray(path.read_bytes())
-    blob[700] ^= 0xFF  # one byte of JPEG data, same size
-    path.write_bytes(bytes(blob))
-    load_manifest(str(sharded), verify=False)  # sizes agree: only hashing can tell
-    with pytest.raises(ShardError, match=r"train-000002\.tar: sha256"):
-        load_manifest(str(sharded), verify=True)
-
-
-def test_manifest_catches_a_wrong_count_and_a_missing_manifest(sharded):
-    data = json.loads((sharded / "manifest.json").read_text())
-    data["shards"][0]["count"] += 1
-    (sharded / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ShardError, match="count 4 but 3 sample rows"):
-        load_manifest(str(sharded), verify=False)
-    data["shards"][0]["count"] -= 1
-    data["shards"][0]["samples"].pop()
-    data["shards"][0]["count"] -= 1
-    (sharded / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ShardError, match="holds 3 samples, the manifest lists 2"):
-        load_manifest(str(sharded), verify=True)
-    (sharded / "manifest.json").unlink()
-    with pytest.raises(ShardError, match="no manifest"):
-        load_manifest(str(sharded))
-
-
-def test_shards_open_through_an_fsspec_url(sharded):
-    manifest = load_manifest(f"file://{sharded}", verify=True)
-    assert manifest.splits["train"].samples == 7
-
-
-@pytest.mark.parametrize("name", ["../outside.tar", "sub/train-000000.tar", "..\\outside.tar", "/tmp/outside.tar",
-                                  "..", "", "train\0.tar", 7])
-def test_a_shard_name_that_leaves_the_folder_is_refused(sharded, name):
-    """A manifest is data: ``../outside.tar`` (hash and size matching a real file there) used to pass
-    ``verify=True`` and be read as a training shard."""
-    shutil.copy(sharded / "val-000000.tar", sharded.parent / "outside.tar")
-    data = json.loads((sharded / "manifest.json").read_text())
-    index = next(i for i, s in enumerate(data["shards"]) if s["name"] == "val-000000.tar")
-    data["shards"][index]["name"] = name
-    (sharded / "manifest.json").write_text(json.dumps(data))
-    for verify in (False, True):
-        with pytest.raises(ShardError, match=rf"shards\[{index}\]: shard name {re.escape(repr(name))} "):
-            load_manifest(str(sharded), verify=verify)
-
-
-def test_a_shard_listed_twice_is_refused(sharded):
-    data = json.loads((sharded / "manifest.json").read_text())
-    data["shards"].append(data["shards"][0])
-    (sharded / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ShardError, match=r"shard 'train-000000.tar' is listed twice"):
-        load_manifest(str(sharded), verify=False)

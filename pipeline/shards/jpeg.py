@@ -6,7 +6,7 @@ decoder's DCT scaling (``decode_reduction`` picks the smallest size an augmentat
 decodes into the array it returns, where PIL decodes into its own 4-bytes-per-pixel storage that
 ``np.asarray`` then repacks (``benchmarks/bench_loader.py`` measures the difference). Both wrap libjpeg-turbo
 with the same defaults (accurate integer IDCT, smooth chroma upsampling), and the pixels are bit-identical to
-PIL's, reduced sizes (PIL ``Image.draft``) included; ``tests/pipeline/test_jpeg.py`` checks that.
+PIL's, reduced sizes (PIL ``Image.draft``) included; ``tests/pipeline/shards/test_jpeg.py`` checks that.
 
 Errors: anything that is not a whole, readable JPEG raises ``JpegError`` naming what the decoder said.
 Decoding is strict, so libjpeg's "recoverable" warnings (a truncated stream, a corrupt entropy segment)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model_file import load_model_file, save_model_file
+from pipeline.artifacts.model_file import load_model_file, save_model_file
 from ssd_core.model import build_ssd
 
 CLASSES = ["circle", "square", "triangle"]
@@ -98,7 +98,7 @@ def _edited(model, tmp_path, edit) -> Path:
 def real_builds(monkeypatch):
     """Records every model the loader builds off the meta device, and refuses big ones: a hostile file
     must be refused before anything real is built (and a test of old code must not allocate gigabytes)."""
-    import pipeline.model_file as model_file
+    import pipeline.artifacts.model_file as model_file
 
     built: list[tuple[str, int]] = []
     real = model_file.build_ssd
@@ -132,9 +132,9 @@ def _reshape(key):
     (_set("classes", ["circle", "", "triangle"]), r"classes\[1\]: expected a non-empty string, got ''"),
     (_set("classes", ["circle", 2, "triangle"]), r"classes\[1\]: expected a non-empty string, got 2"),
     (_set("classes", ["circle", "circle", "square"]), r"classes: expected unique names, got \['circle'\]"),
-    # len(classes) must match the head: one name too many used to load, with a class map off by one.
+    # len(classes) must match the head: one name too many would load with a class map off by one.
     (_set("classes", [*CLASSES, "extra"]), r"num_classes: expected len\(classes\) \+ 1 = 5 .*got 4"),
-    # A few bytes claiming ten million classes: used to build (allocate) the model before any check.
+    # A few bytes claiming ten million classes: refused before the model is built (allocated).
     (_set("num_classes", 10_000_000), r"num_classes: expected len\(classes\) \+ 1 = 4 .*got 10000000"),
     (_set("num_classes", "4"), r"num_classes: .*got '4'"),
     (_set("params", ["lr", 1]), r"params: expected a dict with string keys .*got list"),

@@ -1,4 +1,4 @@
-"""pipeline.grad_stats: per-layer statistics against hand values and a slow reference; names; artifacts."""
+"""pipeline.training.grad_stats: per-layer statistics against hand values and a slow reference; names; artifacts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from mlflow.utils.validation import _validate_metric_name
 from torch import nn
 
-from pipeline.grad_stats import STAT_NAMES, GradStats, layer_name
 from pipeline.tracking import legal_metric_name
+from pipeline.training.grad_stats import STAT_NAMES, GradStats, layer_name
 
 
 def test_hand_computed_single_layer():

@@ -160,7 +160,7 @@ class GradStats:
     def write_epoch_artifacts(self, folder: str | Path, epoch: int) -> list[Path]:
         """Write ``grad_stats_epoch<E>.csv`` (the full per-layer table so far) and
         ``grad_norm_heatmap_epoch<E>.png`` into ``folder``; returns the paths (log them with the tracker)."""
-        from pipeline.plots import grad_norm_heatmap_png
+        from pipeline.report.plots import grad_norm_heatmap_png
 
         folder = Path(folder)
         table = folder / f"grad_stats_epoch{epoch:03d}.csv"

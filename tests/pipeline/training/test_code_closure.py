@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.code_closure import PROJECT_PACKAGES, import_closure
+from pipeline.training.code_closure import PROJECT_PACKAGES, import_closure
 from pipeline.training.job import TRAINING_CODE, TRAINING_ENTRY, code_digest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STAGE_ENTRIES = {"train": "pipeline/stages/train.py", "evaluate": "pipeline/stages/evaluate.py"}
 
 
@@ -62,8 +62,8 @@ def test_closure_refuses_an_entry_outside_the_packages(tmp_path):
 
 def test_training_code_is_the_closure_of_the_worker_loop():
     assert TRAINING_CODE == tuple(sorted(_reference_closure(TRAINING_ENTRY)))
-    assert "pipeline/jpeg.py" in TRAINING_CODE  # the loader's decoder decides the pixels a run trains on
-    assert "pipeline/sources/images.py" not in TRAINING_CODE  # prepare's reader: training no longer imports it
+    assert "pipeline/shards/jpeg.py" in TRAINING_CODE  # the loader's decoder decides the pixels a run trains on
+    assert "pipeline/sources/images.py" not in TRAINING_CODE  # prepare's reader: training does not import it
     assert "pipeline/training/launcher.py" not in TRAINING_CODE  # the driver: how a run starts, not what it computes
 
 
@@ -76,7 +76,7 @@ def test_a_decoder_change_changes_the_code_digest(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "__file__", str(tmp_path / "pipeline" / "__init__.py"))
     before = code_digest()
     assert code_digest() == before  # deterministic
-    jpeg = tmp_path / "pipeline" / "jpeg.py"
+    jpeg = tmp_path / "pipeline" / "shards" / "jpeg.py"
     jpeg.write_text(jpeg.read_text() + "\n# changed\n")
     assert code_digest() != before
 

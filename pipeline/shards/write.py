@@ -33,7 +33,7 @@ from PIL import Image
 from pipeline.artifacts.atomic_write import TEMP_SUFFIX, AtomicFile, write_text_atomic
 from pipeline.artifacts.output_folder import MARKER_NAME, OutputFolderError, owns
 from pipeline.config import ShardConfig
-from pipeline.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, member_table
+from pipeline.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, member_table
 from pipeline.sources.images import ImageRejected, load_rgb, open_checked
 from pipeline.sources.records import IndexRecord
 

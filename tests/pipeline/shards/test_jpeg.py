@@ -1,4 +1,4 @@
-"""pipeline.jpeg: the loaders' JPEG decoder gives PIL's pixels, at full and reduced size, and refuses bad bytes."""
+"""pipeline.shards.jpeg: the loaders' JPEG decoder gives PIL's pixels, at full and reduced size, refuses bad bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.jpeg import JpegError, decode_reduction, decode_rgb, jpeg_size
+from pipeline.shards.jpeg import JpegError, decode_reduction, decode_rgb, jpeg_size
 from ssd_core.augment import AugmentOptions, plan_augmentation, reduced_size
 
 

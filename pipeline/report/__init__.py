@@ -1,0 +1,10 @@
+"""What the pipeline shows people about a model: metrics, figures and drawn detections.
+
+- ``coco_eval``: COCO-format ground truth and detections, and COCO box mAP through the reference tools
+  (the ``evaluate`` stage).
+- ``plots``: PNG figures: precision-recall curves, a grid of detections, a gradient-norm heatmap
+  (``evaluate`` and the per-epoch training artifacts).
+- ``drawing``: detections drawn onto an image with PIL (the ``predict`` stage).
+
+Import each name from the module that defines it; this package re-exports nothing.
+"""

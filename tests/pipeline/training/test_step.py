@@ -16,6 +16,7 @@ from ssd_core.loss import multibox_loss
 from ssd_core.matching import assign_targets
 from ssd_core.model import SSD, build_ssd
 from ssd_core.transforms import normalize_images
+from tests.pipeline.training.tiny import tiny_batch
 
 NUM_CLASSES = 4  # background + 3
 CFG = TrainConfig(lr=0.01, lr_reference_batch=2, batch_size=2, grad_clip_norm=10.0)
@@ -24,28 +25,6 @@ CFG = TrainConfig(lr=0.01, lr_reference_batch=2, batch_size=2, grad_clip_norm=10
 def _model() -> SSD:
     torch.manual_seed(0)
     return build_ssd("ssd_tiny", NUM_CLASSES).train()
-
-
-def _batch(size: int) -> TrainBatch:
-    """Two images: one with two boxes (labels 1, 2), one with one box (label 3) and a padding row. Each box
-    is a flat patch of its class's colour on grey noise, so the boxes can be learnt from the pixels."""
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randint(100, 156, (2, 3, size, size), dtype=torch.uint8, generator=generator)  # [B, 3, S, S]
-    boxes = torch.tensor(
-        [
-            [[0.10, 0.10, 0.50, 0.60], [0.55, 0.50, 0.95, 0.90]],
-            [[0.20, 0.30, 0.70, 0.80], [0.00, 0.00, 0.00, 0.00]],
-        ]
-    )  # [B, G, 4] xyxy
-    labels = torch.tensor([[1, 2], [3, 0]])  # [B, G]
-    mask = torch.tensor([[True, True], [True, False]])  # [B, G]
-    colours = {1: (250, 20, 20), 2: (20, 250, 20), 3: (20, 20, 250)}
-    for b in range(2):
-        for g in range(2):
-            if mask[b, g]:
-                x1, y1, x2, y2 = (boxes[b, g] * size).round().int().tolist()
-                images[b, :, y1:y2, x1:x2] = torch.tensor(colours[int(labels[b, g])], dtype=torch.uint8)[:, None, None]
-    return TrainBatch(images, boxes, labels, torch.zeros(2, 2, dtype=torch.bool), mask, num_bad=1)
 
 
 def _parameters(model: SSD) -> dict[str, torch.Tensor]:
@@ -83,7 +62,7 @@ def _reference_step(model: SSD, batch: TrainBatch, priors: torch.Tensor, optimiz
 def test_the_step_equals_the_plain_computation_and_the_loss_falls():
     model = _model()
     reference = copy.deepcopy(model)
-    batch, priors = _batch(model.image_size), model.priors()  # priors [P, 4] cxcywh
+    batch, priors = tiny_batch(model.image_size), model.priors()  # priors [P, 4] cxcywh
     optimizer, reference_optimizer = build_optimizer(model, CFG, 1), build_optimizer(reference, CFG, 1)
     losses = []
     for _ in range(8):
@@ -101,7 +80,7 @@ def test_the_step_equals_the_plain_computation_and_the_loss_falls():
 
 def test_a_nan_on_this_rank_skips_the_update():
     model = _model()
-    batch, priors = _batch(model.image_size), model.priors()
+    batch, priors = tiny_batch(model.image_size), model.priors()
     optimizer = build_optimizer(model, CFG, 1)
     train_step(model, batch, priors, optimizer, cfg=CFG)  # momentum buffers exist from here on
     weights, momentum = _parameters(model), copy.deepcopy(optimizer.state_dict()["state"])
@@ -120,7 +99,7 @@ def test_a_nan_on_this_rank_skips_the_update():
 def test_a_nan_on_another_rank_skips_the_update_here_too():
     """The collective is injected: a second rank whose values say "not finite" makes this rank skip."""
     model = _model()
-    batch, priors = _batch(model.image_size), model.priors()
+    batch, priors = tiny_batch(model.image_size), model.priors()
     optimizer = build_optimizer(model, CFG, 1)
     weights = _parameters(model)
     # The other rank's [7] values: not-finite flag, loss, loc, conf, positives, images, bad samples.
@@ -134,7 +113,7 @@ def test_the_collective_averages_losses_and_sums_counts():
     """A finite second rank: losses are the mean of the two ranks', positives, images and bad samples sums."""
     model = _model()
     alone = copy.deepcopy(model)
-    batch, priors = _batch(model.image_size), model.priors()
+    batch, priors = tiny_batch(model.image_size), model.priors()
     local = train_step(alone, batch, priors, build_optimizer(alone, CFG, 1), cfg=CFG)
     other = torch.tensor([0.0, 2.0, 0.5, 1.5, 3.0, 2.0, 4.0], dtype=torch.float64)  # as above, finite
     both = train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG, sum_ranks=lambda v: (v + other, 2))
@@ -163,7 +142,7 @@ def _first_weight(model: SSD) -> torch.Tensor:
 
 def test_the_observer_sees_the_weights_before_and_after_the_update():
     model = _model()
-    batch, priors = _batch(model.image_size), model.priors()
+    batch, priors = tiny_batch(model.image_size), model.priors()
     recorder, initial = _Recorder(model), _first_weight(model)
     train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG, observer=recorder)
     calls = recorder.calls
@@ -175,7 +154,7 @@ def test_the_observer_sees_the_weights_before_and_after_the_update():
 def test_the_default_hooks_do_nothing():
     model = _model()
     reference = copy.deepcopy(model)
-    batch, priors = _batch(model.image_size), model.priors()
+    batch, priors = tiny_batch(model.image_size), model.priors()
     hooks = TrainHooks()
     hooks.before_step(0, 0, model)
     stats = train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG)

@@ -20,7 +20,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pipeline.data import TrainLoader, train_loader
+from pipeline.data import TrainBatch, train_loader
 from pipeline.training import checkpoint
 from pipeline.training.determinism import configure_determinism, seed_step
 from pipeline.training.faults import TrainHooks, hooks_from_env
@@ -112,7 +112,7 @@ class _RankData:
         )
         return cls(args, len(train_loader(**args, epoch=0)), cfg.max_steps)
 
-    def batches(self, first_step: int) -> TrainLoader:
+    def batches(self, first_step: int) -> Iterable[TrainBatch]:
         """Batches ``first_step`` .. ``max_steps - 1`` from one loader, whose workers run on across epochs."""
         first_epoch, first_batch = divmod(first_step, self.steps_per_epoch)
         epochs = math.ceil(self.max_steps / self.steps_per_epoch) - first_epoch

@@ -1,8 +1,9 @@
-"""TEST-ONLY fault injection for the training loop, off unless ``SSD_TRAIN_TEST_FAULTS`` is set.
+"""Hooks into the training loop for tests; the default ``TrainHooks`` does nothing.
 
-The tests of issue 5 need real faults inside real Ray workers: a worker killed with SIGKILL mid-run, a
-kill while a checkpoint is being written, a NaN on one rank. The variable holds JSON; every entry is
-optional::
+``hooks_from_env()`` returns the default unless ``SSD_TRAIN_TEST_FAULTS`` is set: then ``Faults``, the
+TEST-ONLY fault injection that the tests of the distributed run need inside real Ray workers (a worker
+killed with SIGKILL mid-run, a kill while a checkpoint is being written, a NaN on one rank). The variable
+holds JSON; every entry is optional::
 
     {"kill": [{"rank": 1, "step": 5, "marker": "/tmp/x/kill-1"}],   # SIGKILL after 5 updates
      "kill_in_checkpoint": {"step": 8, "marker": "/tmp/x/kill-ckpt"},  # rank 0 writing the step-8 checkpoint:
@@ -11,10 +12,12 @@ optional::
      "digest_dir": "/tmp/x/digests"}                                 # per-rank records after every step
 
 ``step`` counts completed optimiser steps: ``kill`` and ``nan`` act on the update that follows ``step``
-updates; the records in ``digest_dir`` carry the count after the update. A ``marker`` file makes a fault
-fire once per test: it is created (O_EXCL) just before the kill, and an existing marker disarms the
-fault, so the restarted worker group runs on. The launcher forwards the variable to the workers.
-Production runs never set it; reading it costs one ``os.environ`` lookup per worker start.
+updates; the records in ``digest_dir`` carry the count after the update. A NaN is injected into the
+model's outputs (a one-shot forward hook), so the loss and every gradient of that rank are NaN and the
+joint guard skips the step on every rank. A ``marker`` file makes a fault fire once per test: it is
+created (O_EXCL) just before the kill, and an existing marker disarms the fault, so the restarted worker
+group runs on. The launcher forwards the variable to the workers. Production runs never set it; reading
+it costs one ``os.environ`` lookup per worker start.
 """
 
 from __future__ import annotations
@@ -26,15 +29,39 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.training.guard import StepStats
+
 ENV_VAR = "SSD_TRAIN_TEST_FAULTS"
 
 
+class TrainHooks:
+    """Where tests reach into the loop. ``step`` counts completed optimiser steps; this default does nothing."""
+
+    def before_step(self, rank: int, step: int, model: nn.Module) -> None:
+        """Before the update that follows ``step`` updates, ahead of its forward pass through ``model``."""
+
+    def after_step(self, rank: int, step: int, model: nn.Module, stats: StepStats) -> None:
+        """After the update that made it ``step`` updates (``stats``: that step's values over all ranks)."""
+
+    def before_checkpoint_rename(self, rank: int, step: int) -> Callable[[Path], None] | None:
+        """A ``before_rename`` hook for ``checkpoint.write_checkpoint`` of the step-``step`` checkpoint."""
+        return None
+
+
+def hooks_from_env() -> TrainHooks:
+    """``Faults`` from ``SSD_TRAIN_TEST_FAULTS`` when it is set, otherwise the no-op ``TrainHooks``."""
+    return Faults.from_env() or TrainHooks()
+
+
 @dataclass(frozen=True)
-class Faults:
+class Faults(TrainHooks):
+    """TEST-ONLY faults (see the module docstring)."""
+
     kill: tuple[dict, ...] = ()
     kill_in_checkpoint: dict | None = None
     nan: tuple[dict, ...] = ()
@@ -49,20 +76,24 @@ class Faults:
         unknown = set(spec) - {"kill", "kill_in_checkpoint", "nan", "digest_dir"}
         if unknown:
             raise ValueError(f"{ENV_VAR}: unknown keys {sorted(unknown)}")
-        return cls(tuple(spec.get("kill", ())), spec.get("kill_in_checkpoint"), tuple(spec.get("nan", ())),
-                   spec.get("digest_dir"))
+        return cls(
+            tuple(spec.get("kill", ())),
+            spec.get("kill_in_checkpoint"),
+            tuple(spec.get("nan", ())),
+            spec.get("digest_dir"),
+        )
 
-    def before_update(self, rank: int, step: int) -> None:
-        """SIGKILL this process if a ``kill`` entry names this rank and step (once, by its marker)."""
+    def before_step(self, rank: int, step: int, model: nn.Module) -> None:
+        """SIGKILL this process if a ``kill`` entry names this rank and step (once, by its marker); make the
+        next forward of ``model`` return NaN if a ``nan`` entry does."""
         for entry in self.kill:
             if entry["rank"] == rank and entry["step"] == step and _arm(entry.get("marker")):
                 os.kill(os.getpid(), signal.SIGKILL)
+        if any(entry["rank"] == rank and step in entry["steps"] for entry in self.nan):
+            _poison_next_forward(model)
 
-    def poison_loss(self, rank: int, step: int) -> bool:
-        return any(entry["rank"] == rank and step in entry["steps"] for entry in self.nan)
-
-    def checkpoint_hook(self, rank: int, step: int) -> Callable[[Path], None] | None:
-        """A ``before_rename`` hook for ``write_checkpoint`` that SIGKILLs rank 0 at the named step."""
+    def before_checkpoint_rename(self, rank: int, step: int) -> Callable[[Path], None] | None:
+        """SIGKILL rank 0 once ``state.pt`` of the named step's checkpoint is complete, before the rename."""
         entry = self.kill_in_checkpoint
         if rank != 0 or entry is None or entry["step"] != step:
             return None
@@ -74,15 +105,34 @@ class Faults:
 
         return kill
 
-    def record_step(self, rank: int, step: int, model: nn.Module, loss: float, finite: bool) -> None:
+    def after_step(self, rank: int, step: int, model: nn.Module, stats: StepStats) -> None:
         """Append ``{"step", "digest", "params_digest", "loss", "finite"}`` to ``<digest_dir>/rank<r>.jsonl``:
         digests of the whole state (parameters and buffers) and of the parameters alone."""
         if not self.digest_dir:
             return
-        line = json.dumps({"step": step, "digest": model_digest(model), "loss": loss, "finite": finite,
-                           "params_digest": model_digest(model, buffers=False)})  # fmt: skip
+        line = json.dumps(
+            {
+                "step": step,
+                "digest": model_digest(model),
+                "loss": stats.loss,
+                "finite": stats.finite,
+                "params_digest": model_digest(model, buffers=False),
+            }
+        )
         with open(Path(self.digest_dir) / f"rank{rank}.jsonl", "a") as handle:
             handle.write(line + "\n")
+
+
+def _poison_next_forward(model: nn.Module) -> None:
+    """Multiply every tensor of ``model``'s next output by NaN (a NamedTuple of tensors, e.g. ``SSDOutput``);
+    the hook removes itself after that one call."""
+
+    def poison(module: nn.Module, inputs: Any, output: Any) -> Any:
+        del module, inputs
+        handle.remove()
+        return type(output)(*(tensor * float("nan") for tensor in output))
+
+    handle = model.register_forward_hook(poison)
 
 
 def model_digest(model: nn.Module, *, buffers: bool = True) -> str:

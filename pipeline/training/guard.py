@@ -1,18 +1,22 @@
 """The NaN/inf guard, decided jointly by all ranks, and the one all-reduce per step that carries it.
 
 Every rank runs the same collectives every step whatever its values are: backward (DDP's gradient
-all-reduce), then ``reduce_step`` (one all-reduce of a small vector holding the "not finite" flag and the
-loss terms). The skip decision is read from the reduced vector, so all ranks skip together and a NaN on
-one rank can never leave the others waiting in a collective.
+all-reduce), then ``reduce_step`` (``sum_over_ranks``: one all-reduce of a small vector holding the
+"not finite" flag and the loss terms). The skip decision is read from the reduced vector, so all ranks
+skip together and a NaN on one rank can never leave the others waiting in a collective.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 
 class StepStats(NamedTuple):
@@ -27,25 +31,51 @@ class StepStats(NamedTuple):
     bad_samples: float  # corrupt samples the loaders skipped since the previous step
 
 
-def reduce_step(
-    *, local_finite: Tensor, loss: Tensor, loss_loc: Tensor, loss_conf: Tensor, positives: Tensor,
-    images: int, bad_samples: int,
-) -> StepStats:
-    """All-reduce this rank's step values (0-d tensors on the training device) in one collective."""
-    values = torch.stack([
-        (~local_finite).to(torch.float64),
-        loss.detach().to(torch.float64),
-        loss_loc.detach().to(torch.float64),
-        loss_conf.detach().to(torch.float64),
-        positives.detach().to(torch.float64),
-        torch.tensor(float(images), dtype=torch.float64, device=loss.device),
-        torch.tensor(float(bad_samples), dtype=torch.float64, device=loss.device),
-    ])
-    world = 1
+SumOverRanks = Callable[[Tensor], tuple[Tensor, int]]
+"""``values [K] -> (sum of values over every rank [K], number of ranks)``: the step's one collective."""
+
+
+def sum_over_ranks(values: Tensor) -> tuple[Tensor, int]:
+    """Sum ``values`` over the ranks of the default process group in one all-reduce, in place.
+
+    Returns ``(values, world size)``; on a single process without a process group, ``(values, 1)``
+    untouched, so a step runs the same alone (a unit test) as under DDP.
+    """
     if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    nonfinite, total, loc, conf, pos, n_images, bad = values.tolist()
+        return values, dist.get_world_size()
+    return values, 1
+
+
+def reduce_step(
+    *,
+    local_finite: Tensor,
+    loss: Tensor,
+    loss_loc: Tensor,
+    loss_conf: Tensor,
+    positives: Tensor,
+    images: int,
+    bad_samples: int,
+    sum_ranks: SumOverRanks = sum_over_ranks,
+) -> StepStats:
+    """Combine this rank's step values (0-d tensors on the training device) over all ranks in one collective.
+
+    ``sum_ranks`` is that collective (``sum_over_ranks``: one all-reduce, or nothing on one process); every
+    rank must call it every step, whatever its values, or the others would wait for it forever.
+    """
+    values = torch.stack(
+        [
+            (~local_finite).to(torch.float64),
+            loss.detach().to(torch.float64),
+            loss_loc.detach().to(torch.float64),
+            loss_conf.detach().to(torch.float64),
+            positives.detach().to(torch.float64),
+            torch.tensor(float(images), dtype=torch.float64, device=loss.device),
+            torch.tensor(float(bad_samples), dtype=torch.float64, device=loss.device),
+        ]
+    )  # [7]
+    summed, world = sum_ranks(values)
+    nonfinite, total, loc, conf, pos, n_images, bad = summed.tolist()
     return StepStats(nonfinite == 0, total / world, loc / world, conf / world, pos, n_images, bad)
 
 
@@ -66,7 +96,10 @@ class SkipGuard:
             return False
         self.skipped_total += 1
         self.consecutive += 1
-        return self.consecutive >= self.max_consecutive
+        if self.consecutive < self.max_consecutive:
+            return False
+        logger.error("%d non-finite steps in a row: stopping", self.consecutive)
+        return True
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_total": self.skipped_total, "consecutive": self.consecutive}

@@ -18,7 +18,7 @@ from pipeline.training.launcher import SNAPSHOT_FILE, prepare_run_folder
 from tests.pipeline.fixtures import make_params, prepare_and_shard
 
 DATA = "a" * 64
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _digest(*overrides: str, data: str = DATA, code: str = "c0de") -> str:

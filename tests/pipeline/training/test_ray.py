@@ -27,7 +27,7 @@ from pipeline.stages.train import build_job, train
 from pipeline.training import checkpoint, faults
 from pipeline.training.launcher import TrainingError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MAX_STEPS, EVERY, KEEP, PER_EPOCH = 16, 4, 2, 8  # 64 images / (2 ranks x 4) = 8 steps per epoch
 BASE = [
     "seed=0", "model.preset=ssd_tiny", "train.num_workers=2", "train.threads_per_worker=1",

@@ -1,0 +1,159 @@
+"""What one rank trains with, built fresh from the job or restored from the newest checkpoint that loads.
+
+Order matters for bit-exact resumes: ``build_model`` seeds torch with ``seed`` and initialises the weights
+(the same on every rank); ``build_state`` makes the optimiser over the parameters already on the device
+and, when resuming, restores the optimiser, schedule, loss scaler, skip counts and the global RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.config import params_to_dict
+from pipeline.tracking import redact_params, redact_uri
+from pipeline.training import checkpoint
+from pipeline.training.determinism import rng_state, set_rng_state
+from pipeline.training.guard import SkipGuard
+from pipeline.training.job import TrainJob
+from pipeline.training.optim import build_optimizer, build_scheduler
+from ssd_core.backbone import load_vgg16_backbone
+from ssd_core.model import SSD, build_ssd
+
+if TYPE_CHECKING:
+    import ray.train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores, and the step count.
+
+    ``step`` counts optimiser steps attempted: a step the guard skips still counts and still advances the
+    schedule, so a run ends after exactly ``train.max_steps`` steps whatever was skipped.
+    """
+
+    model: SSD  # the plain module; DDP, where used, wraps it and shares its parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    guard: SkipGuard
+    step: int
+
+    def end_step(self, finite: bool) -> tuple[float, bool]:
+        """Count the step just taken: ``(learning rate it used, True if the run must stop)``."""
+        stop = self.guard.record(finite)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()  # skipped steps advance the schedule too: every step counts
+        self.step += 1
+        return lr, stop
+
+    def checkpoint(
+        self, job: TrainJob, *, epoch: int, world: int, bad_samples: int, tracking_run_id: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(state, meta)`` for ``checkpoint.write_checkpoint``: this state, the RNG states, what the run is
+        (preset, classes, params with any storage key redacted) and where it logs."""
+        params = redact_params(params_to_dict(job.params))  # a storage URL's key stays out of the checkpoint
+        state = {
+            "step": self.step,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "guard": self.guard.state_dict(),
+            "bad_samples": bad_samples,
+            "rng": rng_state(),
+            "preset": self.model.preset,
+            "classes": list(job.classes),
+            "params": params,
+            "tracking_run_id": tracking_run_id,
+            "world_size": world,
+        }
+        meta = {
+            "step": self.step,
+            "epoch": epoch,
+            "params": params,
+            "tracking_run_id": tracking_run_id,
+            "world_size": world,
+        }
+        return state, meta
+
+
+def build_model(job: TrainJob, resumed: checkpoint.LoadedCheckpoint | None) -> SSD:
+    """The plain SSD with the same weights on every rank: seeded initialisation (or the VGG16 backbone), or
+    the checkpoint's weights when resuming; channels-last if configured."""
+    params = job.params
+    torch.manual_seed(params.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_ssd(params.model.preset, job.num_classes)
+    if resumed is not None:
+        model.load_state_dict(resumed.state["model"])
+    elif params.model.pretrained_backbone:
+        load_vgg16_backbone(model, params.model.pretrained_backbone)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_state(job: TrainJob, model: SSD, world: int, resumed: checkpoint.LoadedCheckpoint | None) -> TrainState:
+    """Optimiser (learning rate scaled to ``world`` ranks), schedule, loss scaler and guard for ``model``,
+    whose parameters must already be on the training device; restored from ``resumed`` if given, the
+    global RNG states included."""
+    cfg = job.params.train
+    optimizer = build_optimizer(model, cfg, world)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=cfg.precision == "fp16")
+    guard = SkipGuard(cfg.max_consecutive_skips)
+    if resumed is None:
+        return TrainState(model, optimizer, scheduler, scaler, guard, step=0)
+    saved = resumed.state
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    guard.load_state_dict(saved["guard"])
+    set_rng_state(saved["rng"])
+    return TrainState(model, optimizer, scheduler, scaler, guard, step=int(saved["step"]))
+
+
+def find_resume_checkpoint(
+    job: TrainJob, ray_checkpoint: ray.train.Checkpoint | None, world: int
+) -> checkpoint.LoadedCheckpoint | None:
+    """The newest checkpoint that loads: Ray's (after a worker failure, or from its snapshot) or any newer
+    one in the run folder that reached storage without Ray registering it. Torn ones are passed over.
+
+    Raises:
+        ValueError: the checkpoint is of another preset or class list than this job.
+    """
+    candidates = dict(checkpoint.list_checkpoints(job.run_uri))  # step -> uri
+    if ray_checkpoint is not None:
+        name = ray_checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        step = checkpoint.step_of(name)
+        if step is not None:
+            candidates.setdefault(step, checkpoint.join(job.run_uri, name))
+    for _, uri in sorted(candidates.items(), reverse=True):
+        try:
+            loaded = checkpoint.load_checkpoint(uri)
+        except checkpoint.CheckpointError as error:
+            logger.warning("not resuming from %s: %s", redact_uri(uri), redact_uri(str(error)))
+            continue
+        if loaded.state["preset"] != job.params.model.preset or list(loaded.state["classes"]) != list(job.classes):
+            raise ValueError(
+                f"{redact_uri(uri)}: checkpoint of preset {loaded.state['preset']} with classes "
+                f"{loaded.state['classes']}, but this run is {job.params.model.preset} with "
+                f"{list(job.classes)}"
+            )
+        logger.info("resuming from %s (step %d)", redact_uri(uri), loaded.meta.step)
+        if loaded.meta.world_size != world:
+            logger.warning(
+                "resuming a run of %d workers on %d: the data split and gradient averages change, so "
+                "the result differs from an uninterrupted run",
+                loaded.meta.world_size,
+                world,
+            )
+        return loaded
+    return None

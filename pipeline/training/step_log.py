@@ -1,0 +1,109 @@
+"""Per-step bookkeeping of one rank: progress lines, step metrics, gradient statistics, epoch artifacts.
+
+Only rank 0 logs: on the other ranks the tracker is a ``NullTracker`` and there are no gradient
+statistics, so every method may be called on every rank. None of it changes what training computes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking import create_tracker
+from pipeline.training import checkpoint
+from pipeline.training.grad_stats import GradStats
+from pipeline.training.guard import StepStats
+from pipeline.training.job import TrainJob
+from pipeline.training.progress import Progress
+from pipeline.training.step import UpdateObserver
+from ssd_core.model import SSD
+
+
+class StepLog:
+    """What one rank logs while training.
+
+    Args:
+        rank: this rank; rank 0 alone updates the progress and logs.
+        tracker: MLflow on rank 0 when tracking is enabled, else a ``NullTracker`` (same methods).
+        progress: interval averages and run totals (``bad_samples`` is carried by checkpoints).
+        grad_stats: per-layer gradient statistics (rank 0 only), or None.
+        log_every: step-metrics interval (``train.log_every_steps``).
+    """
+
+    def __init__(
+        self, *, rank: int, tracker: Any, progress: Progress, grad_stats: GradStats | None, log_every: int
+    ) -> None:
+        self.rank, self.tracker, self.progress, self.grad_stats = rank, tracker, progress, grad_stats
+        self.log_every = log_every
+
+    @classmethod
+    def start(
+        cls, job: TrainJob, rank: int, model: SSD, start_step: int, resumed: checkpoint.LoadedCheckpoint | None
+    ) -> StepLog:
+        """Continue the checkpoint's MLflow run (or the driver's) and its bad-sample count."""
+        cfg = job.params.train
+        run_id = (resumed.meta.tracking_run_id if resumed else None) or job.tracking_run_id
+        tracker = create_tracker(
+            job.params.tracking,
+            enabled_here=rank == 0,
+            run_id=run_id,
+            run_name=cfg.run_name,
+            repo_root=job.repo_root,
+            credentials=job.tracking_credentials,
+        )
+        progress = Progress(
+            max_steps=cfg.max_steps, start_step=start_step, bad_samples=resumed.state["bad_samples"] if resumed else 0
+        )
+        every = job.params.tracking.grad_stats_every
+        grad_stats = GradStats(model, every=every) if rank == 0 else None
+        return cls(rank=rank, tracker=tracker, progress=progress, grad_stats=grad_stats, log_every=cfg.log_every_steps)
+
+    @property
+    def bad_samples(self) -> int:
+        """Corrupt samples the loaders skipped in the whole run (rank 0's count)."""
+        return self.progress.bad_samples
+
+    def update_observer(self, step: int) -> UpdateObserver | None:
+        """The gradient-statistics observer for the update that makes it ``step`` steps, when they are due."""
+        if self.grad_stats is None or not self.grad_stats.is_due(step):
+            return None
+        return _GradStatsAtStep(self.grad_stats, self.tracker, step)
+
+    def step(self, step: int, stats: StepStats, *, lr: float, epoch: int, skipped_total: int, force: bool) -> None:
+        """Rank 0: add the step to the progress; log the metrics every ``log_every`` steps, at the last step,
+        and when ``force`` (the run stops)."""
+        if self.rank != 0:
+            return
+        self.progress.update(stats)
+        if step % self.log_every == 0 or step == self.progress.max_steps or force:
+            self.tracker.log_metrics(self.progress.report(step, lr, skipped_total, epoch), step)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Rank 0: log the per-layer gradient table and heatmap of the run so far as artifacts."""
+        if self.grad_stats is None or not self.grad_stats.table_rows:
+            return
+        folder = Path(tempfile.mkdtemp(prefix="ssd-gradstats-"))
+        try:
+            for path in self.grad_stats.write_epoch_artifacts(folder, epoch):
+                self.tracker.log_artifact(path, "grad_stats")  # copied to staging at once
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        """Flush the tracker; the driver ends the MLflow run once the model file is logged."""
+        self.tracker.close(status=None)
+
+
+class _GradStatsAtStep:
+    """``GradStats`` around one update, its metrics logged at ``step``."""
+
+    def __init__(self, grad_stats: GradStats, tracker: Any, step: int) -> None:
+        self.grad_stats, self.tracker, self.step = grad_stats, tracker, step
+
+    def before_update(self) -> None:
+        self.grad_stats.before_step()
+
+    def after_update(self) -> None:
+        self.tracker.log_metrics(self.grad_stats.after_step(self.step), self.step)

@@ -1,6 +1,7 @@
 # Two commands set up a fresh machine:
 #   make run   - install everything into .venv, then run the main job (dvc repro on the embedded default)
 #   make test  - install everything into .venv, then run the whole test suite
+# Day to day: make test-fast (everything but the slow, Ray and DVC tests, about a minute), make format.
 # Supply chain (not part of make test; both need the network):
 #   make lock  - re-resolve requirements.lock (with hashes) after a change of pyproject.toml's dependencies
 #   make audit - look up every locked version in a vulnerability database (pip-audit)
@@ -23,7 +24,7 @@ QUIET_PIP := sed -e '/is ignored: it is neither a file nor a directory/d'
 PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS_VENV)/bin/pip-compile -q --generate-hashes \
 	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: install run test lint lock audit clean bench-deps
+.PHONY: install run test test-fast lint format lock audit clean bench-deps
 
 install: $(STAMP)
 
@@ -50,12 +51,22 @@ run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	$(PY) -m pipeline summary
 
-test: install
-	$(PY) -m ruff check ssd_core pipeline tests benchmarks infra
+LINTED := ssd_core pipeline tests benchmarks infra
+
+test: lint
 	$(PY) -m pytest -q
 
+# The markers are registered in pyproject.toml: slow (over a few seconds), ray (starts Ray), dvc (runs dvc).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not ray and not dvc"
+
 lint: install
-	$(PY) -m ruff check ssd_core pipeline tests benchmarks infra
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+
+format: install
+	$(PY) -m ruff format $(LINTED)
+	$(PY) -m ruff check --fix $(LINTED)
 
 $(TOOLS_STAMP): requirements-tools.lock
 	$(PYTHON) -m venv $(TOOLS_VENV)

@@ -185,7 +185,7 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     code = cli_main(["evaluate", "--model", str(model_file), "--shards", str(uneven_shards),
-                     "--metrics", str(tmp_path / "eval.json"), f"tracking.uri={uri}",
-                     "tracking.connect_timeout_s=1"])  # fmt: skip
+                     "--metrics", str(tmp_path / "eval.json"), "--plots", "plots", "--out", "eval",
+                     f"tracking.uri={uri}", "tracking.connect_timeout_s=1"])  # fmt: skip
     assert code == 2 and uri in caplog.text
     assert not (tmp_path / "eval.json").exists()

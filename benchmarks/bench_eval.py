@@ -51,8 +51,9 @@ def make_data(num_images: int, dets_per_image: int, seed: int = 0) -> dict:
         g = int(rng.integers(1, 16))
         side = rng.choice([20.0, 60.0, 180.0], size=g) * rng.uniform(0.6, 1.4, size=g)
         x1, y1 = rng.uniform(0, WIDTH * 0.75, g), rng.uniform(0, HEIGHT * 0.75, g)
-        boxes = np.stack([x1, y1, np.minimum(x1 + side, WIDTH), np.minimum(y1 + side * rng.uniform(0.5, 1.5, g),
-                                                                          HEIGHT)], 1)  # fmt: skip
+        boxes = np.stack(
+            [x1, y1, np.minimum(x1 + side, WIDTH), np.minimum(y1 + side * rng.uniform(0.5, 1.5, g), HEIGHT)], 1
+        )
         labels = rng.integers(1, NUM_CLASSES + 1, size=g)
         n_copies = min(dets_per_image, 3 * g)
         src = rng.integers(0, g, size=n_copies)
@@ -69,18 +70,34 @@ def make_data(num_images: int, dets_per_image: int, seed: int = 0) -> dict:
         db.append(np.concatenate([copies, rand]))
         dl.append(np.concatenate([copy_labels, rng.integers(1, NUM_CLASSES + 1, k)]))
         ds.append(rng.random(dets_per_image))
-    return {"keys": keys, "sizes": np.array(sizes), "gt_boxes": gb, "gt_labels": gl, "gt_difficult": gd,
-            "det_boxes": db, "det_scores": ds, "det_labels": dl}  # fmt: skip
+    return {
+        "keys": keys,
+        "sizes": np.array(sizes),
+        "gt_boxes": gb,
+        "gt_labels": gl,
+        "gt_difficult": gd,
+        "det_boxes": db,
+        "det_scores": ds,
+        "det_labels": dl,
+    }
 
 
 def ours_voc(data: dict):
-    return evaluate_voc(data["det_boxes"], data["det_scores"], data["det_labels"], data["gt_boxes"],
-                        data["gt_labels"], data["gt_difficult"], num_classes=NUM_CLASSES + 1)  # fmt: skip
+    return evaluate_voc(
+        data["det_boxes"],
+        data["det_scores"],
+        data["det_labels"],
+        data["gt_boxes"],
+        data["gt_labels"],
+        data["gt_difficult"],
+        num_classes=NUM_CLASSES + 1,
+    )
 
 
 def ours_coco(data: dict, classes: list[str]):
-    gt = coco_ground_truth(data["keys"], data["sizes"], data["gt_boxes"], data["gt_labels"], data["gt_difficult"],
-                           classes)  # fmt: skip
+    gt = coco_ground_truth(
+        data["keys"], data["sizes"], data["gt_boxes"], data["gt_labels"], data["gt_difficult"], classes
+    )
     dets = coco_detections(data["det_boxes"], data["det_scores"], data["det_labels"])
     return coco_evaluate(gt, dets, backend="faster_coco_eval"), gt, dets
 
@@ -136,23 +153,39 @@ def main() -> int:
     total = t_voc + t_coco
     result = {
         "benchmark": "bench_eval",
-        "images": args.images, "detections": n_dets, "ground_truth_boxes": n_gt, "classes": NUM_CLASSES,
-        "seconds": {"voc": round(t_voc, 3), "coco_faster": round(t_coco, 3), "ours_total": round(total, 3),
-                    "pycocotools": round(t_ref, 3)},
+        "images": args.images,
+        "detections": n_dets,
+        "ground_truth_boxes": n_gt,
+        "classes": NUM_CLASSES,
+        "seconds": {
+            "voc": round(t_voc, 3),
+            "coco_faster": round(t_coco, 3),
+            "ours_total": round(total, 3),
+            "pycocotools": round(t_ref, 3),
+        },
         "speedup_vs_pycocotools": {"coco_faster": round(t_ref / t_coco, 2), "ours_total": round(t_ref / total, 2)},
-        "metrics": {"map_voc07": round(voc.map_voc07, 6), "map_voc": round(voc.map_voc, 6),
-                    "map_coco": round(coco.map, 6), "map_coco_pycocotools": round(ref_stats[0], 6)},
+        "metrics": {
+            "map_voc07": round(voc.map_voc07, 6),
+            "map_voc": round(voc.map_voc, 6),
+            "map_coco": round(coco.map, 6),
+            "map_coco_pycocotools": round(ref_stats[0], 6),
+        },
         "reps": {"ours": args.reps, "pycocotools": args.ref_reps},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
-                    "threads": torch.get_num_threads()},
-    }  # fmt: skip
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor(),
+            "threads": torch.get_num_threads(),
+        },
+    }
     print(f"  ours  VOC07 + VOC AP (ssd_core.metrics)         {t_voc:8.2f} s")
     print(f"  ours  COCO (JSON build + faster-coco-eval)       {t_coco:8.2f} s")
     print(f"  ours  total                                      {total:8.2f} s")
     print(f"  ref   pycocotools COCOeval (COCO metrics only)   {t_ref:8.2f} s")
     print(f"  speed-up vs pycocotools: COCO path x{t_ref / t_coco:.1f}, everything x{t_ref / total:.1f}")
-    print(f"  mAP: VOC07 {voc.map_voc07:.4f}, VOC {voc.map_voc:.4f}, COCO {coco.map:.4f} "
-          f"(pycocotools {ref_stats[0]:.4f})")
+    print(
+        f"  mAP: VOC07 {voc.map_voc07:.4f}, VOC {voc.map_voc:.4f}, COCO {coco.map:.4f} (pycocotools {ref_stats[0]:.4f})"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -101,8 +101,9 @@ def _fast_pixels(image_path: Path) -> torch.Tensor:
 class FolderDataset(Dataset):
     """The straightforward VOC-folder loader: XML + JPEG from disk per sample, then the same augmentation."""
 
-    def __init__(self, items: list[tuple[Path, Path, str]], classes: list[str], epoch: int,
-                 read_pixels=_pil_pixels) -> None:
+    def __init__(
+        self, items: list[tuple[Path, Path, str]], classes: list[str], epoch: int, read_pixels=_pil_pixels
+    ) -> None:
         self.items, self.labels, self.epoch = items, {c: i + 1 for i, c in enumerate(classes)}, epoch
         self.read_pixels = read_pixels
 
@@ -178,8 +179,10 @@ def reduction_shares(records, keys: list[str], epochs: int) -> dict[str, float]:
     for epoch in range(epochs):
         for record, key in zip(records, keys, strict=True):
             w, h = record.width, record.height
-            boxes = (torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
-                     / torch.tensor([w, h, w, h], dtype=torch.float32)).clamp_(0.0, 1.0)
+            boxes = (
+                torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
+                / torch.tensor([w, h, w, h], dtype=torch.float32)
+            ).clamp_(0.0, 1.0)
             labels = torch.tensor(record.labels, dtype=torch.int64).reshape(-1)
             difficult = torch.tensor(record.difficult, dtype=torch.bool).reshape(-1)
             generator = torch.Generator().manual_seed(sample_seed(SEED, epoch, key))
@@ -227,8 +230,10 @@ def main() -> int:
         records = read_index(work / "prepared", "train")
         manifest = load_manifest(shards, verify=True)
         locations = [loc for s in manifest.split_shards("train") for loc in s.samples]
-        items = [(raccoon / "annotations" / f"{r.id.split('/', 1)[1]}.xml", r.image, loc.key)
-                 for r, loc in zip(records, locations, strict=True)]
+        items = [
+            (raccoon / "annotations" / f"{r.id.split('/', 1)[1]}.xml", r.image, loc.key)
+            for r, loc in zip(records, locations, strict=True)
+        ]
         blobs = [r.image.read_bytes() for r in records]
         rotated = [r.image.name for r in records if inspect_image(r.image, max_pixels=MAX_PIXELS).orientation != 1]
         if rotated:
@@ -236,16 +241,32 @@ def main() -> int:
         mean_pixels = float(np.mean([r.width * r.height for r in records]))
 
         def shard_batches(epochs, augment=FULL):
-            return train_loader(shards, rank=0, world_size=1, batch_size=BATCH, image_size=SIZE, augment=augment,
-                                seed=SEED, epoch=0, epochs=epochs, num_workers=WORKERS)
+            return train_loader(
+                shards,
+                rank=0,
+                world_size=1,
+                batch_size=BATCH,
+                image_size=SIZE,
+                augment=augment,
+                seed=SEED,
+                epoch=0,
+                epochs=epochs,
+                num_workers=WORKERS,
+            )
 
         def resize_only_batches(epochs):
             return shard_batches(epochs, RESIZE_ONLY)
 
         def folder_loader(epoch, read_pixels=_pil_pixels, **options):
-            return DataLoader(FolderDataset(items, result.classes, epoch, read_pixels), batch_size=BATCH,
-                              num_workers=WORKERS, shuffle=True, generator=torch.Generator().manual_seed(epoch),
-                              collate_fn=lambda samples: collate_train(samples, SIZE), **options)
+            return DataLoader(
+                FolderDataset(items, result.classes, epoch, read_pixels),
+                batch_size=BATCH,
+                num_workers=WORKERS,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(epoch),
+                collate_fn=lambda samples: collate_train(samples, SIZE),
+                **options,
+            )
 
         def folder_batches(epochs):  # a DataLoader per epoch
             return (batch for epoch in range(epochs) for batch in folder_loader(epoch))
@@ -257,16 +278,23 @@ def main() -> int:
             return folder_persistent_batches(epochs, _fast_pixels)
 
         def decode_batches(epochs, pil=False):
-            loader = DataLoader(DecodeOnly(blobs, pil), batch_size=BATCH, num_workers=WORKERS, collate_fn=list,
-                                persistent_workers=True)
+            loader = DataLoader(
+                DecodeOnly(blobs, pil), batch_size=BATCH, num_workers=WORKERS, collate_fn=list, persistent_workers=True
+            )
             return _epochs_of(loader, epochs)
 
         def decode_pil_batches(epochs):
             return decode_batches(epochs, pil=True)
 
-        paths = {"shards": shard_batches, "folder": folder_batches, "folder_persistent": folder_persistent_batches,
-                 "folder_same_decoder": folder_same_decoder_batches, "shards_resize_only": resize_only_batches,
-                 "decode_only": decode_batches, "decode_only_pil": decode_pil_batches}
+        paths = {
+            "shards": shard_batches,
+            "folder": folder_batches,
+            "folder_persistent": folder_persistent_batches,
+            "folder_same_decoder": folder_same_decoder_batches,
+            "shards_resize_only": resize_only_batches,
+            "decode_only": decode_batches,
+            "decode_only_pil": decode_pil_batches,
+        }
         for make in paths.values():
             timed(make(1), len(records))  # warm the page cache and the code paths once
         # Rounds interleave the paths, so a change in machine load during the run hits all of them alike.
@@ -278,9 +306,15 @@ def main() -> int:
                 seconds[name] += spent
                 images[name] += count
                 if name == "shards":  # the last round's
-                    rss = [{"epoch": e, "peak_main_mib": round(sampler.peak_main[e], 1),
-                            "peak_main_plus_workers_mib": round(sampler.peak_total[e], 1)}
-                           for e in range(args.epochs) if e in sampler.peak_total]
+                    rss = [
+                        {
+                            "epoch": e,
+                            "peak_main_mib": round(sampler.peak_main[e], 1),
+                            "peak_main_plus_workers_mib": round(sampler.peak_total[e], 1),
+                        }
+                        for e in range(args.epochs)
+                        if e in sampler.peak_total
+                    ]
 
     rates = {name: images[name] / seconds[name] for name in paths}
     shares = reduction_shares(records, [loc.key for loc in locations], args.epochs)
@@ -288,38 +322,59 @@ def main() -> int:
     flat = rss[-1]["peak_main_plus_workers_mib"] <= 1.1 * rss[0]["peak_main_plus_workers_mib"]
     report = {
         "benchmark": "bench_loader",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
-        "setup": {"dataset": "raccoon train split", "images_per_epoch": len(records), "epochs": args.epochs,
-                  "rounds": args.rounds,
-                  "mean_image_pixels": round(mean_pixels), "image_size": SIZE, "batch_size": BATCH,
-                  "dataloader_workers": WORKERS, "augmentation": "full SSD (photometric, expand, crop, flip)"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        },
+        "setup": {
+            "dataset": "raccoon train split",
+            "images_per_epoch": len(records),
+            "epochs": args.epochs,
+            "rounds": args.rounds,
+            "mean_image_pixels": round(mean_pixels),
+            "image_size": SIZE,
+            "batch_size": BATCH,
+            "dataloader_workers": WORKERS,
+            "augmentation": "full SSD (photometric, expand, crop, flip)",
+        },
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "shards_decoded_at_scale": shares,
-        "ratios": {"shards_over_folder": round(rates["shards"] / best_folder, 3),
-                   "shards_over_folder_per_epoch_loader": round(rates["shards"] / rates["folder"], 3),
-                   "shards_over_folder_same_decoder": round(rates["shards"] / rates["folder_same_decoder"], 3),
-                   "shards_over_decode_only": round(rates["shards"] / rates["decode_only"], 3),
-                   "shards_resize_only_over_decode_only": round(rates["shards_resize_only"] / rates["decode_only"], 3)},
+        "ratios": {
+            "shards_over_folder": round(rates["shards"] / best_folder, 3),
+            "shards_over_folder_per_epoch_loader": round(rates["shards"] / rates["folder"], 3),
+            "shards_over_folder_same_decoder": round(rates["shards"] / rates["folder_same_decoder"], 3),
+            "shards_over_decode_only": round(rates["shards"] / rates["decode_only"], 3),
+            "shards_resize_only_over_decode_only": round(rates["shards_resize_only"] / rates["decode_only"], 3),
+        },
         "goals": {"shards_over_folder": 1.5, "shards_over_decode_only": 0.6},
         "rss_per_epoch": rss,
         "rss_flat": flat,
     }
-    print(f"loader, raccoon train ({len(records)} images of ~{mean_pixels / 1e3:.0f} kpixels), {args.epochs} epochs, "
-          f"{WORKERS} workers, batch {BATCH}, {SIZE}x{SIZE}")
+    print(
+        f"loader, raccoon train ({len(records)} images of ~{mean_pixels / 1e3:.0f} kpixels), {args.epochs} epochs, "
+        f"{WORKERS} workers, batch {BATCH}, {SIZE}x{SIZE}"
+    )
     for name, rate in rates.items():
         print(f"  {name:20s} {rate:8.1f} images/s")
     print("  shards decoded at " + ", ".join(f"{k}: {v:.0%}" for k, v in shares.items()))
-    print(f"  shards / folder      = {report['ratios']['shards_over_folder']:.2f}  (the faster folder path; "
-          f"goal >= 1.5)")
-    print(f"  shards / folder with the shard loader's decoder = "
-          f"{report['ratios']['shards_over_folder_same_decoder']:.2f}")
+    print(
+        f"  shards / folder      = {report['ratios']['shards_over_folder']:.2f}  (the faster folder path; goal >= 1.5)"
+    )
+    print(
+        f"  shards / folder with the shard loader's decoder = {report['ratios']['shards_over_folder_same_decoder']:.2f}"
+    )
     print(f"  shards / decode-only = {report['ratios']['shards_over_decode_only']:.2f}  (goal >= 0.6)")
-    print(f"  shards without augmentation (resize only) / decode-only = "
-          f"{report['ratios']['shards_resize_only_over_decode_only']:.2f}")
+    print(
+        f"  shards without augmentation (resize only) / decode-only = "
+        f"{report['ratios']['shards_resize_only_over_decode_only']:.2f}"
+    )
     for row in rss:
-        print(f"  epoch {row['epoch']}: peak RSS main {row['peak_main_mib']:.0f} MiB, "
-              f"main + workers {row['peak_main_plus_workers_mib']:.0f} MiB")
+        print(
+            f"  epoch {row['epoch']}: peak RSS main {row['peak_main_mib']:.0f} MiB, "
+            f"main + workers {row['peak_main_plus_workers_mib']:.0f} MiB"
+        )
     print(f"  RSS flat over epochs: {flat}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

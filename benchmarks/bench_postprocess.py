@@ -181,21 +181,25 @@ def bench_planning(batches: int, batch_size: int = 32) -> dict:
 
     def one_at_a_time() -> None:
         for batch in range(batches):
-            plans["alone"] = [augment.plan_augmentation(*sizes[i], boxes[i], labels[i], difficult[i],
-                                                           options=options, generator=g)
-                              for i, g in enumerate(generators(batch))]  # fmt: skip
+            plans["alone"] = [
+                augment.plan_augmentation(*sizes[i], boxes[i], labels[i], difficult[i], options=options, generator=g)
+                for i, g in enumerate(generators(batch))
+            ]
 
     def together() -> None:
         for batch in range(batches):
-            plans["together"] = augment.plan_augmentations(sizes, boxes, labels, difficult, options=options,
-                                                              generators=generators(batch))  # fmt: skip
+            plans["together"] = augment.plan_augmentations(
+                sizes, boxes, labels, difficult, options=options, generators=generators(batch)
+            )
 
     alone_s, _, _ = timed(one_at_a_time, 3)
     together_s, _, _ = timed(together, 3)
     identical = all(
-        (a.expansion, a.window, a.flip) == (b.expansion, b.window, b.flip) and torch.equal(a.boxes, b.boxes)
-        and torch.equal(a.labels, b.labels) for a, b in zip(plans["alone"], plans["together"], strict=True)
-    )  # fmt: skip
+        (a.expansion, a.window, a.flip) == (b.expansion, b.window, b.flip)
+        and torch.equal(a.boxes, b.boxes)
+        and torch.equal(a.labels, b.labels)
+        for a, b in zip(plans["alone"], plans["together"], strict=True)
+    )
     images = batches * batch_size
     return {
         "one_at_a_time_ms_per_image": round(alone_s * 1000 / images, 3),
@@ -252,11 +256,15 @@ def main() -> None:
             f"identical={r['identical_detections']}"
         )
     for name, r in aug.items():
-        print(f"{name}: ours {r['ours_images_per_s']} img/s, reference {r['reference_images_per_s']} img/s, "
-              f"{r['speedup']}x")  # fmt: skip
-    print(f"planning, batches of 32: batched {planning['batched_ms_per_image']} ms/image, one at a time "
-          f"{planning['one_at_a_time_ms_per_image']} ms/image, {planning['speedup']}x, "
-          f"identical={planning['identical_plans']}")  # fmt: skip
+        print(
+            f"{name}: ours {r['ours_images_per_s']} img/s, reference {r['reference_images_per_s']} img/s, "
+            f"{r['speedup']}x"
+        )
+    print(
+        f"planning, batches of 32: batched {planning['batched_ms_per_image']} ms/image, one at a time "
+        f"{planning['one_at_a_time_ms_per_image']} ms/image, {planning['speedup']}x, "
+        f"identical={planning['identical_plans']}"
+    )
     print(f"load average at start (1, 5, 15 min): {load_at_start} on {os.cpu_count()} CPUs")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -79,10 +79,15 @@ class Bench:
         self.batches = make_batches(8, self.model.image_size)
         self.grad_stats = GradStats(self.model, every=1)
         self.trackers = {
-            config: create_tracker(TrackingConfig(experiment="bench", uri=f"sqlite:///{workdir / config}.db"),
-                                   enabled_here=True, run_id=None, run_name=config, repo_root=workdir)
+            config: create_tracker(
+                TrackingConfig(experiment="bench", uri=f"sqlite:///{workdir / config}.db"),
+                enabled_here=True,
+                run_id=None,
+                run_name=config,
+                repo_root=workdir,
+            )
             for config in CONFIGS[1:]
-        }  # fmt: skip
+        }
         self.step = 0
         self.log_calls: dict[str, list[float]] = {c: [] for c in CONFIGS[1:]}
 
@@ -105,9 +110,16 @@ class Bench:
                 self.grad_stats.before_step()
             self.optimizer.step()
             if tracker is not None:
-                step_metrics = {"train/loss": terms.total.item(), "train/loss_loc": terms.loc.item(),
-                                "train/loss_conf": terms.conf.item(), "train/lr": 1e-3, "train/images_per_sec": 0.0,
-                                "train/positives_per_image": 0.0, "train/skipped_steps": 0, "train/bad_samples": 0}
+                step_metrics = {
+                    "train/loss": terms.total.item(),
+                    "train/loss_loc": terms.loc.item(),
+                    "train/loss_conf": terms.conf.item(),
+                    "train/lr": 1e-3,
+                    "train/images_per_sec": 0.0,
+                    "train/positives_per_image": 0.0,
+                    "train/skipped_steps": 0,
+                    "train/bad_samples": 0,
+                }
                 grad_metrics = self.grad_stats.after_step(self.step) if grads else None
                 log_started = time.perf_counter()  # what the step waits for in the tracker itself
                 tracker.log_metrics(step_metrics, self.step)
@@ -144,43 +156,67 @@ def main() -> int:
         flush = bench.close()
     wall = {c: statistics.median(b[0] for b in blocks[c]) for c in CONFIGS}
     cpu = {c: statistics.median(b[1] for b in blocks[c]) for c in CONFIGS}
-    paired = {c: statistics.median(blocks[c][r][0] - blocks["baseline"][r][0] for r in range(args.rounds))
-              for c in CONFIGS[1:]}  # fmt: skip
-    paired_cpu = {c: statistics.median(blocks[c][r][1] - blocks["baseline"][r][1] for r in range(args.rounds))
-                  for c in CONFIGS[1:]}  # fmt: skip
+    paired = {
+        c: statistics.median(blocks[c][r][0] - blocks["baseline"][r][0] for r in range(args.rounds))
+        for c in CONFIGS[1:]
+    }
+    paired_cpu = {
+        c: statistics.median(blocks[c][r][1] - blocks["baseline"][r][1] for r in range(args.rounds))
+        for c in CONFIGS[1:]
+    }
     default = paired["metrics"] + (paired["grad_every_step"] - paired["metrics"]) / GRAD_INTERVAL
     base = wall["baseline"]
     log_calls = {c: sorted(v) for c, v in bench.log_calls.items()}
     result = {
         "benchmark": "bench_tracking",
-        "model": "ssd_tiny", "batch": BATCH, "image_size": bench.model.image_size, "threads": 1,
-        "rounds": args.rounds, "block_steps": args.block, "store": "sqlite (local file)",
+        "model": "ssd_tiny",
+        "batch": BATCH,
+        "image_size": bench.model.image_size,
+        "threads": 1,
+        "rounds": args.rounds,
+        "block_steps": args.block,
+        "store": "sqlite (local file)",
         "median_step_ms": {c: round(1000 * wall[c], 2) for c in CONFIGS},
-        "overhead_ms_per_step": {"metrics": round(1000 * paired["metrics"], 2),
-                                 "grad_every_step": round(1000 * paired["grad_every_step"], 2),
-                                 f"grad_every_{GRAD_INTERVAL}": round(1000 * default, 2)},
-        "overhead_pct": {"metrics": round(100 * paired["metrics"] / base, 2),
-                         "grad_every_step": round(100 * paired["grad_every_step"] / base, 2),
-                         f"grad_every_{GRAD_INTERVAL}": round(100 * default / base, 2)},
+        "overhead_ms_per_step": {
+            "metrics": round(1000 * paired["metrics"], 2),
+            "grad_every_step": round(1000 * paired["grad_every_step"], 2),
+            f"grad_every_{GRAD_INTERVAL}": round(1000 * default, 2),
+        },
+        "overhead_pct": {
+            "metrics": round(100 * paired["metrics"] / base, 2),
+            "grad_every_step": round(100 * paired["grad_every_step"] / base, 2),
+            f"grad_every_{GRAD_INTERVAL}": round(100 * default / base, 2),
+        },
         "cpu_ms_per_step": {c: round(1000 * cpu[c], 2) for c in CONFIGS},
         "cpu_overhead_ms_per_step": {c: round(1000 * v, 2) for c, v in paired_cpu.items()},
-        "log_call_ms": {c: {"median": round(1000 * statistics.median(v), 4), "max": round(1000 * v[-1], 3)}
-                        for c, v in log_calls.items()},
+        "log_call_ms": {
+            c: {"median": round(1000 * statistics.median(v), 4), "max": round(1000 * v[-1], 3)}
+            for c, v in log_calls.items()
+        },
         "flush_ms": {c: round(1000 * v, 1) for c, v in flush.items()},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "load_average": [round(x, 2) for x in os.getloadavg()]},
-    }  # fmt: skip
-    print(f"bench_tracking: ssd_tiny, batch {BATCH}, {bench.model.image_size} px, 1 thread, {args.rounds} rounds x "
-          f"{args.block}-step blocks per configuration, SQLite store")  # fmt: skip
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+    print(
+        f"bench_tracking: ssd_tiny, batch {BATCH}, {bench.model.image_size} px, 1 thread, {args.rounds} rounds x "
+        f"{args.block}-step blocks per configuration, SQLite store"
+    )
     print(f"  baseline         {1000 * base:8.2f} ms/step (CPU {1000 * cpu['baseline']:.2f} ms)")
     for c in CONFIGS[1:]:
         calls = result["log_call_ms"][c]
-        print(f"  {c:16s} {1000 * wall[c]:8.2f} ms/step (CPU {1000 * cpu[c]:.2f} ms): overhead "
-              f"{1000 * paired[c]:+.2f} ms = {100 * paired[c] / base:+.1f} % (CPU {1000 * paired_cpu[c]:+.2f} ms); "
-              f"log_metrics blocks {calls['median']:.3f} ms median, {calls['max']:.2f} ms max; "
-              f"flush {result['flush_ms'][c]:.0f} ms")  # fmt: skip
-    print(f"  grad stats every {GRAD_INTERVAL} steps (the default): {1000 * default:+.2f} ms/step "
-          f"({100 * default / base:+.1f} %)")
+        print(
+            f"  {c:16s} {1000 * wall[c]:8.2f} ms/step (CPU {1000 * cpu[c]:.2f} ms): overhead "
+            f"{1000 * paired[c]:+.2f} ms = {100 * paired[c] / base:+.1f} % (CPU {1000 * paired_cpu[c]:+.2f} ms); "
+            f"log_metrics blocks {calls['median']:.3f} ms median, {calls['max']:.2f} ms max; "
+            f"flush {result['flush_ms'][c]:.0f} ms"
+        )
+    print(
+        f"  grad stats every {GRAD_INTERVAL} steps (the default): {1000 * default:+.2f} ms/step "
+        f"({100 * default / base:+.1f} %)"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -41,24 +41,57 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.stages.train import build_job, train  # noqa: E402
 from pipeline.training import faults  # noqa: E402
 
-COMMON = ["seed=0", "train.loader_workers=0", "train.warmup_steps=2", "train.lr=0.01",
-          "train.lr_reference_batch=16", "tracking.grad_stats_every=0", "tracking.register_model=false"]  # fmt: skip
+COMMON = [
+    "seed=0",
+    "train.loader_workers=0",
+    "train.warmup_steps=2",
+    "train.lr=0.01",
+    "train.lr_reference_batch=16",
+    "tracking.grad_stats_every=0",
+    "tracking.register_model=false",
+]
 
 
 def make_shards(root: Path, num_train: int) -> str:
     (root / "params.yaml").write_text("seed: 0\n")
     synthetic = [f"data.synthetic.num_train={num_train}", "data.synthetic.num_val=8", "data.synthetic.image_size=160"]
-    assert cli_main(["prepare", "--params", str(root / "params.yaml"), "--out", str(root / "prepared"),
-                     "--report", str(root / "prepare.json"), *synthetic]) == 0  # fmt: skip
-    assert cli_main(["shard", "--params", str(root / "params.yaml"), "--index", str(root / "prepared"),
-                     "--out", str(root / "shards")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "prepare",
+                "--params",
+                str(root / "params.yaml"),
+                "--out",
+                str(root / "prepared"),
+                "--report",
+                str(root / "prepare.json"),
+                *synthetic,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "shard",
+                "--params",
+                str(root / "params.yaml"),
+                "--index",
+                str(root / "prepared"),
+                "--out",
+                str(root / "shards"),
+            ]
+        )
+        == 0
+    )
     return str(root / "shards")
 
 
 def run(root: Path, shards: str, name: str, overrides: list[str], *, fault: dict | None = None) -> float:
     """One training run through the stage code; returns its wall time in seconds."""
-    params = load_params(None, [*COMMON, f"train.storage_path={root / 'runs' / name}", f"train.run_name={name}",
-                                *overrides])  # fmt: skip
+    params = load_params(
+        None, [*COMMON, f"train.storage_path={root / 'runs' / name}", f"train.run_name={name}", *overrides]
+    )
     if fault:
         os.environ[faults.ENV_VAR] = json.dumps(fault)
     else:
@@ -83,50 +116,95 @@ def scaling(root: Path, shards: str, preset: str, steps: int, global_batch: int,
     out = {"preset": preset, "steps": steps, "global_batch": global_batch, "configs": {}}
     for workers, threads in ((1, 2), (2, 1)):
         name = f"{preset}-{workers}x{threads}"
-        overrides = [f"model.preset={preset}", f"train.num_workers={workers}", f"train.threads_per_worker={threads}",
-                     f"train.batch_size={global_batch // workers}", f"train.max_steps={steps}",
-                     f"train.checkpoint_every_steps={steps}", f"train.log_every_steps={log_every}",
-                     "tracking.enabled=true", f"tracking.uri={uri}", f"tracking.experiment={name}"]  # fmt: skip
+        overrides = [
+            f"model.preset={preset}",
+            f"train.num_workers={workers}",
+            f"train.threads_per_worker={threads}",
+            f"train.batch_size={global_batch // workers}",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_every_steps={steps}",
+            f"train.log_every_steps={log_every}",
+            "tracking.enabled=true",
+            f"tracking.uri={uri}",
+            f"tracking.experiment={name}",
+        ]
         wall = run(root, shards, name, overrides)
         per_interval = throughput(uri, name)
         ips = statistics.median(per_interval[1:] or per_interval)
         out["configs"][f"{workers}x{threads}"] = {
-            "workers": workers, "threads_per_worker": threads, "images_per_sec": round(ips, 2),
-            "step_time_s": round(global_batch / ips, 4), "wall_s": round(wall, 1),
+            "workers": workers,
+            "threads_per_worker": threads,
+            "images_per_sec": round(ips, 2),
+            "step_time_s": round(global_batch / ips, 4),
+            "wall_s": round(wall, 1),
             "images_per_sec_by_interval": [round(v, 2) for v in per_interval],
-        }  # fmt: skip
+        }
     ref, ddp = out["configs"]["1x2"], out["configs"]["2x1"]
     out["ratio_2x1_over_1x2_images_per_sec"] = round(ddp["images_per_sec"] / ref["images_per_sec"], 3)
-    print(f"{preset:>13}: 1 worker x 2 threads {ref['images_per_sec']:7.2f} img/s ({ref['step_time_s']:.3f} s/step)"
-          f" | 2 workers x 1 thread {ddp['images_per_sec']:7.2f} img/s ({ddp['step_time_s']:.3f} s/step)"
-          f" | ratio {out['ratio_2x1_over_1x2_images_per_sec']:.2f}")  # fmt: skip
+    print(
+        f"{preset:>13}: 1 worker x 2 threads {ref['images_per_sec']:7.2f} img/s ({ref['step_time_s']:.3f} s/step)"
+        f" | 2 workers x 1 thread {ddp['images_per_sec']:7.2f} img/s ({ddp['step_time_s']:.3f} s/step)"
+        f" | ratio {out['ratio_2x1_over_1x2_images_per_sec']:.2f}"
+    )
     return out
 
 
 def fault_overhead(root: Path, shards: str, steps: int) -> dict:
-    overrides = ["model.preset=ssd_tiny", "train.num_workers=2", "train.threads_per_worker=1", "train.batch_size=8",
-                 f"train.max_steps={steps}", "train.checkpoint_every_steps=4", f"train.log_every_steps={steps}",
-                 "train.max_failures=1", "tracking.enabled=false"]  # fmt: skip
+    overrides = [
+        "model.preset=ssd_tiny",
+        "train.num_workers=2",
+        "train.threads_per_worker=1",
+        "train.batch_size=8",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every_steps=4",
+        f"train.log_every_steps={steps}",
+        "train.max_failures=1",
+        "tracking.enabled=false",
+    ]
     kill_at = steps - steps // 4 - 2  # two steps after a checkpoint, late in the run
     clean = run(root, shards, "fault-none", overrides)
-    killed = run(root, shards, "fault-kill", overrides,
-                 fault={"kill": [{"rank": 1, "step": kill_at, "marker": str(root / "killed")}]})  # fmt: skip
+    killed = run(
+        root,
+        shards,
+        "fault-kill",
+        overrides,
+        fault={"kill": [{"rank": 1, "step": kill_at, "marker": str(root / "killed")}]},
+    )
     assert (root / "killed").exists(), "the fault did not fire"
-    out = {"preset": "ssd_tiny", "steps": steps, "killed_rank": 1, "killed_after_step": kill_at,
-           "wall_s_no_fault": round(clean, 1), "wall_s_one_worker_killed": round(killed, 1),
-           "ratio_killed_over_no_fault": round(killed / clean, 3)}  # fmt: skip
-    print(f"fault overhead (ssd_tiny, {steps} steps, rank 1 killed after step {kill_at}): {clean:.1f} s without, "
-          f"{killed:.1f} s with one worker killed -> x{out['ratio_killed_over_no_fault']:.2f}")  # fmt: skip
+    out = {
+        "preset": "ssd_tiny",
+        "steps": steps,
+        "killed_rank": 1,
+        "killed_after_step": kill_at,
+        "wall_s_no_fault": round(clean, 1),
+        "wall_s_one_worker_killed": round(killed, 1),
+        "ratio_killed_over_no_fault": round(killed / clean, 3),
+    }
+    print(
+        f"fault overhead (ssd_tiny, {steps} steps, rank 1 killed after step {kill_at}): {clean:.1f} s without, "
+        f"{killed:.1f} s with one worker killed -> x{out['ratio_killed_over_no_fault']:.2f}"
+    )
     return out
 
 
 def gpu(root: Path, shards: str, steps: int) -> dict:
     name = "gpu-ssd300-bf16"
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    overrides = ["model.preset=ssd300_vgg16", "train.num_workers=1", "train.use_gpu=true", "train.precision=bf16",
-                 "train.channels_last=true", "train.batch_size=64", "train.loader_workers=8",
-                 f"train.max_steps={steps}", f"train.checkpoint_every_steps={steps}", "train.log_every_steps=5",
-                 "tracking.enabled=true", f"tracking.uri={uri}", f"tracking.experiment={name}"]  # fmt: skip
+    overrides = [
+        "model.preset=ssd300_vgg16",
+        "train.num_workers=1",
+        "train.use_gpu=true",
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.batch_size=64",
+        "train.loader_workers=8",
+        f"train.max_steps={steps}",
+        f"train.checkpoint_every_steps={steps}",
+        "train.log_every_steps=5",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={name}",
+    ]
     run(root, shards, name, overrides)
     per_interval = throughput(uri, name)
     ips = statistics.median(per_interval[1:] or per_interval)
@@ -149,14 +227,27 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance on 127.0.0.1
     try:
         shards = make_shards(root, num_train=64)
-        ray.init(num_cpus=os.cpu_count() or 2, num_gpus=torch.cuda.device_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", _temp_dir=temp,
-                 logging_level="WARNING", log_to_driver=False)  # fmt: skip
+        ray.init(
+            num_cpus=os.cpu_count() or 2,
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
         results = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                        "ray": ray.__version__},  # fmt: skip
-            "scaling": [scaling(root, shards, "ssd_tiny", args.tiny_steps, 16, log_every=4),
-                        scaling(root, shards, "ssd300_vgg16", args.vgg_steps, 4, log_every=1)],  # fmt: skip
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+            },
+            "scaling": [
+                scaling(root, shards, "ssd_tiny", args.tiny_steps, 16, log_every=4),
+                scaling(root, shards, "ssd300_vgg16", args.vgg_steps, 4, log_every=1),
+            ],
             "fault_overhead": fault_overhead(root, shards, args.fault_steps),
         }
         if args.gpu:

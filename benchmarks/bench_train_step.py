@@ -131,8 +131,9 @@ def make_step(config: str, data: dict) -> Callable[[], float]:
 
     # Ours steps with the fused SGD kernel, as pipeline.training.optim does; torchvision's users (and its
     # detection references) use the default multi-tensor SGD.
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4,
-                                fused=config.startswith("ours"))  # fmt: skip
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, fused=config.startswith("ours")
+    )
 
     def step() -> float:
         with _autocast(bf16):
@@ -214,8 +215,13 @@ def profile_step(step: Callable[[], float]) -> dict:
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     conv = sum(e.self_cpu_time_total for e in events if e.key in CONV_KERNELS) / 1e6
     calls = sum(e.count for e in events if e.key == "aten::mkldnn_convolution")
-    return {"profiled_step_s": round(total, 4), "conv_s": round(conv, 4), "other_s": round(total - conv, 4),
-            "conv_share": round(conv / total, 4), "conv_forward_calls": calls}
+    return {
+        "profiled_step_s": round(total, 4),
+        "conv_s": round(conv, 4),
+        "other_s": round(total - conv, 4),
+        "conv_share": round(conv / total, 4),
+        "conv_forward_calls": calls,
+    }
 
 
 def _status_mb(field: str) -> float:
@@ -238,8 +244,11 @@ def measure_memory(config: str) -> dict:
     step()
     step()
     peak = _status_mb("VmHWM")
-    return {"rss_before_step_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
-            "step_adds_mb": round(peak - before, 1)}
+    return {
+        "rss_before_step_mb": round(before, 1),
+        "peak_rss_mb": round(peak, 1),
+        "step_adds_mb": round(peak - before, 1),
+    }
 
 
 def time_interleaved(steps: dict[str, Callable[[], float]], rounds: int, images_per_step: int) -> dict:
@@ -282,8 +291,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     load_start = round(os.getloadavg()[0], 2)
-    print(f"SSD300 train step, batch {BATCH}, {args.threads} threads, torch {torch.__version__}, "
-          f"load average {load_start} on {os.cpu_count()} CPUs")
+    print(
+        f"SSD300 train step, batch {BATCH}, {args.threads} threads, torch {torch.__version__}, "
+        f"load average {load_start} on {os.cpu_count()} CPUs"
+    )
     data = make_batch()
     steps = {c: make_step(c, data) for c in CONFIGS}
     results = time_interleaved(steps, args.rounds, BATCH)
@@ -311,7 +322,9 @@ def main() -> None:
     for config in (*CONFIGS, *TINY_CONFIGS):
         child = subprocess.run(
             [sys.executable, __file__, "--memory-only", config, "--threads", str(args.threads)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         (results if config in results else tiny)[config].update(json.loads(child.stdout.splitlines()[-1]))
 
@@ -332,19 +345,31 @@ def main() -> None:
     }
     report = {
         "benchmark": "bench_train_step",
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": args.threads},
-        "batch": BATCH, "image_size": SIZE, "num_classes": NUM_CLASSES, "rounds": args.rounds,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+        "batch": BATCH,
+        "image_size": SIZE,
+        "num_classes": NUM_CLASSES,
+        "rounds": args.rounds,
         "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
-        "ssd300": results, "ratios": ratios, "ratios_of_medians": ratios_of_medians, "goals_met": goals,
+        "ssd300": results,
+        "ratios": ratios,
+        "ratios_of_medians": ratios_of_medians,
+        "goals_met": goals,
         "bf16_cl_breakdown": breakdown,
         "ssd_tiny": {"batch": TINY_BATCH, "threads": 1, "num_classes": TINY_CLASSES, **tiny},
     }
     print()
     for name, r in results.items():
-        print(f"{name:22s} {r['images_per_s']:6.2f} images/s  ({r['step_s_min']:.2f} s/step best, "
-              f"{r['step_s_median']:.2f} median)  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (step adds {r['step_adds_mb']:.0f} MB)")
+        print(
+            f"{name:22s} {r['images_per_s']:6.2f} images/s  ({r['step_s_min']:.2f} s/step best, "
+            f"{r['step_s_median']:.2f} median)  "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (step adds {r['step_adds_mb']:.0f} MB)"
+        )
     for name, value in ratios.items():
         print(f"{name:40s} {value:.2f}x  (medians: {ratios_of_medians[name]:.2f}x)")
     for goal, met in goals.items():
@@ -352,16 +377,24 @@ def main() -> None:
     if breakdown:
         for config in ("ours_bf16_cl", "torchvision_bf16_cl"):
             b = breakdown[config]
-            print(f"{config:22s} profiled step {b['profiled_step_s']:.2f} s: convolutions {b['conv_s']:.2f} s "
-                  f"({b['conv_share']:.0%}, {b['conv_forward_calls']} forward calls, "
-                  f"{b['conv_gmac_per_s']:.0f} GMAC/s), other {b['other_s']:.2f} s")
-        print(f"convolutions: {breakdown['conv_gmac_per_step']:.0f} GMAC per step; bf16 matmul peak in this process "
-              f"{breakdown['bf16_matmul_gmac_per_s']:.0f} GMAC/s")
-        print(f"bound under identical settings (torchvision step / our convolutions alone): "
-              f"{breakdown['bound_ours_vs_torchvision_bf16_cl']:.2f}x")
+            print(
+                f"{config:22s} profiled step {b['profiled_step_s']:.2f} s: convolutions {b['conv_s']:.2f} s "
+                f"({b['conv_share']:.0%}, {b['conv_forward_calls']} forward calls, "
+                f"{b['conv_gmac_per_s']:.0f} GMAC/s), other {b['other_s']:.2f} s"
+            )
+        print(
+            f"convolutions: {breakdown['conv_gmac_per_step']:.0f} GMAC per step; bf16 matmul peak in this process "
+            f"{breakdown['bf16_matmul_gmac_per_s']:.0f} GMAC/s"
+        )
+        print(
+            f"bound under identical settings (torchvision step / our convolutions alone): "
+            f"{breakdown['bound_ours_vs_torchvision_bf16_cl']:.2f}x"
+        )
     for name, r in tiny.items():
-        print(f"{name:14s} {r['ms_per_image']:6.2f} ms/image  {r['images_per_s']:7.1f} images/s (1 thread)  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(
+            f"{name:14s} {r['ms_per_image']:6.2f} ms/image  {r['images_per_s']:7.1f} images/s (1 thread)  "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")

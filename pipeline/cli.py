@@ -36,8 +36,12 @@ def _path(p: argparse.ArgumentParser, flag: str, stage: str, help: str, *, stage
     """A path option whose default is the value ``dvc.yaml`` gives ``stage_flag`` (default: ``flag``) in
     ``stage``'s command; without a ``dvc.yaml`` naming it, the option is required (checked after parsing)."""
     source = (stage, stage_flag or flag, url)
-    p.add_argument(flag, type=str if url else Path, default=None,
-                   help=f"{help} (default: {source[1]} in the {stage} stage's cmd in dvc.yaml)")  # fmt: skip
+    p.add_argument(
+        flag,
+        type=str if url else Path,
+        default=None,
+        help=f"{help} (default: {source[1]} in the {stage} stage's cmd in dvc.yaml)",
+    )
     p.set_defaults(**{f"_dvc_{flag.lstrip('-').replace('-', '_')}": source})
 
 
@@ -66,8 +70,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
-    p.add_argument("--out", type=Path, default=Path("predictions"),
-                   help="folder for detections.json (COCO results format) and the drawn images")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions"),
+        help="folder for detections.json (COCO results format) and the drawn images",
+    )
     p.add_argument("--min-score", type=float, default=0.3, help="detections below this score are left out")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -79,8 +87,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the model's path, suffix .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    p.add_argument("--nms", action="store_true",
-                   help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores")
+    p.add_argument(
+        "--nms",
+        action="store_true",
+        help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores",
+    )
 
 
 def _summary_args(p: argparse.ArgumentParser) -> None:
@@ -92,19 +103,25 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("prepare", "pipeline.stages.prepare", "validate a VOC/COCO/synthetic source into an index",
-            _prepare_args),
+    Command("prepare", "pipeline.stages.prepare", "validate a VOC/COCO/synthetic source into an index", _prepare_args),
     Command("shard", "pipeline.stages.shard", "write WebDataset shards and their manifest", _shard_args),
     Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
-    Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards",
-            _evaluate_args),
-    Command("predict", "pipeline.stages.predict", "detect objects in images or folders (no Ray, no MLflow)",
-            _predict_args, takes_inputs=True),
+    Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards", _evaluate_args),
+    Command(
+        "predict",
+        "pipeline.stages.predict",
+        "detect objects in images or folders (no Ray, no MLflow)",
+        _predict_args,
+        takes_inputs=True,
+    ),
     Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
-    Command("summary", "pipeline.stages.summary", "headline metrics of the last run and the MLflow UI command",
-            _summary_args),
-    Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved",
-            _no_args),
+    Command(
+        "summary",
+        "pipeline.stages.summary",
+        "headline metrics of the last run and the MLflow UI command",
+        _summary_args,
+    ),
+    Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved", _no_args),
 )
 
 
@@ -162,8 +179,10 @@ def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentPars
         value = stage_options(stage, DVC_FILE).get(flag)
         if value is None:
             own = "--" + dest.replace("_", "-")
-            parser.error(f"{command.name}: {own} is required here: no {DVC_FILE} in {Path.cwd()} gives "
-                         f"{flag} in its {stage} stage")  # fmt: skip
+            parser.error(
+                f"{command.name}: {own} is required here: no {DVC_FILE} in {Path.cwd()} gives "
+                f"{flag} in its {stage} stage"
+            )
         setattr(args, dest, value if url else Path(value))
     if command.name == "export" and args.out is None:
         args.out = Path(args.model).with_suffix(".onnx")

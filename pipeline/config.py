@@ -38,8 +38,9 @@ class ConfigError(ValueError):
     """A parameter file or override that does not fit the schema; the message names the key path."""
 
 
-def _p(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern: str | None = None,
-       help: str = "") -> Any:
+def _p(
+    default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern: str | None = None, help: str = ""
+) -> Any:
     """A schema field with its allowed range, choices or (strings) full-match pattern, checked after merging,
     and a one-line reason."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "pattern": pattern, "help": help}
@@ -107,7 +108,9 @@ class DataConfig:
 class PrepareConfig:
     max_bad_fraction: float = _p(0.05, ge=0.0, le=1.0, help="fail when more images than this are rejected")
     max_image_pixels: int = _p(
-        89_478_485, ge=1, le=250_000_000,
+        89_478_485,
+        ge=1,
+        le=250_000_000,
         help="decompression-bomb guard (PIL's default limit); at most 250 Mpx, 750 MB decoded RGB per image",
     )
 
@@ -116,17 +119,19 @@ class PrepareConfig:
 class ShardConfig:
     maxcount: int = _p(500, ge=1, le=1_000_000, help="samples per shard at most")
     maxsize: int = _p(256_000_000, ge=1_000_000, le=100_000_000_000, help="bytes per shard at most (<= 100 GB)")
-    max_side: int = _p(0, ge=0, le=65_535, help="downscale images whose longer side exceeds this (0: never; "
-                       "65,535 is JPEG's largest side)")
+    max_side: int = _p(
+        0,
+        ge=0,
+        le=65_535,
+        help="downscale images whose longer side exceeds this (0: never; 65,535 is JPEG's largest side)",
+    )
     jpeg_quality: int = _p(95, ge=1, le=100, help="quality of re-encoded images")
 
 
 # -------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    preset: str = _p(
-        "ssd_tiny", choices=("ssd_tiny", "ssd300_vgg16", "ssd512_vgg16"), help="architecture and priors"
-    )
+    preset: str = _p("ssd_tiny", choices=("ssd_tiny", "ssd300_vgg16", "ssd512_vgg16"), help="architecture and priors")
     priors: str = _p(
         "voc", choices=("voc", "coco"), help="VGG presets: default-box sizes of the Caffe VOC or COCO model"
     )
@@ -138,8 +143,10 @@ class AugmentConfig:
     photometric: bool = _p(True, help="brightness, contrast, saturation, hue in random order")
     expand: bool = _p(True, help="zoom out onto a mean-filled canvas")
     expand_max_ratio: float = _p(
-        4.0, le=16.0, help="largest canvas side / image side (>= 1: ssd_core.augment.AugmentOptions decides); "
-        "the canvas grows with its square, 16 makes a 500 px image an 8000 px canvas"
+        4.0,
+        le=16.0,
+        help="largest canvas side / image side (>= 1: ssd_core.augment.AugmentOptions decides); "
+        "the canvas grows with its square, 16 makes a 500 px image an 8000 px canvas",
     )
     crop: bool = _p(True, help="min-IoU random crop")
     flip: bool = _p(True, help="horizontal flip with probability 0.5")
@@ -161,8 +168,9 @@ class TrainConfig:
     max_steps: int = _p(1000, ge=1, le=MAX_STEPS, help="optimiser steps in the whole run")
     warmup_steps: int = _p(100, ge=0, le=MAX_STEPS, help="linear warm-up from 0.001 x lr")
     schedule: str = _p("cosine", choices=("multistep", "cosine"), help="decay after warm-up")
-    milestones: list[int] = _p([], help="multistep: strictly increasing steps in 1..max_steps at which lr is "
-                               "multiplied by gamma")
+    milestones: list[int] = _p(
+        [], help="multistep: strictly increasing steps in 1..max_steps at which lr is multiplied by gamma"
+    )
     gamma: float = _p(0.1, gt=0.0, le=1.0, help="multistep decay factor")
     grad_clip_norm: float = _p(10.0, ge=0.0, help="clip the global gradient norm (0: off)")
     precision: str = _p("fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp16: GPU only)")
@@ -176,7 +184,8 @@ class TrainConfig:
     max_consecutive_skips: int = _p(20, ge=1, le=MAX_STEPS, help="non-finite steps in a row before the run stops")
     resume: bool = _p(True, help="continue from the newest checkpoint of the same run")
     run_name: str = _p(
-        "ssd", pattern=RUN_NAME_PATTERN,
+        "ssd",
+        pattern=RUN_NAME_PATTERN,
         help="Ray Train run name; with storage_path, the identity used to resume; a folder name, never a path",
     )
     storage_path: str = _p("runs", help="checkpoints: local path or URL; the run folder is <run_name>-<digest>")
@@ -190,8 +199,13 @@ class EvalConfig:
     num_workers: int = _p(1, ge=0, le=MAX_PROCESSES, help="loader worker processes for evaluation")
     score_threshold: float = _p(0.01, ge=0.0, lt=1.0, help="per-class score threshold (original: 0.01)")
     nms_iou: float = _p(0.45, gt=0.0, le=1.0, help="NMS IoU threshold (original: 0.45)")
-    top_k: int = _p(400, ge=1, le=32_768, help="candidates per class before NMS (original: 400); "
-                    "32,768 is more than any preset's priors (SSD512: 24,564)")
+    top_k: int = _p(
+        400,
+        ge=1,
+        le=32_768,
+        help="candidates per class before NMS (original: 400); "
+        "32,768 is more than any preset's priors (SSD512: 24,564)",
+    )
     max_detections: int = _p(200, ge=1, le=32_768, help="detections per image after NMS (original: 200)")
     num_sample_images: int = _p(16, ge=0, le=256, help="validation images drawn in the detection grid")
 

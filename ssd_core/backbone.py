@@ -61,16 +61,21 @@ def _torchvision_shapes() -> dict[str, tuple[int, ...]]:
     """Every key of the torchvision layout that we read, with its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
     cin = 3
-    for index, cout in zip(VGG16_CONV_INDICES, (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512),
-                           strict=True):
+    for index, cout in zip(
+        VGG16_CONV_INDICES, (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512), strict=True
+    ):
         shapes[f"features.{index}.weight"] = (cout, cin, 3, 3)
         shapes[f"features.{index}.bias"] = (cout,)
         cin = cout
     fc6_inputs = _POOL5[0] * _POOL5[1] * _POOL5[2]
-    shapes.update({
-        "classifier.0.weight": (_FC_CHANNELS, fc6_inputs), "classifier.0.bias": (_FC_CHANNELS,),
-        "classifier.3.weight": (_FC_CHANNELS, _FC_CHANNELS), "classifier.3.bias": (_FC_CHANNELS,),
-    })
+    shapes.update(
+        {
+            "classifier.0.weight": (_FC_CHANNELS, fc6_inputs),
+            "classifier.0.bias": (_FC_CHANNELS,),
+            "classifier.3.weight": (_FC_CHANNELS, _FC_CHANNELS),
+            "classifier.3.bias": (_FC_CHANNELS,),
+        }
+    )
     return shapes
 
 
@@ -84,8 +89,9 @@ def _reduced_shapes(model: SSD) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_keys(state: Mapping[str, Tensor], expected: dict[str, tuple[int, ...]], ignored: tuple[str, ...],
-                where: str) -> None:
+def _check_keys(
+    state: Mapping[str, Tensor], expected: dict[str, tuple[int, ...]], ignored: tuple[str, ...], where: str
+) -> None:
     """Raise one ValueError listing every missing key, unexpected key and shape mismatch."""
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected and k not in ignored)
@@ -137,8 +143,14 @@ def load_vgg16_backbone(model: SSD, path: str | os.PathLike[str]) -> None:
         reduced = {f"{i}.{p}": state[f"features.{i}.{p}"] for i in VGG16_CONV_INDICES for p in ("weight", "bias")}
         fc6 = fc6_to_conv(state["classifier.0.weight"], state["classifier.0.bias"])
         fc7 = fc7_to_conv(state["classifier.3.weight"], state["classifier.3.bias"])
-        reduced.update({f"{FC6_INDEX}.weight": fc6[0], f"{FC6_INDEX}.bias": fc6[1],
-                        f"{FC7_INDEX}.weight": fc7[0], f"{FC7_INDEX}.bias": fc7[1]})
+        reduced.update(
+            {
+                f"{FC6_INDEX}.weight": fc6[0],
+                f"{FC6_INDEX}.bias": fc6[1],
+                f"{FC7_INDEX}.weight": fc7[0],
+                f"{FC7_INDEX}.bias": fc7[1],
+            }
+        )
     elif any(k.split(".", 1)[0].isdigit() for k in state):
         layout = "reduced fc"
         reduced = dict(state)

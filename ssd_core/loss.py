@@ -120,8 +120,10 @@ def _check_ratio(where: str, neg_pos_ratio: float) -> None:
 
 def _num_negatives(num_positive: Tensor, num_negative: Tensor, neg_pos_ratio: float) -> Tensor:
     """``min(floor(ratio * positives), negatives)`` per image, int64 ``[B]``."""
-    wanted = num_positive * neg_pos_ratio if isinstance(neg_pos_ratio, int) else (
-        torch.floor(num_positive * float(neg_pos_ratio)).long()
+    wanted = (
+        num_positive * neg_pos_ratio
+        if isinstance(neg_pos_ratio, int)
+        else (torch.floor(num_positive * float(neg_pos_ratio)).long())
     )
     return torch.minimum(wanted, num_negative)
 

@@ -98,8 +98,7 @@ class SSD(nn.Module):
             nn.Conv2d(c, a * 4, kernel_size=3, padding=1) for c, a in zip(source_channels, boxes, strict=True)
         )
         self.conf = nn.ModuleList(
-            nn.Conv2d(c, a * num_classes, kernel_size=3, padding=1)
-            for c, a in zip(source_channels, boxes, strict=True)
+            nn.Conv2d(c, a * num_classes, kernel_size=3, padding=1) for c, a in zip(source_channels, boxes, strict=True)
         )
         self._check_against_priors()
         self.reset_parameters()
@@ -189,8 +188,16 @@ class SSD(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- layers
-def _conv(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: int | None = None,
-          dilation: int = 1, batch_norm: bool = False) -> list[nn.Module]:
+def _conv(
+    cin: int,
+    cout: int,
+    kernel: int = 3,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    batch_norm: bool = False,
+) -> list[nn.Module]:
     """conv -> [BN] -> ReLU. The conv has no bias when BN follows (BN's shift replaces it)."""
     pad = dilation * (kernel // 2) if padding is None else padding
     layers: list[nn.Module] = [
@@ -202,8 +209,9 @@ def _conv(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: int
     return layers
 
 
-def _extra_block(cin: int, mid: int, cout: int, kernel: int, stride: int, padding: int,
-                 batch_norm: bool = False) -> nn.Sequential:
+def _extra_block(
+    cin: int, mid: int, cout: int, kernel: int, stride: int, padding: int, batch_norm: bool = False
+) -> nn.Sequential:
     """One extra source: 1x1 bottleneck to ``mid`` channels, then a conv that shrinks the map."""
     return nn.Sequential(
         *_conv(cin, mid, 1, padding=0, batch_norm=batch_norm),
@@ -245,8 +253,13 @@ def _build_ssd300(num_classes: int, prior_spec: PriorSpec) -> SSD:
         _extra_block(256, 128, 256, 3, 1, 0),  # conv11: 3 -> 1
     ]
     return SSD(
-        preset="ssd300_vgg16", num_classes=num_classes, prior_spec=prior_spec, base=_vgg16_layers(),
-        source_layer=VGG16_SOURCE_LAYER, extras=extras, source_channels=(512, 1024, 512, 256, 256, 256),
+        preset="ssd300_vgg16",
+        num_classes=num_classes,
+        prior_spec=prior_spec,
+        base=_vgg16_layers(),
+        source_layer=VGG16_SOURCE_LAYER,
+        extras=extras,
+        source_channels=(512, 1024, 512, 256, 256, 256),
     )
 
 
@@ -259,8 +272,13 @@ def _build_ssd512(num_classes: int, prior_spec: PriorSpec) -> SSD:
         _extra_block(256, 128, 256, 4, 1, 1),  # conv12: 2 -> 1 (Caffe SSD512: 4x4 kernel, pad 1)
     ]
     return SSD(
-        preset="ssd512_vgg16", num_classes=num_classes, prior_spec=prior_spec, base=_vgg16_layers(),
-        source_layer=VGG16_SOURCE_LAYER, extras=extras, source_channels=(512, 1024, 512, 256, 256, 256, 256),
+        preset="ssd512_vgg16",
+        num_classes=num_classes,
+        prior_spec=prior_spec,
+        base=_vgg16_layers(),
+        source_layer=VGG16_SOURCE_LAYER,
+        extras=extras,
+        source_channels=(512, 1024, 512, 256, 256, 256, 256),
     )
 
 
@@ -320,8 +338,13 @@ def _tiny_layers() -> tuple[list[nn.Module], int, tuple[int, ...], list[nn.Seque
 def _build_tiny(num_classes: int, prior_spec: PriorSpec) -> SSD:
     base, source_layer, channels, extras = _tiny_layers()
     return SSD(
-        preset="ssd_tiny", num_classes=num_classes, prior_spec=prior_spec, base=base,
-        source_layer=source_layer, extras=extras, source_channels=channels,
+        preset="ssd_tiny",
+        num_classes=num_classes,
+        prior_spec=prior_spec,
+        base=base,
+        source_layer=source_layer,
+        extras=extras,
+        source_channels=channels,
     )
 
 
@@ -355,6 +378,11 @@ def build_ssd(preset: str, num_classes: int, *, prior_spec: PriorSpec | None = N
     if not isinstance(spec, PriorSpec):
         raise TypeError(f"build_ssd: prior_spec must be a PriorSpec, got {type(spec).__name__}")
     model = _BUILDERS[preset](num_classes, spec)
-    logger.debug("built %s: %d classes, %d priors, %d parameters", preset, num_classes, spec.num_priors,
-                 sum(p.numel() for p in model.parameters()))
+    logger.debug(
+        "built %s: %d classes, %d priors, %d parameters",
+        preset,
+        num_classes,
+        spec.num_priors,
+        sum(p.numel() for p in model.parameters()),
+    )
     return model

@@ -54,9 +54,7 @@ class PriorSpec:
         for name in ("steps", "min_sizes", "max_sizes", "aspect_ratios"):
             got = len(getattr(self, name))
             if got != levels:
-                raise ValueError(
-                    f"PriorSpec.{name}: expected one entry per feature map ({levels}), got {got}"
-                )
+                raise ValueError(f"PriorSpec.{name}: expected one entry per feature map ({levels}), got {got}")
         if self.image_size <= 0:
             raise ValueError(f"PriorSpec.image_size: expected a positive size, got {self.image_size}")
         for k, (fmap, step, lo, hi) in enumerate(

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import ssd_core
 
 PACKAGE_DIR = Path(ssd_core.__file__).parent
@@ -36,6 +38,7 @@ def test_ssd_core_sources_import_only_torch_numpy_and_stdlib():
     assert not offenders, f"ssd_core must not import these: {offenders}"
 
 
+@pytest.mark.slow
 def test_importing_every_ssd_core_module_loads_no_pipeline_dependency():
     parts = [p.relative_to(PACKAGE_DIR).with_suffix("").parts for p in sorted(PACKAGE_DIR.rglob("*.py"))]
     modules = [".".join(("ssd_core", *(part for part in path if part != "__init__"))) for path in parts]

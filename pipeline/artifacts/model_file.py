@@ -127,15 +127,19 @@ def check_payload(payload: Any, path: Path) -> None:
         raise ValueError(f"{path}: classes: expected unique names, got {_short(repeated)} more than once")
     num_classes = payload.get("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes != len(classes) + 1:
-        raise ValueError(f"{path}: num_classes: expected len(classes) + 1 = {len(classes) + 1} (background "
-                         f"included), got {_short(num_classes)}")
+        raise ValueError(
+            f"{path}: num_classes: expected len(classes) + 1 = {len(classes) + 1} (background "
+            f"included), got {_short(num_classes)}"
+        )
     params = payload.get("params")
     if not isinstance(params, dict) or not all(isinstance(key, str) for key in params):
-        raise ValueError(f"{path}: params: expected a dict with string keys (the training params), got "
-                         f"{type(params).__name__}")
+        raise ValueError(
+            f"{path}: params: expected a dict with string keys (the training params), got {type(params).__name__}"
+        )
     state = payload.get("state_dict")
-    tensors = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items())
+    tensors = isinstance(state, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    )
     if not tensors:
         raise ValueError(f"{path}: state_dict: expected a dict of name -> tensor, got {type(state).__name__}")
 
@@ -150,15 +154,16 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
-        raise ValueError(f"{where}: the weights do not fit: missing keys {_short(missing)}, unexpected keys "
-                         f"{_short(unexpected)}")
+        raise ValueError(
+            f"{where}: the weights do not fit: missing keys {_short(missing)}, unexpected keys {_short(unexpected)}"
+        )
     for key, want in expected.items():
         if state[key].shape != want.shape:
-            raise ValueError(f"{where}: weight {key!r}: expected shape {list(want.shape)}, got "
-                             f"{list(state[key].shape)}")
+            raise ValueError(
+                f"{where}: weight {key!r}: expected shape {list(want.shape)}, got {list(state[key].shape)}"
+            )
 
 
 def _short(value: Any) -> str:
     """A bounded ``repr`` for errors about a hostile file (long lists and strings abbreviated)."""
     return _REPR.repr(value)
-

@@ -91,8 +91,11 @@ class Verification(NamedTuple):
     selected_match: bool | None  # selected_indices == ssd_core NMS on onnxruntime's own boxes and scores
 
     def within(self, tolerance: Tolerance) -> bool:
-        return (self.max_diff_boxes <= tolerance.boxes and self.max_diff_scores <= tolerance.scores
-                and self.selected_match is not False)  # fmt: skip
+        return (
+            self.max_diff_boxes <= tolerance.boxes
+            and self.max_diff_scores <= tolerance.scores
+            and self.selected_match is not False
+        )
 
 
 class SelectedDetections(NamedTuple):
@@ -128,8 +131,9 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def export_onnx(model: SSD, *, opset: int = 17, nms: NmsSettings | None = None,
-                metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:  # fmt: skip
+def export_onnx(
+    model: SSD, *, opset: int = 17, nms: NmsSettings | None = None, metadata: Mapping[str, str] | None = None
+) -> onnx.ModelProto:
     """Trace ``model`` with its decoding (and NMS when ``nms`` is given) into a checked ONNX model.
 
     Args:
@@ -157,9 +161,15 @@ def export_onnx(model: SSD, *, opset: int = 17, nms: NmsSettings | None = None,
         _ignore_understood_export_warnings()
         path = Path(folder) / "graph.onnx"
         torch.onnx.export(
-            graph, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=outputs, dynamic_axes={name: {0: BATCH_AXIS} for name in [INPUT_NAME, *outputs]},
-        )  # fmt: skip
+            graph,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes={name: {0: BATCH_AXIS} for name in [INPUT_NAME, *outputs]},
+        )
         proto = onnx.load(str(path))
     if nms is not None:
         _append_nms(proto, nms)
@@ -188,8 +198,7 @@ def _ignore_understood_export_warnings() -> None:
     """
     warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
     warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning, r"torch\.onnx\.")
-    warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning,
-                            r"ssd_core\.")  # fmt: skip
+    warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning, r"ssd_core\.")
 
 
 def _append_nms(proto: onnx.ModelProto, nms: NmsSettings) -> None:
@@ -204,8 +213,9 @@ def _append_nms(proto: onnx.ModelProto, nms: NmsSettings) -> None:
     }
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
     nms_inputs = [BOXES, _CANDIDATES, *list(constants)[:3]]
-    suppress = helper.make_node("NonMaxSuppression", nms_inputs, ["nms_selected_foreground"], name="nms",
-                                center_point_box=0)  # fmt: skip
+    suppress = helper.make_node(
+        "NonMaxSuppression", nms_inputs, ["nms_selected_foreground"], name="nms", center_point_box=0
+    )
     relabel = helper.make_node("Add", ["nms_selected_foreground", "nms_label_offset"], [SELECTED], name="nms_labels")
     graph.node.extend([suppress, relabel])
     kept = [out for out in graph.output if out.name != _CANDIDATES]
@@ -248,8 +258,9 @@ def sample_images(batch_size: int, image_size: int, seed: int = VERIFY_SEED) -> 
     return torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=generator, dtype=torch.uint8)
 
 
-def verify_onnx(model_bytes: bytes, model: SSD, nms: NmsSettings | None, *, batch_size: int = VERIFY_BATCH,
-                seed: int = VERIFY_SEED) -> Verification:  # fmt: skip
+def verify_onnx(
+    model_bytes: bytes, model: SSD, nms: NmsSettings | None, *, batch_size: int = VERIFY_BATCH, seed: int = VERIFY_SEED
+) -> Verification:
     """Compare onnxruntime with PyTorch (``DeployedSSD``) on random images; with NMS, compare
     ``selected_indices`` with :func:`reference_selected_indices` on onnxruntime's own boxes and scores
     (so the float differences between the two runtimes cannot reorder near-equal scores)."""
@@ -300,8 +311,9 @@ def reference_selected_indices(boxes: Tensor, scores: Tensor, nms: NmsSettings) 
     return torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.int64)
 
 
-def detections_from_selected(boxes: np.ndarray, scores: np.ndarray, selected_indices: np.ndarray, *,
-                             max_detections: int) -> list[SelectedDetections]:  # fmt: skip
+def detections_from_selected(
+    boxes: np.ndarray, scores: np.ndarray, selected_indices: np.ndarray, *, max_detections: int
+) -> list[SelectedDetections]:
     """The user-side end of the NMS graph: the best ``max_detections`` selected boxes of each image.
 
     With the graph's outputs this equals ``ssd_core.postprocess.postprocess`` on the same network output
@@ -320,23 +332,46 @@ def detections_from_selected(boxes: np.ndarray, scores: np.ndarray, selected_ind
     return result
 
 
-def sidecar(model: SSD, classes: list[str], *, opset: int, nms: NmsSettings | None, max_detections: int | None,
-            tolerance: Tolerance, verification: Verification, size_bytes: int) -> dict:  # fmt: skip
+def sidecar(
+    model: SSD,
+    classes: list[str],
+    *,
+    opset: int,
+    nms: NmsSettings | None,
+    max_detections: int | None,
+    tolerance: Tolerance,
+    verification: Verification,
+    size_bytes: int,
+) -> dict:
     """The ``<out>.json`` description of an exported model: names, shapes, preprocessing and the check."""
     from ssd_core.augment import IMAGE_MEAN, IMAGE_STD
 
     s, p, c = model.image_size, model.prior_spec.num_priors, model.num_classes
     outputs = [
-        {"name": BOXES, "dtype": "float32", "shape": [BATCH_AXIS, p, 4],
-         "meaning": "xyxy normalised to [0, 1], decoded with the priors and clipped; multiply by the "
-                    "original width, height for pixels"},
-        {"name": SCORES, "dtype": "float32", "shape": [BATCH_AXIS, p, c],
-         "meaning": "softmax probabilities; column 0 is background, column c is label c = classes[c - 1]"},
-    ]  # fmt: skip
+        {
+            "name": BOXES,
+            "dtype": "float32",
+            "shape": [BATCH_AXIS, p, 4],
+            "meaning": "xyxy normalised to [0, 1], decoded with the priors and clipped; multiply by the "
+            "original width, height for pixels",
+        },
+        {
+            "name": SCORES,
+            "dtype": "float32",
+            "shape": [BATCH_AXIS, p, c],
+            "meaning": "softmax probabilities; column 0 is background, column c is label c = classes[c - 1]",
+        },
+    ]
     if nms is not None:
-        outputs.append({"name": SELECTED, "dtype": "int64", "shape": ["num_selected", 3],
-                        "meaning": "rows (batch, label, prior) kept by per-class NMS, by batch, label, decreasing "
-                                   "score; keep the best max_detections per image"})  # fmt: skip
+        outputs.append(
+            {
+                "name": SELECTED,
+                "dtype": "int64",
+                "shape": ["num_selected", 3],
+                "meaning": "rows (batch, label, prior) kept by per-class NMS, by batch, label, decreasing "
+                "score; keep the best max_detections per image",
+            }
+        )
     return {
         "format": "onnx",
         "preset": model.preset,
@@ -345,17 +380,27 @@ def sidecar(model: SSD, classes: list[str], *, opset: int, nms: NmsSettings | No
         "image_size": s,
         "num_priors": p,
         "classes": list(classes),
-        "inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": [BATCH_AXIS, 3, s, s],
-                    "meaning": f"RGB, NCHW, resized to {s}x{s} (bilinear, as ssd_core.augment.eval_transform); "
-                               "normalised inside the graph"}],
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "dtype": "uint8",
+                "shape": [BATCH_AXIS, 3, s, s],
+                "meaning": f"RGB, NCHW, resized to {s}x{s} (bilinear, as ssd_core.augment.eval_transform); "
+                "normalised inside the graph",
+            }
+        ],
         "outputs": outputs,
         "normalisation": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "formula": "(x / 255 - mean) / std"},
-        "nms": None if nms is None else {**nms._asdict(), "max_detections_per_image": max_detections,
-                                         "per_image_cap": "applied by the caller"},
+        "nms": None
+        if nms is None
+        else {**nms._asdict(), "max_detections_per_image": max_detections, "per_image_cap": "applied by the caller"},
         "tolerance": tolerance._asdict(),
-        "verification": {**verification._asdict(), "runtime": "onnxruntime CPUExecutionProvider",
-                         "inputs": f"{verification.batch_size} uniform random uint8 images, seed {VERIFY_SEED}"},
-    }  # fmt: skip
+        "verification": {
+            **verification._asdict(),
+            "runtime": "onnxruntime CPUExecutionProvider",
+            "inputs": f"{verification.batch_size} uniform random uint8 images, seed {VERIFY_SEED}",
+        },
+    }
 
 
 def metadata(model: SSD, classes: list[str]) -> dict[str, str]:

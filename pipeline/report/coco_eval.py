@@ -34,8 +34,18 @@ BACKENDS = ("faster_coco_eval", "pycocotools")
 _BOX_DECIMALS = 2
 _SCORE_DECIMALS = 5
 STAT_NAMES = (
-    "map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
-    "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
+    "map",
+    "ap50",
+    "ap75",
+    "ap_small",
+    "ap_medium",
+    "ap_large",
+    "ar1",
+    "ar10",
+    "ar100",
+    "ar_small",
+    "ar_medium",
+    "ar_large",
 )  # fmt: skip  -- the order of COCOeval.stats
 
 
@@ -118,14 +128,16 @@ def coco_ground_truth(
         if lab.size and (lab.min() < 1 or lab.max() > len(classes)):
             raise ValueError(f"coco_ground_truth: image {i} ({keys[i]}): labels must be in 1..{len(classes)}")
         for box, label, is_crowd in zip(xywh.tolist(), lab.tolist(), crowd.tolist(), strict=True):
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": i + 1,
-                "category_id": label,
-                "bbox": box,
-                "area": round(box[2] * box[3], _BOX_DECIMALS * 2),
-                "iscrowd": int(is_crowd),
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": label,
+                    "bbox": box,
+                    "area": round(box[2] * box[3], _BOX_DECIMALS * 2),
+                    "iscrowd": int(is_crowd),
+                }
+            )
     categories = [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(classes)]
     return {
         "info": {"description": "validation ground truth written by `python -m pipeline evaluate`"},
@@ -166,8 +178,10 @@ def coco_evaluate(
         raise ValueError(f"coco_evaluate: backend must be one of {BACKENDS}, got {backend!r}")
     if not ground_truth.get("images"):
         raise ValueError("coco_evaluate: the ground truth has no images")
-    gt = {key: _copy_records(value) if isinstance(value, list) else copy.deepcopy(value)
-          for key, value in ground_truth.items()}  # fmt: skip
+    gt = {
+        key: _copy_records(value) if isinstance(value, list) else copy.deepcopy(value)
+        for key, value in ground_truth.items()
+    }
     dets = _copy_records(detections)
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):  # pycocotools prints progress; keep stdout clean

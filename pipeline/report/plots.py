@@ -54,8 +54,10 @@ def pr_curves_png(
         aps: per class AP (NaN: no ground truth).
     """
     if not len(curves) == len(class_names) == len(aps):
-        raise ValueError(f"pr_curves_png: curves ({len(curves)}), class_names ({len(class_names)}) and aps "
-                         f"({len(aps)}) must have one entry per class")  # fmt: skip
+        raise ValueError(
+            f"pr_curves_png: curves ({len(curves)}), class_names ({len(class_names)}) and aps "
+            f"({len(aps)}) must have one entry per class"
+        )
     n = max(1, len(curves))
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -70,8 +72,9 @@ def pr_curves_png(
         if recall.size:
             ax.plot(np.concatenate([[0.0], recall]), np.concatenate([[precision[0]], precision]), color=_colour(i + 1))
         ap = aps[i]
-        ax.set_title(f"{class_names[i]}  AP {ap:.3f}" if not math.isnan(ap) else f"{class_names[i]}  (no GT)",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"{class_names[i]}  AP {ap:.3f}" if not math.isnan(ap) else f"{class_names[i]}  (no GT)", fontsize=9
+        )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
@@ -105,8 +108,10 @@ def detection_grid_png(
         score_threshold: detections below it are not drawn; at most ``max_per_image`` per image.
     """
     if not len(images) == len(detections) == len(ground_truth):
-        raise ValueError(f"detection_grid_png: images ({len(images)}), detections ({len(detections)}) and "
-                         f"ground_truth ({len(ground_truth)}) must have one entry per image")  # fmt: skip
+        raise ValueError(
+            f"detection_grid_png: images ({len(images)}), detections ({len(detections)}) and "
+            f"ground_truth ({len(ground_truth)}) must have one entry per image"
+        )
     n = max(1, len(images))
     cols = min(columns, n)
     rows = math.ceil(n / cols)
@@ -123,8 +128,17 @@ def detection_grid_png(
         ax.imshow(np.transpose(image, (1, 2, 0)))
         gt_boxes, gt_labels = (np.asarray(v) for v in ground_truth[i])
         for box in gt_boxes.reshape(-1, 4):
-            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                   edgecolor="white", linestyle="--", linewidth=1.0))  # fmt: skip
+            ax.add_patch(
+                Rectangle(
+                    (box[0], box[1]),
+                    box[2] - box[0],
+                    box[3] - box[1],
+                    fill=False,
+                    edgecolor="white",
+                    linestyle="--",
+                    linewidth=1.0,
+                )
+            )
         boxes, scores, labels = (np.asarray(v) for v in detections[i])
         keep = np.flatnonzero(scores >= score_threshold)[:max_per_image]
         for k in keep:
@@ -132,8 +146,15 @@ def detection_grid_png(
             colour = _colour(labels[k])
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
             name = class_names[int(labels[k]) - 1] if 0 < int(labels[k]) <= len(class_names) else str(labels[k])
-            ax.text(x1, y1, f"{name} {scores[k]:.2f}", fontsize=6, color="black", va="bottom",
-                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.5, "linewidth": 0})  # fmt: skip
+            ax.text(
+                x1,
+                y1,
+                f"{name} {scores[k]:.2f}",
+                fontsize=6,
+                color="black",
+                va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.5, "linewidth": 0},
+            )
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize=7)
     return _save(figure, path)
@@ -145,8 +166,9 @@ def grad_norm_heatmap_png(
     """Heatmap of gradient norm [L, S]: layers top (input side) to bottom, steps left to right, log colour."""
     values = np.asarray(values, dtype=float)
     if values.shape != (len(layers), len(steps)):
-        raise ValueError(f"grad_norm_heatmap_png: values must be [layers, steps] = {(len(layers), len(steps))}, "
-                         f"got {values.shape}")  # fmt: skip
+        raise ValueError(
+            f"grad_norm_heatmap_png: values must be [layers, steps] = {(len(layers), len(steps))}, got {values.shape}"
+        )
     positive = values[np.isfinite(values) & (values > 0)]
     norm = LogNorm(vmin=positive.min(), vmax=max(positive.max(), positive.min() * 1.0001)) if positive.size else None
     shown = np.where(values > 0, values, np.nan)

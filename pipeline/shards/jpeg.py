@@ -70,11 +70,14 @@ def decode_rgb(data: bytes, *, width: int, height: int, reduction: int = 1) -> n
     try:
         # min_factor asks for at least 1/r; min_width/min_height for no less than ceil(side / r): libjpeg's
         # scaling M/8 that satisfies both is exactly 1/r.
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=reduction, min_width=want_w,
-                                        min_height=want_h, strict=True)
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_factor=reduction, min_width=want_w, min_height=want_h, strict=True
+        )
     except ValueError as error:
         raise JpegError(f"corrupt JPEG ({error})") from None
     if pixels.shape != (want_h, want_w, 3):
-        raise JpegError(f"decoder returned {pixels.shape[1]}x{pixels.shape[0]} pixels for {width}x{height} at "
-                        f"1/{reduction}, expected {want_w}x{want_h}")
+        raise JpegError(
+            f"decoder returned {pixels.shape[1]}x{pixels.shape[0]} pixels for {width}x{height} at "
+            f"1/{reduction}, expected {want_w}x{want_h}"
+        )
     return pixels

@@ -95,8 +95,20 @@ def _worker_share(count: int) -> range:
 class _TrainBatches(IterableDataset):
     """Batch positions ``start .. start + count - 1`` of one rank's endless epoch sequence (module docstring)."""
 
-    def __init__(self, reader: ShardReader, *, start: int, count: int, rank: int, world_size: int, batch_size: int,
-                 image_size: int, augment: AugmentOptions, seed: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        reader: ShardReader,
+        *,
+        start: int,
+        count: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        image_size: int,
+        augment: AugmentOptions,
+        seed: int,
+        num_classes: int,
+    ) -> None:
         self.reader, self.start, self.count = reader, start, count
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.image_size, self.augment, self.seed = image_size, augment, seed
@@ -105,8 +117,14 @@ class _TrainBatches(IterableDataset):
 
     def batches_of(self, epoch: int) -> list[np.ndarray]:
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            batches = rank_batches(len(self.reader), seed=self.seed, epoch=epoch, rank=self.rank,
-                                   world_size=self.world_size, batch_size=self.batch_size)  # fmt: skip
+            batches = rank_batches(
+                len(self.reader),
+                seed=self.seed,
+                epoch=epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                batch_size=self.batch_size,
+            )
             self._epoch_batches = (epoch, batches)
         return self._epoch_batches[1]
 
@@ -134,8 +152,9 @@ class _TrainBatches(IterableDataset):
             readable.append(position)
             key = self.reader.locations[index][1].key
             generators.append(torch.Generator().manual_seed(sample_seed(self.seed, epoch, key)))
-        made = train_samples(members, self.num_classes, image_size=self.image_size, augment=self.augment,
-                             generators=generators)  # fmt: skip
+        made = train_samples(
+            members, self.num_classes, image_size=self.image_size, augment=self.augment, generators=generators
+        )
         outcomes.update(zip(readable, made, strict=True))
         samples, bad = [], 0
         for position, index in positions:
@@ -175,31 +194,60 @@ class TrainLoader:
     the first, at most ``max_batches`` in all. ``len()`` is one epoch's batch count, the same on every rank
     whatever the other arguments; ``remaining`` is how many batches iteration yields."""
 
-    def __init__(self, manifest: ShardManifest, *, split: str, rank: int, world_size: int, batch_size: int,
-                 image_size: int, augment: AugmentOptions, seed: int, epoch: int, num_workers: int,
-                 skip_batches: int = 0, epochs: int = 1, max_batches: int | None = None,
-                 multiprocessing_context: str | None = None, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        manifest: ShardManifest,
+        *,
+        split: str,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        image_size: int,
+        augment: AugmentOptions,
+        seed: int,
+        epoch: int,
+        num_workers: int,
+        skip_batches: int = 0,
+        epochs: int = 1,
+        max_batches: int | None = None,
+        multiprocessing_context: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
         if not isinstance(augment, AugmentOptions):
             raise TypeError(f"train_loader: expected augment as an AugmentOptions, got {type(augment).__name__}")
         if num_workers < 0:
             raise ValueError(f"train_loader: expected num_workers >= 0, got {num_workers}")
         if epoch < 0 or epochs < 1 or (max_batches is not None and max_batches < 0):
-            raise ValueError(f"train_loader: expected epoch >= 0, epochs >= 1 and max_batches >= 0, got epoch {epoch}, "
-                             f"epochs {epochs}, max_batches {max_batches}")
+            raise ValueError(
+                f"train_loader: expected epoch >= 0, epochs >= 1 and max_batches >= 0, got epoch {epoch}, "
+                f"epochs {epochs}, max_batches {max_batches}"
+            )
         self.manifest, self.epoch, self.num_workers = manifest, epoch, num_workers
         self.loader_options = {"multiprocessing_context": multiprocessing_context, "pin_memory": pin_memory}
         self.reader = ShardReader(manifest.root, manifest.split_shards(split))
-        self.batches = rank_batches(len(self.reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                    batch_size=batch_size)  # fmt: skip
+        self.batches = rank_batches(
+            len(self.reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size, batch_size=batch_size
+        )
         if not 0 <= skip_batches <= len(self.batches):
-            raise ValueError(f"train_loader: expected 0 <= skip_batches <= {len(self.batches)} (batches per "
-                             f"epoch), got {skip_batches}")
+            raise ValueError(
+                f"train_loader: expected 0 <= skip_batches <= {len(self.batches)} (batches per "
+                f"epoch), got {skip_batches}"
+            )
         self.skip_batches = skip_batches
         count = epochs * len(self.batches) - skip_batches
         self.remaining = count if max_batches is None else min(count, max_batches)
-        self.dataset = _TrainBatches(self.reader, start=epoch * len(self.batches) + skip_batches, count=self.remaining,
-                                     rank=rank, world_size=world_size, batch_size=batch_size, image_size=image_size,
-                                     augment=augment, seed=seed, num_classes=len(manifest.classes))  # fmt: skip
+        self.dataset = _TrainBatches(
+            self.reader,
+            start=epoch * len(self.batches) + skip_batches,
+            count=self.remaining,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            image_size=image_size,
+            augment=augment,
+            seed=seed,
+            num_classes=len(manifest.classes),
+        )
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -208,10 +256,25 @@ class TrainLoader:
         return _iterate(self.dataset, self.num_workers, **self.loader_options)
 
 
-def train_loader(shards: str, *, rank: int, world_size: int, batch_size: int, image_size: int,
-                 augment: AugmentOptions, seed: int, epoch: int, num_workers: int, skip_batches: int = 0,
-                 epochs: int = 1, max_batches: int | None = None, split: str = "train", verify: bool = False,
-                 multiprocessing_context: str | None = None, pin_memory: bool = False) -> TrainLoader:
+def train_loader(
+    shards: str,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    image_size: int,
+    augment: AugmentOptions,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    skip_batches: int = 0,
+    epochs: int = 1,
+    max_batches: int | None = None,
+    split: str = "train",
+    verify: bool = False,
+    multiprocessing_context: str | None = None,
+    pin_memory: bool = False,
+) -> TrainLoader:
     """Training batches of one rank: one epoch, or ``epochs`` in one stream (see the module docstring and
     ``TrainLoader``).
 
@@ -220,10 +283,23 @@ def train_loader(shards: str, *, rank: int, world_size: int, batch_size: int, im
     ``multiprocessing_context`` and ``pin_memory`` (for GPU training) go to the DataLoader.
     """
     manifest = load_manifest(shards, verify=verify)
-    return TrainLoader(manifest, split=split, rank=rank, world_size=world_size, batch_size=batch_size,
-                       image_size=image_size, augment=augment, seed=seed, epoch=epoch, num_workers=num_workers,
-                       skip_batches=skip_batches, epochs=epochs, max_batches=max_batches,
-                       multiprocessing_context=multiprocessing_context, pin_memory=pin_memory)
+    return TrainLoader(
+        manifest,
+        split=split,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        image_size=image_size,
+        augment=augment,
+        seed=seed,
+        epoch=epoch,
+        num_workers=num_workers,
+        skip_batches=skip_batches,
+        epochs=epochs,
+        max_batches=max_batches,
+        multiprocessing_context=multiprocessing_context,
+        pin_memory=pin_memory,
+    )
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -250,30 +326,43 @@ class _EvalBatches(IterableDataset):
             try:
                 decoded = decode_sample(*self.reader.read(index), self.num_classes)
             except CorruptSample as error:
-                raise ShardError(f"{self.reader.describe(index)}: {error}; evaluation needs every sample "
-                                 "(re-run the shard stage)") from None
+                raise ShardError(
+                    f"{self.reader.describe(index)}: {error}; evaluation needs every sample (re-run the shard stage)"
+                ) from None
             images.append(eval_transform(decoded.image, self.image_size))
             keys.append(str(decoded.meta["id"]))
             sizes.append((decoded.image.shape[2], decoded.image.shape[1]))
             boxes.append(decoded.boxes_px)
             labels.append(decoded.labels)
             difficult.append(decoded.difficult)
-        return EvalBatch(torch.stack(images), keys, torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
-                         boxes, labels, difficult)
+        return EvalBatch(
+            torch.stack(images), keys, torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2), boxes, labels, difficult
+        )
 
 
 class EvalLoader:
     """Every sample of a split exactly once, in manifest order, in batches of ``batch_size`` (last smaller)."""
 
-    def __init__(self, manifest: ShardManifest, *, split: str, batch_size: int, image_size: int,
-                 num_workers: int, multiprocessing_context: str | None = None, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        manifest: ShardManifest,
+        *,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        num_workers: int,
+        multiprocessing_context: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
         if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"eval_loader: expected batch_size >= 1 and num_workers >= 0, got {batch_size}, "
-                             f"{num_workers}")
+            raise ValueError(
+                f"eval_loader: expected batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
+            )
         self.manifest, self.num_workers = manifest, num_workers
         self.loader_options = {"multiprocessing_context": multiprocessing_context, "pin_memory": pin_memory}
-        self.dataset = _EvalBatches(ShardReader(manifest.root, manifest.split_shards(split)), batch_size,
-                                    image_size, len(manifest.classes))
+        self.dataset = _EvalBatches(
+            ShardReader(manifest.root, manifest.split_shards(split)), batch_size, image_size, len(manifest.classes)
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -286,11 +375,25 @@ class EvalLoader:
         return _iterate(self.dataset, self.num_workers, **self.loader_options)
 
 
-def eval_loader(shards: str, *, split: str = "val", batch_size: int, image_size: int, num_workers: int,
-                verify: bool = False, multiprocessing_context: str | None = None,
-                pin_memory: bool = False) -> EvalLoader:
+def eval_loader(
+    shards: str,
+    *,
+    split: str = "val",
+    batch_size: int,
+    image_size: int,
+    num_workers: int,
+    verify: bool = False,
+    multiprocessing_context: str | None = None,
+    pin_memory: bool = False,
+) -> EvalLoader:
     """Evaluation batches: every sample of ``split`` once, in a fixed order, with source id, size and GT."""
     manifest = load_manifest(shards, verify=verify)
-    return EvalLoader(manifest, split=split, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
-                      multiprocessing_context=multiprocessing_context, pin_memory=pin_memory)
-
+    return EvalLoader(
+        manifest,
+        split=split,
+        batch_size=batch_size,
+        image_size=image_size,
+        num_workers=num_workers,
+        multiprocessing_context=multiprocessing_context,
+        pin_memory=pin_memory,
+    )

@@ -58,8 +58,13 @@ class ShardInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "split": self.split, "count": self.count, "boxes": self.boxes,
-            "bytes": self.bytes, "sha256": self.sha256, "samples": [list(s) for s in self.samples],
+            "name": self.name,
+            "split": self.split,
+            "count": self.count,
+            "boxes": self.boxes,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "samples": [list(s) for s in self.samples],
         }
 
 
@@ -82,8 +87,9 @@ class ShardManifest:
         out = {}
         for split in sorted({s.split for s in self.shards}):
             mine = [s for s in self.shards if s.split == split]
-            out[split] = SplitInfo(len(mine), sum(s.count for s in mine), sum(s.boxes for s in mine),
-                                   sum(s.bytes for s in mine))
+            out[split] = SplitInfo(
+                len(mine), sum(s.count for s in mine), sum(s.boxes for s in mine), sum(s.bytes for s in mine)
+            )
         return out
 
     def split_shards(self, split: str) -> tuple[ShardInfo, ...]:
@@ -96,8 +102,13 @@ class ShardManifest:
     def to_dict(self) -> dict[str, Any]:
         splits = {k: vars(v) for k, v in self.splits.items()}
         totals = {f: sum(v[f] for v in splits.values()) for f in ("shards", "samples", "boxes", "bytes")}
-        return {"format": FORMAT, "classes": list(self.classes), "splits": splits, "totals": totals,
-                "shards": [s.to_dict() for s in sorted(self.shards, key=lambda s: s.name)]}
+        return {
+            "format": FORMAT,
+            "classes": list(self.classes),
+            "splits": splits,
+            "totals": totals,
+            "shards": [s.to_dict() for s in sorted(self.shards, key=lambda s: s.name)],
+        }
 
 
 def join(root: str, name: str) -> str:
@@ -108,7 +119,7 @@ def parse_manifest(data: Any, root: str) -> ShardManifest:
     """Validate the JSON structure; ShardError naming the first problem."""
     where = join(root, MANIFEST_NAME)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ShardError(f"{where}: expected a manifest with \"format\": \"{FORMAT}\"; re-run the shard stage")
+        raise ShardError(f'{where}: expected a manifest with "format": "{FORMAT}"; re-run the shard stage')
     classes = data.get("classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ShardError(f"{where}: 'classes' must be a list of names")
@@ -117,15 +128,23 @@ def parse_manifest(data: Any, root: str) -> ShardManifest:
     for i, entry in enumerate(data.get("shards") or []):
         try:
             samples = tuple(SampleLoc(str(r[0]), *(int(v) for v in r[1:5])) for r in entry["samples"])
-            info = ShardInfo(str(entry["name"]), str(entry["split"]), int(entry["count"]), int(entry["boxes"]),
-                             int(entry["bytes"]), str(entry["sha256"]), samples)
+            info = ShardInfo(
+                str(entry["name"]),
+                str(entry["split"]),
+                int(entry["count"]),
+                int(entry["boxes"]),
+                int(entry["bytes"]),
+                str(entry["sha256"]),
+                samples,
+            )
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ShardError(f"{where}: shards[{i}] is malformed ({type(error).__name__}: {error})") from None
         name = entry["name"]
         unsafe = plain_name_problem(name) if isinstance(name, str) else f"{name!r} is not a string"
         if unsafe:
-            raise ShardError(f"{where}: shards[{i}]: shard name {unsafe}; a shard name is a plain file name inside the "
-                             "shard folder")
+            raise ShardError(
+                f"{where}: shards[{i}]: shard name {unsafe}; a shard name is a plain file name inside the shard folder"
+            )
         if info.name in seen:
             raise ShardError(f"{where}: shards[{i}]: shard {info.name!r} is listed twice")
         seen.add(info.name)
@@ -179,13 +198,16 @@ def check_shard(fs: Any, path: str, shard: ShardInfo, root: str, *, deep: bool) 
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
         if digest.hexdigest() != shard.sha256:
-            raise ShardError(f"shard {where}: sha256 {digest.hexdigest()} differs from the manifest's {shard.sha256} "
-                             "(the shard was modified after it was written)")
+            raise ShardError(
+                f"shard {where}: sha256 {digest.hexdigest()} differs from the manifest's {shard.sha256} "
+                "(the shard was modified after it was written)"
+            )
         f.seek(0)
         table = member_table(f, where)
     if table != shard.samples:
-        raise ShardError(f"shard {where}: holds {len(table)} samples, the manifest lists {shard.count} "
-                         "(or their members differ)")
+        raise ShardError(
+            f"shard {where}: holds {len(table)} samples, the manifest lists {shard.count} (or their members differ)"
+        )
 
 
 def member_table(fileobj: Any, where: str) -> tuple[SampleLoc, ...]:

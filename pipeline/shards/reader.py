@@ -63,8 +63,10 @@ class ShardReader:
             raise CorruptSample(f"cannot read ({type(error).__name__}: {error})") from None
         if len(data) != end - start:
             raise CorruptSample(f"shard ends early: read {len(data)} of {end - start} bytes")
-        return (data[loc.jpg_offset - start : loc.jpg_offset - start + loc.jpg_size],
-                data[loc.json_offset - start : loc.json_offset - start + loc.json_size])
+        return (
+            data[loc.jpg_offset - start : loc.jpg_offset - start + loc.jpg_size],
+            data[loc.json_offset - start : loc.json_offset - start + loc.json_size],
+        )
 
     def _handle(self, name: str) -> Any:
         if self._fs is None:

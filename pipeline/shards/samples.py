@@ -93,25 +93,36 @@ def parse_record(meta_bytes: bytes, num_classes: int) -> SampleRecord:
     if not isinstance(sample_id, str):
         raise CorruptSample(f"JSON record: id must be a string, got {type(sample_id).__name__}")
     if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RECORD_SIDE for v in (width, height)):
-        raise CorruptSample(f"JSON record: width and height must be ints in 1..{MAX_RECORD_SIDE}, got {width!r} x "
-                            f"{height!r}")
+        raise CorruptSample(
+            f"JSON record: width and height must be ints in 1..{MAX_RECORD_SIDE}, got {width!r} x {height!r}"
+        )
     if width * height > MAX_SAMPLE_PIXELS:
-        raise CorruptSample(f"JSON record: {width} x {height} = {width * height} pixels, more than "
-                            f"{MAX_SAMPLE_PIXELS} (MAX_SAMPLE_PIXELS)")
+        raise CorruptSample(
+            f"JSON record: {width} x {height} = {width * height} pixels, more than "
+            f"{MAX_SAMPLE_PIXELS} (MAX_SAMPLE_PIXELS)"
+        )
     if not (len(boxes) == len(labels) == len(difficult)) or not np.isfinite(boxes).all():
         raise CorruptSample("JSON record: boxes, labels and difficult disagree in length or hold non-finite values")
     outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
     inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if (outside | inverted).any():
         row = int(np.flatnonzero(outside | inverted)[0])
-        raise CorruptSample(f"JSON record: box {row} {boxes[row].tolist()} is not inside the {width} x {height} "
-                            "image (0 <= x1 <= x2 <= width, 0 <= y1 <= y2 <= height)")
+        raise CorruptSample(
+            f"JSON record: box {row} {boxes[row].tolist()} is not inside the {width} x {height} "
+            "image (0 <= x1 <= x2 <= width, 0 <= y1 <= y2 <= height)"
+        )
     if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
         raise CorruptSample(f"JSON record: labels outside 1..{num_classes}")
     if len(difficult) and (difficult.min() < 0 or difficult.max() > 1):
         raise CorruptSample("JSON record: difficult flags must be false/true (or 0/1)")
-    return SampleRecord(meta, width, height, torch.from_numpy(boxes), torch.from_numpy(labels),
-                        torch.from_numpy(difficult.astype(np.bool_)))
+    return SampleRecord(
+        meta,
+        width,
+        height,
+        torch.from_numpy(boxes),
+        torch.from_numpy(labels),
+        torch.from_numpy(difficult.astype(np.bool_)),
+    )
 
 
 def _pixels(jpg: bytes, width: int, height: int, reduction: int = 1) -> Tensor:
@@ -131,8 +142,14 @@ def decode_sample(jpg: bytes, meta_bytes: bytes, num_classes: int) -> DecodedSam
     return DecodedSample(pixels, record.meta, record.boxes_px, record.labels, record.difficult)
 
 
-def train_samples(members: Sequence[tuple[bytes, bytes]], num_classes: int, *, image_size: int,
-                  augment: AugmentOptions, generators: Sequence[torch.Generator]) -> list[Sample | CorruptSample]:
+def train_samples(
+    members: Sequence[tuple[bytes, bytes]],
+    num_classes: int,
+    *,
+    image_size: int,
+    augment: AugmentOptions,
+    generators: Sequence[torch.Generator],
+) -> list[Sample | CorruptSample]:
     """Augmented training samples from their shard members (jpg, json), one generator each.
 
     The records are parsed first and the whole batch is planned at once (``plan_augmentations``: the same
@@ -151,10 +168,17 @@ def train_samples(members: Sequence[tuple[bytes, bytes]], num_classes: int, *, i
         except CorruptSample as error:
             outcomes[position] = error
     records = [record for _, record, _ in parsed]
-    boxes = [(r.boxes_px / torch.tensor([r.width, r.height] * 2, dtype=torch.float32)).clamp_(0.0, 1.0)
-             for r in records]  # [G, 4] normalised each
-    plans = plan_augmentations([(r.width, r.height) for r in records], boxes, [r.labels for r in records],
-                               [r.difficult for r in records], options=augment, generators=[g for *_, g in parsed])
+    boxes = [
+        (r.boxes_px / torch.tensor([r.width, r.height] * 2, dtype=torch.float32)).clamp_(0.0, 1.0) for r in records
+    ]  # [G, 4] normalised each
+    plans = plan_augmentations(
+        [(r.width, r.height) for r in records],
+        boxes,
+        [r.labels for r in records],
+        [r.difficult for r in records],
+        options=augment,
+        generators=[g for *_, g in parsed],
+    )
     for (position, record, _), plan in zip(parsed, plans, strict=True):
         reduction = decode_reduction(plan, image_size)
         try:
@@ -167,12 +191,20 @@ def train_samples(members: Sequence[tuple[bytes, bytes]], num_classes: int, *, i
     return [outcomes[position] for position in range(len(members))]
 
 
-def train_sample(jpg: bytes, meta_bytes: bytes, num_classes: int, *, image_size: int, augment: AugmentOptions,
-                 generator: torch.Generator) -> Sample:
+def train_sample(
+    jpg: bytes,
+    meta_bytes: bytes,
+    num_classes: int,
+    *,
+    image_size: int,
+    augment: AugmentOptions,
+    generator: torch.Generator,
+) -> Sample:
     """One augmented training sample from its shard members (``train_samples`` of one); ``CorruptSample`` for
     anything that does not match what shard wrote."""
-    sample, = train_samples([(jpg, meta_bytes)], num_classes, image_size=image_size, augment=augment,
-                            generators=[generator])
+    (sample,) = train_samples(
+        [(jpg, meta_bytes)], num_classes, image_size=image_size, augment=augment, generators=[generator]
+    )
     if isinstance(sample, CorruptSample):
         raise sample
     return sample

@@ -95,8 +95,10 @@ def encode_sample(record: IndexRecord, cfg: ShardConfig) -> tuple[bytes, dict[st
 
 def _check_size(record: IndexRecord, size: tuple[int, int]) -> None:
     if tuple(size) != (record.width, record.height):
-        raise ShardWriteError(f"{record.image}: image is {size[0]}x{size[1]}, the index says "
-                              f"{record.width}x{record.height}; re-run prepare")
+        raise ShardWriteError(
+            f"{record.image}: image is {size[0]}x{size[1]}, the index says "
+            f"{record.width}x{record.height}; re-run prepare"
+        )
 
 
 def canonical_json(value: Any) -> bytes:
@@ -142,8 +144,17 @@ def write_split(
     pattern = str(out_dir / SHARD_PATTERN.format(split=split))
     boxes_per_shard: list[int] = []
     writer = wds.ShardWriter(
-        pattern, maxcount=cfg.maxcount, maxsize=cfg.maxsize, opener=files.opener, post=files.post, verbose=0,
-        encoder=False, mtime=FIXED_MTIME, user=TAR_USER, group=TAR_USER, mode=0o444,
+        pattern,
+        maxcount=cfg.maxcount,
+        maxsize=cfg.maxsize,
+        opener=files.opener,
+        post=files.post,
+        verbose=0,
+        encoder=False,
+        mtime=FIXED_MTIME,
+        user=TAR_USER,
+        group=TAR_USER,
+        mode=0o444,
     )
     try:
         for position, record in enumerate(records):

@@ -55,8 +55,10 @@ def load_coco_json(path: Path) -> dict[str, Any]:
         raise PrepareError(f"{path}: not valid JSON ({error})") from None
     except RecursionError:
         raise PrepareError(f"{path}: JSON nested too deeply to parse (a COCO file is at most ~4 levels deep)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
     ):
         raise PrepareError(f"{path}: expected a COCO instances JSON object with 'images' and 'annotations' lists")
     return data
@@ -78,15 +80,20 @@ def category_names(data: dict[str, Any], path: Path) -> dict[int, str]:
     for number, cat in enumerate(categories):
         name = cat.get("name") if isinstance(cat, dict) else None
         if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(name, str) or not name.strip():
-            raise PrepareError(f"{path}: categories[{number}]: expected {{\"id\": <int>, \"name\": <non-empty "
-                               f"string>}}, got {_short(cat)}")
+            raise PrepareError(
+                f'{path}: categories[{number}]: expected {{"id": <int>, "name": <non-empty string>}}, got {_short(cat)}'
+            )
         cat_id, name = cat["id"], name.strip()
         if cat_id in where_id:
-            raise PrepareError(f"{path}: categories[{where_id[cat_id]}] and categories[{number}] share id {cat_id} "
-                               f"({names[cat_id]!r}, {name!r}); category ids must be unique")
+            raise PrepareError(
+                f"{path}: categories[{where_id[cat_id]}] and categories[{number}] share id {cat_id} "
+                f"({names[cat_id]!r}, {name!r}); category ids must be unique"
+            )
         if name in where_name:
-            raise PrepareError(f"{path}: categories[{where_name[name]}] and categories[{number}] share name {name!r}; "
-                               "category names must be unique")
+            raise PrepareError(
+                f"{path}: categories[{where_name[name]}] and categories[{number}] share name {name!r}; "
+                "category names must be unique"
+            )
         names[cat_id], where_id[cat_id], where_name[name] = name, number, number
     return dict(sorted(names.items()))
 
@@ -165,8 +172,10 @@ def _refuse_repeated_ids(entries: list[Any], key: str, path: Path) -> None:
         if not _is_id(entry_id):
             continue  # counted as malformed where the entry is read
         if entry_id in first:
-            raise PrepareError(f"{path}: {key}[{first[entry_id]}] and {key}[{number}] share id {entry_id}; "
-                               f"{key} ids must be unique (was the file merged from two sources?)")
+            raise PrepareError(
+                f"{path}: {key}[{first[entry_id]}] and {key}[{number}] share id {entry_id}; "
+                f"{key} ids must be unique (was the file merged from two sources?)"
+            )
         first[entry_id] = number
 
 

@@ -115,8 +115,9 @@ def open_checked(source: str | Path | bytes, *, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as error:
         claimed = _claimed_format(source)
         if claimed:
-            raise ImageRejected("image_format_not_allowed",
-                                f"{claimed}; allowed: {', '.join(ALLOWED_FORMATS)}") from None
+            raise ImageRejected(
+                "image_format_not_allowed", f"{claimed}; allowed: {', '.join(ALLOWED_FORMATS)}"
+            ) from None
         raise ImageRejected("image_unreadable", f"{type(error).__name__}: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
         reason = "image_truncated" if "truncat" in str(error).lower() else "image_unreadable"
@@ -127,8 +128,10 @@ def open_checked(source: str | Path | bytes, *, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width < 1 or height < 1 or width * height > max_pixels:
         image.close()
-        raise ImageRejected("image_too_large" if width * height > max_pixels else "image_unreadable",
-                            f"{width}x{height} pixels; limit {max_pixels} (prepare.max_image_pixels)")
+        raise ImageRejected(
+            "image_too_large" if width * height > max_pixels else "image_unreadable",
+            f"{width}x{height} pixels; limit {max_pixels} (prepare.max_image_pixels)",
+        )
     return image
 
 

@@ -144,8 +144,9 @@ def finalize(
     try:
         info = inspect_image(candidate.image_path, max_pixels=max_pixels)
     except ImageRejected as rejected:
-        report.reject_image(f"{where} -> {candidate.image_path}", rejected.reason, rejected.detail,
-                            boxes=len(candidate.objects))
+        report.reject_image(
+            f"{where} -> {candidate.image_path}", rejected.reason, rejected.detail, boxes=len(candidate.objects)
+        )
         return None
 
     objects: list[RawObject] = []

@@ -78,8 +78,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     cells = int(rng.integers(2, 6))
     coarse = rng.uniform(-45, 45, (cells, cells, 1)) + rng.uniform(-20, 20, (cells, cells, 3))  # brightness + tint
     field = np.stack(
-        [np.asarray(Image.fromarray(coarse[..., c].astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
-         for c in range(3)],
+        [
+            np.asarray(
+                Image.fromarray(coarse[..., c].astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+            )
+            for c in range(3)
+        ],
         axis=-1,
     )  # [S, S, 3]
     canvas = base + field
@@ -203,8 +207,17 @@ def write_synthetic(out_dir: Path, cfg: SyntheticConfig) -> list[Candidate]:
                 RawObject(CLASSES[label - 1], tuple(float(v) for v in box), bool(difficult))
                 for box, label, difficult in zip(sample.boxes_px, sample.labels, sample.difficult, strict=True)
             )
-            candidates.append(Candidate(f"synthetic/{split}/{i:06d}", split, path, str(path),
-                                        (cfg.image_size, cfg.image_size), objects))
-    logger.info("synthetic: wrote %d train and %d val images of %dx%d to %s",
-                cfg.num_train, cfg.num_val, cfg.image_size, cfg.image_size, images_dir)
+            candidates.append(
+                Candidate(
+                    f"synthetic/{split}/{i:06d}", split, path, str(path), (cfg.image_size, cfg.image_size), objects
+                )
+            )
+    logger.info(
+        "synthetic: wrote %d train and %d val images of %dx%d to %s",
+        cfg.num_train,
+        cfg.num_val,
+        cfg.image_size,
+        cfg.image_size,
+        images_dir,
+    )
     return candidates

@@ -189,8 +189,13 @@ def voc_candidates(
     candidates: list[Candidate] = []
     for root, name in zip(roots, root_names(roots), strict=True):
         layout = find_layout(root, cfg, name)
-        logger.info("voc root %s: annotations %s, images %s%s", root, layout.annotations, layout.images,
-                    f", lists {layout.lists}" if layout.lists else ", seeded split")
+        logger.info(
+            "voc root %s: annotations %s, images %s%s",
+            root,
+            layout.annotations,
+            layout.images,
+            f", lists {layout.lists}" if layout.lists else ", seeded split",
+        )
         used: set[Path] = set()
         for split, stems in _splits(layout, cfg, val_fraction, seed, report).items():
             for stem in stems:
@@ -207,12 +212,14 @@ def _note_unannotated(layout: VocLayout, used: set[Path], report: PrepareReport)
     """Count images in a flat folder that no XML file describes (they are not part of the dataset)."""
     xml_stems = {p.stem for p in layout.annotations.glob("*.xml")}
     orphans = sorted(
-        p.name for p in layout.images.iterdir()
+        p.name
+        for p in layout.images.iterdir()
         if p.suffix.lower() in IMAGE_EXTENSIONS and p not in used and p.stem not in xml_stems
     )
     if orphans:
-        logger.warning("%s: %d images have no annotation file and are not used (e.g. %s)",
-                       layout.images, len(orphans), orphans[0])
+        logger.warning(
+            "%s: %d images have no annotation file and are not used (e.g. %s)", layout.images, len(orphans), orphans[0]
+        )
         report.note("images_without_annotation", len(orphans))
 
 
@@ -227,8 +234,12 @@ def _splits(
     train, val = train or [], val or []
     overlap = set(train) & set(val)
     if overlap:
-        logger.warning("%s: %d ids are listed for both training and validation; kept in validation only (e.g. %s)",
-                       layout.root, len(overlap), sorted(overlap)[0])
+        logger.warning(
+            "%s: %d ids are listed for both training and validation; kept in validation only (e.g. %s)",
+            layout.root,
+            len(overlap),
+            sorted(overlap)[0],
+        )
         report.note("ids_in_both_splits_kept_in_val", len(overlap))
     return {"train": [s for s in train if s not in overlap], "val": val}
 
@@ -260,8 +271,11 @@ def seeded_split(ids: list[str], val_fraction: float, seed: int) -> dict[str, li
 def _candidate(layout: VocLayout, stem: str, split: str, report: PrepareReport) -> Candidate | None:
     unsafe = plain_name_problem(stem)  # "../../outside/evil" would read an XML from outside the root
     if unsafe:
-        report.reject_image(f"{layout.lists} ({split} list) id {stem!r}", "unsafe_path",
-                            f"{unsafe}; an ImageSets id is a plain file stem")
+        report.reject_image(
+            f"{layout.lists} ({split} list) id {stem!r}",
+            "unsafe_path",
+            f"{unsafe}; an ImageSets id is a plain file stem",
+        )
         return None
     xml_path = layout.annotations / f"{stem}.xml"
     where = str(xml_path)
@@ -275,7 +289,11 @@ def _candidate(layout: VocLayout, stem: str, split: str, report: PrepareReport) 
         return None
     image = find_image(layout, xml_path, parsed.filename)
     if image is None:
-        report.reject_image(where, "image_missing", f"no image {parsed.filename!r} or {stem}.* in {layout.images}",
-                            boxes=len(parsed.objects))
+        report.reject_image(
+            where,
+            "image_missing",
+            f"no image {parsed.filename!r} or {stem}.* in {layout.images}",
+            boxes=len(parsed.objects),
+        )
         return None
     return Candidate(f"{layout.name}/{stem}", split, image, where, parsed.size, parsed.objects)

@@ -99,15 +99,17 @@ class EvalResult(NamedTuple):
 
 # ------------------------------------------------------------------------------------------- inference
 @torch.no_grad()
-def run_inference(model, shards: str, cfg: EvalConfig, *, device: torch.device, num_workers: int,
-                  progress: bool = True) -> Collected:  # fmt: skip
+def run_inference(
+    model, shards: str, cfg: EvalConfig, *, device: torch.device, num_workers: int, progress: bool = True
+) -> Collected:
     """Run ``model`` (an ``ssd_core.model.SSD`` in eval mode) over every validation sample of ``shards``."""
     from pipeline.shards.loader import eval_loader
     from ssd_core.augment import normalize_images
     from ssd_core.postprocess import postprocess
 
-    loader = eval_loader(shards, split="val", batch_size=cfg.batch_size, image_size=model.image_size,
-                         num_workers=num_workers)  # fmt: skip
+    loader = eval_loader(
+        shards, split="val", batch_size=cfg.batch_size, image_size=model.image_size, num_workers=num_workers
+    )
     priors = model.priors().to(device)  # [P, 4] cxcywh
     keys: list[str] = []
     sizes, gt_boxes, gt_labels, gt_difficult = [], [], [], []
@@ -118,9 +120,16 @@ def run_inference(model, shards: str, cfg: EvalConfig, *, device: torch.device, 
     for batch in bar:
         images = normalize_images(batch.images.to(device, non_blocking=True))  # float [B, 3, S, S]
         output = model(images)
-        detections = postprocess(output.loc, output.cls_logits, priors, batch.sizes.to(device),
-                                 score_threshold=cfg.score_threshold, top_k=cfg.top_k, nms_iou=cfg.nms_iou,
-                                 max_detections=cfg.max_detections)  # fmt: skip
+        detections = postprocess(
+            output.loc,
+            output.cls_logits,
+            priors,
+            batch.sizes.to(device),
+            score_threshold=cfg.score_threshold,
+            top_k=cfg.top_k,
+            nms_iou=cfg.nms_iou,
+            max_detections=cfg.max_detections,
+        )
         for i, det in enumerate(detections):
             keys.append(str(batch.keys[i]))
             sizes.append(batch.sizes[i].tolist())
@@ -131,36 +140,71 @@ def run_inference(model, shards: str, cfg: EvalConfig, *, device: torch.device, 
             det_scores.append(det.scores.float().cpu().numpy().astype(np.float64))
             det_labels.append(det.labels.cpu().numpy().astype(np.int64))
             if len(samples) < cfg.num_sample_images:
-                samples.append(_sample(batch.images[i], keys[-1], sizes[-1], det_boxes[-1], det_scores[-1],
-                                       det_labels[-1], gt_boxes[-1], gt_labels[-1]))  # fmt: skip
+                samples.append(
+                    _sample(
+                        batch.images[i],
+                        keys[-1],
+                        sizes[-1],
+                        det_boxes[-1],
+                        det_scores[-1],
+                        det_labels[-1],
+                        gt_boxes[-1],
+                        gt_labels[-1],
+                    )
+                )
         bar.set_postfix(images=len(keys), refresh=False)
     bar.close()
     elapsed = time.perf_counter() - started
-    return Collected(keys, np.asarray(sizes, dtype=np.int64).reshape(-1, 2), gt_boxes, gt_labels, gt_difficult,
-                     det_boxes, det_scores, det_labels, samples, elapsed)  # fmt: skip
+    return Collected(
+        keys,
+        np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+        gt_boxes,
+        gt_labels,
+        gt_difficult,
+        det_boxes,
+        det_scores,
+        det_labels,
+        samples,
+        elapsed,
+    )
 
 
 def _sample(image, key, size, det_boxes, det_scores, det_labels, gt_boxes, gt_labels) -> Sample:
     side_h, side_w = image.shape[-2:]
     scale = np.array([side_w / size[0], side_h / size[1]] * 2)  # original pixels -> resized pixels
     keep = det_scores >= GRID_SCORE_THRESHOLD
-    return Sample(key, image.cpu(), det_boxes[keep] * scale, det_scores[keep], det_labels[keep], gt_boxes * scale,
-                  gt_labels)  # fmt: skip
+    return Sample(
+        key, image.cpu(), det_boxes[keep] * scale, det_scores[keep], det_labels[keep], gt_boxes * scale, gt_labels
+    )
 
 
 # ------------------------------------------------------------------------------------------- scoring
 def score_detections(collected: Collected, classes: list[str]) -> EvalResult:
     """VOC (ssd_core.metrics) and COCO (faster-coco-eval) metrics of the collected detections."""
-    voc = evaluate_voc(collected.det_boxes, collected.det_scores, collected.det_labels, collected.gt_boxes,
-                       collected.gt_labels, collected.gt_difficult, num_classes=len(classes) + 1)  # fmt: skip
-    coco_gt = coco_ground_truth(collected.keys, collected.sizes, collected.gt_boxes, collected.gt_labels,
-                                collected.gt_difficult, classes)  # fmt: skip
+    voc = evaluate_voc(
+        collected.det_boxes,
+        collected.det_scores,
+        collected.det_labels,
+        collected.gt_boxes,
+        collected.gt_labels,
+        collected.gt_difficult,
+        num_classes=len(classes) + 1,
+    )
+    coco_gt = coco_ground_truth(
+        collected.keys, collected.sizes, collected.gt_boxes, collected.gt_labels, collected.gt_difficult, classes
+    )
     coco_dets = coco_detections(collected.det_boxes, collected.det_scores, collected.det_labels)
     coco = coco_evaluate(coco_gt, coco_dets) if collected.keys else _empty_coco(classes)
     summary = {
-        "map_voc07": voc.map_voc07, "map_voc": voc.map_voc, "map_coco": coco.map, "ap50": coco.ap50,
-        "ap75": coco.ap75, "ap_small": coco.ap_small, "ap_medium": coco.ap_medium, "ap_large": coco.ap_large,
-    }  # fmt: skip
+        "map_voc07": voc.map_voc07,
+        "map_voc": voc.map_voc,
+        "map_coco": coco.map,
+        "ap50": coco.ap50,
+        "ap75": coco.ap75,
+        "ap_small": coco.ap_small,
+        "ap_medium": coco.ap_medium,
+        "ap_large": coco.ap_large,
+    }
     return EvalResult(summary, voc, coco, coco_gt, coco_dets)
 
 
@@ -190,18 +234,28 @@ def decimate_curve(curve: PRCurve, max_points: int = MAX_CURVE_POINTS) -> tuple[
 def per_class_rows(result: EvalResult, classes: list[str]) -> list[dict[str, Any]]:
     rows = []
     for i, name in enumerate(classes):
-        rows.append({
-            "class": name,
-            "ap_voc07": _finite_or_none(result.voc.ap_voc07[i]),
-            "ap_voc": _finite_or_none(result.voc.ap_voc[i]),
-            "ap_coco": _finite_or_none(result.coco.per_class_ap.get(i + 1, float("nan"))),
-            "num_positives": int(result.voc.num_positives[i]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "class": name,
+                "ap_voc07": _finite_or_none(result.voc.ap_voc07[i]),
+                "ap_voc": _finite_or_none(result.voc.ap_voc[i]),
+                "ap_coco": _finite_or_none(result.coco.per_class_ap.get(i + 1, float("nan"))),
+                "num_positives": int(result.voc.num_positives[i]),
+            }
+        )
     return rows
 
 
-def write_outputs(result: EvalResult, collected: Collected, classes: list[str], *, metrics_path: Path,
-                  plots_dir: Path, out_dir: Path, started: float) -> dict[str, Path]:  # fmt: skip
+def write_outputs(
+    result: EvalResult,
+    collected: Collected,
+    classes: list[str],
+    *,
+    metrics_path: Path,
+    plots_dir: Path,
+    out_dir: Path,
+    started: float,
+) -> dict[str, Path]:
     """Write every output file (see the module docstring); returns them by name. ``started``: the stage's
     ``time.perf_counter()`` at start; eval.json is written last, with the wall time up to then.
 
@@ -228,29 +282,38 @@ def write_outputs(result: EvalResult, collected: Collected, classes: list[str], 
 
     claim_output_folder(out_dir, EVALUATE_STAGE)
     paths["pr_curves_png"] = pr_curves_png(
-        [(c.recall, c.precision) for c in result.voc.curves], classes, result.voc.ap_voc07.tolist(),
-        out_dir / "pr_curves.png", title=f"precision-recall at IoU 0.5 (VOC07 mAP {result.voc.map_voc07:.3f})",
-    )  # fmt: skip
+        [(c.recall, c.precision) for c in result.voc.curves],
+        classes,
+        result.voc.ap_voc07.tolist(),
+        out_dir / "pr_curves.png",
+        title=f"precision-recall at IoU 0.5 (VOC07 mAP {result.voc.map_voc07:.3f})",
+    )
     samples = collected.samples
     paths["detections_png"] = detection_grid_png(
-        [s.image for s in samples], [(s.det_boxes, s.det_scores, s.det_labels) for s in samples],
-        [(s.gt_boxes, s.gt_labels) for s in samples], classes, out_dir / "detections.png",
-        score_threshold=GRID_SCORE_THRESHOLD, titles=[s.key for s in samples],
-    )  # fmt: skip
+        [s.image for s in samples],
+        [(s.det_boxes, s.det_scores, s.det_labels) for s in samples],
+        [(s.gt_boxes, s.gt_labels) for s in samples],
+        classes,
+        out_dir / "detections.png",
+        score_threshold=GRID_SCORE_THRESHOLD,
+        titles=[s.key for s in samples],
+    )
     paths["coco_gt"] = out_dir / "coco_gt.json"
     write_text_atomic(paths["coco_gt"], json.dumps(result.coco_gt))
     paths["coco_detections"] = out_dir / "coco_detections.json"
     write_text_atomic(paths["coco_detections"], json.dumps(result.coco_dets))
     n = len(collected.keys)
     metrics = {key: _finite_or_none(value) for key, value in result.summary.items()}
-    metrics.update({
-        "num_images": n,
-        "num_detections": int(sum(len(s) for s in collected.det_scores)),
-        "images_per_sec": round(n / collected.inference_s, 3) if collected.inference_s > 0 else None,
-        "inference_time_s": round(collected.inference_s, 3),
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "run_wall_time_s": run_wall_time_s(),
-    })  # fmt: skip
+    metrics.update(
+        {
+            "num_images": n,
+            "num_detections": int(sum(len(s) for s in collected.det_scores)),
+            "images_per_sec": round(n / collected.inference_s, 3) if collected.inference_s > 0 else None,
+            "inference_time_s": round(collected.inference_s, 3),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "run_wall_time_s": run_wall_time_s(),
+        }
+    )
     write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     paths["metrics"] = metrics_path
     return paths
@@ -280,25 +343,42 @@ def open_tracker(params: Params, model_path: Path, repo_root: Path) -> tuple[Tra
         return NullTracker(), False
     digest = file_sha256(model_path)
     run_id = find_run_by_tag(params.tracking, repo_root, MODEL_DIGEST_TAG, digest)
-    tracker = create_tracker(params.tracking, enabled_here=True, run_id=run_id,
-                             run_name=f"{params.train.run_name}-evaluate", repo_root=repo_root,
-                             resume_status=None)  # fmt: skip
+    tracker = create_tracker(
+        params.tracking,
+        enabled_here=True,
+        run_id=run_id,
+        run_name=f"{params.train.run_name}-evaluate",
+        repo_root=repo_root,
+        resume_status=None,
+    )
     if run_id is None:
-        logger.warning("no MLflow run logged %s (sha256 %s...); reporting to a new run %s",
-                       model_path, digest[:12], tracker.run_id)  # fmt: skip
+        logger.warning(
+            "no MLflow run logged %s (sha256 %s...); reporting to a new run %s", model_path, digest[:12], tracker.run_id
+        )
         tracker.set_tags({MODEL_DIGEST_TAG: digest, "mlflow.source.name": "python -m pipeline evaluate"})
     return tracker, run_id is None
 
 
-def log_to_tracking(tracker: Tracker, result: EvalResult, classes: list[str], paths: dict[str, Path], *, step: int,
-                    images_per_sec: float | None) -> None:  # fmt: skip
+def log_to_tracking(
+    tracker: Tracker,
+    result: EvalResult,
+    classes: list[str],
+    paths: dict[str, Path],
+    *,
+    step: int,
+    images_per_sec: float | None,
+) -> None:
     """val/* metrics, per-class table, PR data and PNGs to the run; val metrics as model-version tags.
     A model already evaluated in this run (same step) is not logged again: no metric is stored twice for
     one step, so MLflow keeps the first evaluation while the DVC files hold the newest."""
     done = tracker.last_logged_step("val/map_voc07")
     if done is not None and done >= step:
-        logger.warning("MLflow run %s already holds an evaluation at step %d; not logging this one again "
-                       "(the DVC outputs are up to date)", tracker.run_id, step)  # fmt: skip
+        logger.warning(
+            "MLflow run %s already holds an evaluation at step %d; not logging this one again "
+            "(the DVC outputs are up to date)",
+            tracker.run_id,
+            step,
+        )
         return
     metrics = {f"val/{key}": value for key, value in result.summary.items()}
     if images_per_sec is not None:
@@ -334,28 +414,48 @@ def main(args: argparse.Namespace, params: Params) -> int:
         return 2
     try:
         num_workers = params.eval.num_workers
-        logger.info("evaluating %s (%s, %d classes) on %s, %s", args.model, loaded.preset, len(loaded.classes),
-                    redact_uri(str(args.shards)), device)  # fmt: skip
+        logger.info(
+            "evaluating %s (%s, %d classes) on %s, %s",
+            args.model,
+            loaded.preset,
+            len(loaded.classes),
+            redact_uri(str(args.shards)),
+            device,
+        )
         collected = run_inference(loaded.model, str(args.shards), params.eval, device=device, num_workers=num_workers)
         n = len(collected.keys)
         rate = n / collected.inference_s if collected.inference_s > 0 else float("nan")
         logger.info("inference: %d images in %.1f s (%.1f images/s)", n, collected.inference_s, rate)
         result = score_detections(collected, loaded.classes)
-        paths = write_outputs(result, collected, loaded.classes, metrics_path=args.metrics, plots_dir=args.plots,
-                              out_dir=args.out, started=started)  # fmt: skip
+        paths = write_outputs(
+            result,
+            collected,
+            loaded.classes,
+            metrics_path=args.metrics,
+            plots_dir=args.plots,
+            out_dir=args.out,
+            started=started,
+        )
         for line in result.coco.summary.splitlines():
             logger.info("%s", line)
-        logger.info("VOC07 mAP@0.5 %.4f | VOC mAP@0.5 %.4f | COCO mAP %.4f | AP50 %.4f | AP75 %.4f",
-                    result.summary["map_voc07"], result.summary["map_voc"], result.summary["map_coco"],
-                    result.summary["ap50"], result.summary["ap75"])  # fmt: skip
+        logger.info(
+            "VOC07 mAP@0.5 %.4f | VOC mAP@0.5 %.4f | COCO mAP %.4f | AP50 %.4f | AP75 %.4f",
+            result.summary["map_voc07"],
+            result.summary["map_voc"],
+            result.summary["map_coco"],
+            result.summary["ap50"],
+            result.summary["ap75"],
+        )
         step = int((loaded.params.get("train") or {}).get("max_steps", 0))
-        log_to_tracking(tracker, result, loaded.classes, paths, step=step,
-                        images_per_sec=rate if math.isfinite(rate) else None)  # fmt: skip
+        log_to_tracking(
+            tracker, result, loaded.classes, paths, step=step, images_per_sec=rate if math.isfinite(rate) else None
+        )
     except BaseException:
         tracker.close("FAILED" if new_run else None, timeout_s=10.0)
         raise
     if not tracker.close("FINISHED" if new_run else None):
         logger.error("some evaluation results did not reach MLflow; the files above are complete")
-    logger.info("evaluate: wrote %s, %s, %s in %.1f s", args.metrics, args.plots, args.out,
-                time.perf_counter() - started)  # fmt: skip
+    logger.info(
+        "evaluate: wrote %s, %s, %s in %.1f s", args.metrics, args.plots, args.out, time.perf_counter() - started
+    )
     return 0

@@ -54,9 +54,16 @@ def main(args: argparse.Namespace, params: Params) -> int:
         return 2
     cfg = params.eval
     nms = NmsSettings.from_eval(cfg.score_threshold, cfg.nms_iou, cfg.top_k, cfg.max_detections) if args.nms else None
-    logger.info("exporting %s (%s, %d classes, %dx%d input) to ONNX opset %d%s", args.model, loaded.preset,
-                len(loaded.classes), loaded.model.image_size, loaded.model.image_size, opset,
-                f" with NMS {dict(nms._asdict())}" if nms else "")  # fmt: skip
+    logger.info(
+        "exporting %s (%s, %d classes, %dx%d input) to ONNX opset %d%s",
+        args.model,
+        loaded.preset,
+        len(loaded.classes),
+        loaded.model.image_size,
+        loaded.model.image_size,
+        opset,
+        f" with NMS {dict(nms._asdict())}" if nms else "",
+    )
     proto = export_onnx(loaded.model, opset=opset, nms=nms, metadata=metadata(loaded.model, loaded.classes))
     data = proto.SerializeToString()
     tolerance = Tolerance()
@@ -64,14 +71,27 @@ def main(args: argparse.Namespace, params: Params) -> int:
     diffs = f"max |diff| boxes {_short(check.max_diff_boxes)} scores {_short(check.max_diff_scores)}"
     if not check.within(tolerance):
         nms_note = "" if check.selected_match is not False else "; selected_indices differ from ssd_core's NMS"
-        logger.error("export: onnxruntime disagrees with PyTorch on %d sample images: %s (tolerance boxes %g, "
-                     "scores %g)%s; nothing written", check.batch_size, diffs, tolerance.boxes, tolerance.scores,
-                     nms_note)  # fmt: skip
+        logger.error(
+            "export: onnxruntime disagrees with PyTorch on %d sample images: %s (tolerance boxes %g, "
+            "scores %g)%s; nothing written",
+            check.batch_size,
+            diffs,
+            tolerance.boxes,
+            tolerance.scores,
+            nms_note,
+        )
         return 1
     write_bytes_atomic(out, data)
-    info = sidecar(loaded.model, loaded.classes, opset=opset, nms=nms,
-                   max_detections=cfg.max_detections if nms else None, tolerance=tolerance, verification=check,
-                   size_bytes=len(data))  # fmt: skip
+    info = sidecar(
+        loaded.model,
+        loaded.classes,
+        opset=opset,
+        nms=nms,
+        max_detections=cfg.max_detections if nms else None,
+        tolerance=tolerance,
+        verification=check,
+        size_bytes=len(data),
+    )
     info["source_model"] = str(args.model)
     write_bytes_atomic(sidecar_path(out), (json.dumps(info, indent=2) + "\n").encode())
     nms_note = f", NMS selected {check.num_selected} boxes as ssd_core does" if nms else ""

@@ -114,11 +114,16 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                           key=lambda p: p.name)  # fmt: skip
+            found = sorted(
+                (p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                key=lambda p: p.name,
+            )
             if not found:
-                logger.warning("%s: no images in this folder (extensions %s; subfolders are not read)", path,
-                               ", ".join(sorted(IMAGE_EXTENSIONS)))  # fmt: skip
+                logger.warning(
+                    "%s: no images in this folder (extensions %s; subfolders are not read)",
+                    path,
+                    ", ".join(sorted(IMAGE_EXTENSIONS)),
+                )
         elif path.is_file():
             found = [path]
         elif path.exists():
@@ -284,9 +289,16 @@ def predict_images(
                 sizes = [read[i][0].size for i in ok]  # [B] (width, height) of the upright originals
                 with torch.inference_mode():
                     output = model(normalize_images(batch))
-                    detections = postprocess(output.loc, output.cls_logits, priors, sizes,
-                                             score_threshold=cfg.score_threshold, top_k=cfg.top_k,
-                                             nms_iou=cfg.nms_iou, max_detections=cfg.max_detections)  # fmt: skip
+                    detections = postprocess(
+                        output.loc,
+                        output.cls_logits,
+                        priors,
+                        sizes,
+                        score_threshold=cfg.score_threshold,
+                        top_k=cfg.top_k,
+                        nms_iou=cfg.nms_iou,
+                        max_detections=cfg.max_detections,
+                    )
             by_index = dict(zip(ok, detections, strict=True))
             for i, path in enumerate(chunk):
                 if i not in by_index:
@@ -296,10 +308,14 @@ def predict_images(
                 scores = det.scores.float().cpu().numpy().astype(np.float64)  # [K]
                 keep = scores >= min_score
                 yield Prediction(
-                    path, image.width, image.height,
+                    path,
+                    image.width,
+                    image.height,
                     det.boxes.float().cpu().numpy().astype(np.float64).reshape(-1, 4)[keep],  # [K', 4]
-                    scores[keep], det.labels.cpu().numpy().astype(np.int64)[keep], image,
-                )  # fmt: skip
+                    scores[keep],
+                    det.labels.cpu().numpy().astype(np.int64)[keep],
+                    image,
+                )
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -316,8 +332,12 @@ def detections_json(
     folder (omitted when None)."""
     images, annotations = [], []
     for index, pred in enumerate(predictions):
-        entry: dict[str, Any] = {"id": index + 1, "file_name": str(pred.path), "width": pred.width,
-                                 "height": pred.height}  # fmt: skip
+        entry: dict[str, Any] = {
+            "id": index + 1,
+            "file_name": str(pred.path),
+            "width": pred.width,
+            "height": pred.height,
+        }
         if drawn is not None and drawn[index] is not None:
             entry["drawn"] = drawn[index]
         images.append(entry)
@@ -325,10 +345,16 @@ def detections_json(
         wh = pred.boxes[:, 2:] - xy  # [K, 2]
         bboxes = np.round(np.concatenate([xy, wh], axis=1), _BOX_DECIMALS)  # [K, 4] xywh
         for box, score, label in zip(bboxes.tolist(), pred.scores.tolist(), pred.labels.tolist(), strict=True):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index + 1, "category_id": int(label), "bbox": box,
-                "score": round(float(score), _SCORE_DECIMALS), "area": round(box[2] * box[3], _BOX_DECIMALS),
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": int(label),
+                    "bbox": box,
+                    "score": round(float(score), _SCORE_DECIMALS),
+                    "area": round(box[2] * box[3], _BOX_DECIMALS),
+                }
+            )
     return {
         "info": dict(info or {}),
         "images": images,
@@ -371,8 +397,10 @@ def dumps_by_record(document: dict[str, Any] | list[Any]) -> str:
 
     if isinstance(document, list):
         return items(document, " ") + "\n"
-    fields = [f' {json.dumps(k)}: {items(v, "  ") if isinstance(v, list) else json.dumps(v, ensure_ascii=False)}'
-              for k, v in document.items()]  # fmt: skip
+    fields = [
+        f" {json.dumps(k)}: {items(v, '  ') if isinstance(v, list) else json.dumps(v, ensure_ascii=False)}"
+        for k, v in document.items()
+    ]
     return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
@@ -401,15 +429,20 @@ def main(args: argparse.Namespace, params: Params) -> int:
         logger.error("%s", error)
         return 2
     except FileNotFoundError:
-        logger.error("predict: model file %s not found (write one with `python -m pipeline train`, or pass "
-                     "--model PATH)", args.model)  # fmt: skip
+        logger.error(
+            "predict: model file %s not found (write one with `python -m pipeline train`, or pass --model PATH)",
+            args.model,
+        )
         return 2
     except ValueError as error:  # not a model file of this format
         logger.error("predict: %s", error)
         return 2
     if args.min_score < params.eval.score_threshold:
-        logger.warning("predict: --min-score %.3g is below eval.score_threshold %.3g, which decides first",
-                       args.min_score, params.eval.score_threshold)  # fmt: skip
+        logger.warning(
+            "predict: --min-score %.3g is below eval.score_threshold %.3g, which decides first",
+            args.min_score,
+            params.eval.score_threshold,
+        )
 
     if owned:
         claim_output_folder(out, PREDICT_STAGE)
@@ -418,8 +451,14 @@ def main(args: argparse.Namespace, params: Params) -> int:
         drawn_dir.mkdir(parents=True, exist_ok=True)
     names = drawn_names(paths)
     name_of = {p: names[i] for i, p in enumerate(paths)}
-    logger.info("predict: %d input(s) with %s (%s, %d classes) on %s", len(paths), args.model, loaded.preset,
-                len(loaded.classes), device)  # fmt: skip
+    logger.info(
+        "predict: %d input(s) with %s (%s, %d classes) on %s",
+        len(paths),
+        args.model,
+        loaded.preset,
+        len(loaded.classes),
+        device,
+    )
 
     predictions: list[Prediction] = []
     failures: list[Failure] = []
@@ -427,9 +466,15 @@ def main(args: argparse.Namespace, params: Params) -> int:
     saving: list[Future] = []
     bar = tqdm(total=len(paths), desc="predict", unit="image", disable=None, leave=False)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, os.cpu_count() or 1)) as savers:
-        results = predict_images(loaded.model, paths, params.eval, min_score=args.min_score,
-                                 batch_size=args.batch_size, device=device,
-                                 max_pixels=params.prepare.max_image_pixels)  # fmt: skip
+        results = predict_images(
+            loaded.model,
+            paths,
+            params.eval,
+            min_score=args.min_score,
+            batch_size=args.batch_size,
+            device=device,
+            max_pixels=params.prepare.max_image_pixels,
+        )
         for result in results:
             bar.update(1)
             if isinstance(result, Failure):
@@ -454,13 +499,24 @@ def main(args: argparse.Namespace, params: Params) -> int:
     elapsed = time.perf_counter() - started
     logger.info("predict: %.1f s, %.1f images/s", elapsed, (len(predictions) + len(failures)) / max(elapsed, 1e-9))
 
-    info = {"model": str(args.model), "preset": loaded.preset, "min_score": args.min_score,
-            "score_threshold": params.eval.score_threshold, "nms_iou": params.eval.nms_iou,
-            "max_detections": params.eval.max_detections}  # fmt: skip
+    info = {
+        "model": str(args.model),
+        "preset": loaded.preset,
+        "min_score": args.min_score,
+        "score_threshold": params.eval.score_threshold,
+        "nms_iou": params.eval.nms_iou,
+        "max_detections": params.eval.max_detections,
+    }
     document = detections_json(predictions, failures, loaded.classes, drawn=drawn, info=info)
     _write_json(out / DETECTIONS_NAME, document, overwrite=owned)
     _write_json(out / RESULTS_NAME, results_list(document), overwrite=owned)
     shown = f"{args.min_score:.2f}" if round(args.min_score, 2) == args.min_score else f"{args.min_score:g}"
-    logger.info("predict: %d images, %d detections ≥ %s, %d failed (see %s)", len(predictions),
-                len(document["annotations"]), shown, len(failures), out / DETECTIONS_NAME)  # fmt: skip
+    logger.info(
+        "predict: %d images, %d detections ≥ %s, %d failed (see %s)",
+        len(predictions),
+        len(document["annotations"]),
+        shown,
+        len(failures),
+        out / DETECTIONS_NAME,
+    )
     return 0 if predictions else 1

@@ -66,8 +66,9 @@ def prepare(params: Params, out_dir: Path, *, progress: bool = True) -> Prepared
     unique = []
     for candidate in candidates:
         if candidate.id in seen:
-            report.reject_image(candidate.where, "duplicate_id", f"id {candidate.id!r} already used",
-                                boxes=len(candidate.objects))
+            report.reject_image(
+                candidate.where, "duplicate_id", f"id {candidate.id!r} already used", boxes=len(candidate.objects)
+            )
         else:
             seen.add(candidate.id)
             unique.append(candidate)
@@ -127,6 +128,12 @@ def main(args: argparse.Namespace, params: Params) -> int:
         if out.exists():
             logger.error("prepare: %s is left as it was", out)
         return 1
-    logger.info("%s; %d classes; %.1f s; index in %s, report in %s", result.report.summary(), len(result.classes),
-                time.perf_counter() - start, args.out, args.report)
+    logger.info(
+        "%s; %d classes; %.1f s; index in %s, report in %s",
+        result.report.summary(),
+        len(result.classes),
+        time.perf_counter() - start,
+        args.out,
+        args.report,
+    )
     return 0

@@ -51,7 +51,14 @@ def main(args: argparse.Namespace, params: Params) -> int:
     seconds = max(time.perf_counter() - start, 1e-9)
     totals = manifest.to_dict()["totals"]
     per_split = ", ".join(f"{k} {v.samples} in {v.shards}" for k, v in manifest.splits.items())
-    logger.info("shard: %d samples (%s shards), %.1f MB in %.1f s: %.0f samples/s, %.1f MB/s; manifest %s",
-                totals["samples"], per_split, totals["bytes"] / 1e6, seconds, totals["samples"] / seconds,
-                totals["bytes"] / 1e6 / seconds, args.out / "manifest.json")
+    logger.info(
+        "shard: %d samples (%s shards), %.1f MB in %.1f s: %.0f samples/s, %.1f MB/s; manifest %s",
+        totals["samples"],
+        per_split,
+        totals["bytes"] / 1e6,
+        seconds,
+        totals["samples"] / seconds,
+        totals["bytes"] / 1e6 / seconds,
+        args.out / "manifest.json",
+    )
     return 0

@@ -39,8 +39,10 @@ def headline(metrics: dict[str, Any]) -> str:
         number = metrics.get(key)
         return f"{number:.3f}" if isinstance(number, (int, float)) else "n/a"
 
-    line = (f"VOC07 mAP@0.5 {value('map_voc07')} | VOC mAP@0.5 {value('map_voc')} | COCO mAP {value('map_coco')} "
-            f"on {metrics.get('num_images', '?')} validation images")  # fmt: skip
+    line = (
+        f"VOC07 mAP@0.5 {value('map_voc07')} | VOC mAP@0.5 {value('map_voc')} | COCO mAP {value('map_coco')} "
+        f"on {metrics.get('num_images', '?')} validation images"
+    )
     run_s = metrics.get("run_wall_time_s")
     if isinstance(run_s, (int, float)):
         line += f"; the make run that measured them took {_minutes(run_s)} (install included)"
@@ -54,8 +56,10 @@ def ui_command(params: Params, repo_root: Path, python_bin: Path) -> str:
         return f"open {uri} in a browser (the runs are on that MLflow server)"
     mlflow = python_bin.parent / "mlflow"
     program = shlex.quote(str(mlflow)) if mlflow.exists() else "mlflow"
-    return (f"{program} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {UI_PORT}"
-            f"  # then open http://127.0.0.1:{UI_PORT}")  # fmt: skip
+    return (
+        f"{program} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {UI_PORT}"
+        f"  # then open http://127.0.0.1:{UI_PORT}"
+    )
 
 
 def main(args: argparse.Namespace, params: Params) -> int:

@@ -99,9 +99,15 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         tracking=dataclasses.replace(params.tracking, uri=split_credentials(tracking_uri)[0]),
     )
     run_uri = checkpoint.join(storage, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
-    return TrainJob(params=resolved, shards=shards, classes=tuple(manifest.classes), run_uri=run_uri,
-                    repo_root=str(repo_root), data_digest=data_digest,
-                    tracking_credentials=tracking_credentials(tracking_uri))  # fmt: skip
+    return TrainJob(
+        params=resolved,
+        shards=shards,
+        classes=tuple(manifest.classes),
+        run_uri=run_uri,
+        repo_root=str(repo_root),
+        data_digest=data_digest,
+        tracking_credentials=tracking_credentials(tracking_uri),
+    )
 
 
 def _check_last_batch(samples: int, params: Params) -> None:
@@ -144,11 +150,17 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
         logger.info("resuming run %s from step %d of %d", run_folder, found[0].step, cfg.max_steps)
     else:
         logger.info("starting run %s (%d steps, %d workers)", run_folder, cfg.max_steps, cfg.num_workers)
-    tracker = create_tracker(job.params.tracking, enabled_here=True, run_id=found[0].tracking_run_id if found else None,
-                             run_name=cfg.run_name, repo_root=job.repo_root,
-                             credentials=job.tracking_credentials)  # fmt: skip
-    tracker.log_run_metadata(recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu",
-                             shards=job.shards)  # fmt: skip
+    tracker = create_tracker(
+        job.params.tracking,
+        enabled_here=True,
+        run_id=found[0].tracking_run_id if found else None,
+        run_name=cfg.run_name,
+        repo_root=job.repo_root,
+        credentials=job.tracking_credentials,
+    )
+    tracker.log_run_metadata(
+        recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
+    )
     tracker.set_tags({"run_folder": run_folder})
     tracker.close(status=None)  # rank 0 continues this run during training
     job = dataclasses.replace(job, tracking_run_id=tracker.run_id, invocation=uuid.uuid4().hex)
@@ -161,18 +173,27 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
     except (TrainingError, checkpoint.CheckpointError):
         _finish_run(job, None, "FAILED")
         raise
-    logger.info("train: %d steps (%d skipped, %d corrupt samples); model written to %s",
-                final.meta.step, outcome.metrics.get("skipped_steps", 0), outcome.metrics.get("bad_samples", 0),
-                model_out)  # fmt: skip
+    logger.info(
+        "train: %d steps (%d skipped, %d corrupt samples); model written to %s",
+        final.meta.step,
+        outcome.metrics.get("skipped_steps", 0),
+        outcome.metrics.get("bad_samples", 0),
+        model_out,
+    )
     _finish_run(job, model_out, "FINISHED")
 
 
 def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
     if job.tracking_run_id is None:
         return
-    tracker = create_tracker(job.params.tracking, enabled_here=True, run_id=job.tracking_run_id,
-                             run_name=job.params.train.run_name, repo_root=job.repo_root,
-                             credentials=job.tracking_credentials)  # fmt: skip
+    tracker = create_tracker(
+        job.params.tracking,
+        enabled_here=True,
+        run_id=job.tracking_run_id,
+        run_name=job.params.train.run_name,
+        repo_root=job.repo_root,
+        credentials=job.tracking_credentials,
+    )
     if model_out is not None:
         tracker.log_model_file(model_out)
     tracker.close(status=status)

@@ -79,8 +79,11 @@ def step_of(name: str) -> int | None:
 
 
 def write_checkpoint(
-    directory: str | Path, state: dict[str, Any], meta: dict[str, Any],
-    *, before_rename: Callable[[Path], None] | None = None,
+    directory: str | Path,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    before_rename: Callable[[Path], None] | None = None,
 ) -> None:
     """Write ``state.pt`` then ``meta.json`` (with the state's sha256 and size) into local ``directory``.
 
@@ -93,8 +96,11 @@ def write_checkpoint(
     data = buffer.getvalue()
     write_bytes_atomic(directory / STATE_FILE, data, before_rename=before_rename)
     full_meta = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        **meta, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        **meta,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
     }
     write_bytes_atomic(directory / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True).encode())
 
@@ -126,8 +132,12 @@ def read_meta(uri: str) -> CheckpointMeta:
         raise CheckpointError(f"{uri}: checkpoint version {raw.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
     try:
         return CheckpointMeta(
-            step=int(raw["step"]), epoch=int(raw["epoch"]), sha256=str(raw["sha256"]), size=int(raw["size"]),
-            params=dict(raw["params"]), tracking_run_id=raw.get("tracking_run_id"),
+            step=int(raw["step"]),
+            epoch=int(raw["epoch"]),
+            sha256=str(raw["sha256"]),
+            size=int(raw["size"]),
+            params=dict(raw["params"]),
+            tracking_run_id=raw.get("tracking_run_id"),
             world_size=int(raw["world_size"]),
         )
     except (KeyError, TypeError, ValueError) as error:

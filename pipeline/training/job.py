@@ -24,11 +24,22 @@ from pipeline.training.code_closure import import_closure
 
 # Params that change how a run is executed but not what it computes: a run may resume under other values.
 # Everything else under seed, model, augment and train is the run's identity (see ``identity_digest``).
-OPERATIONAL_TRAIN_KEYS = frozenset({
-    "num_workers", "threads_per_worker", "use_gpu", "loader_workers", "checkpoint_every_steps",
-    "keep_checkpoints", "max_failures", "max_consecutive_skips", "resume", "run_name", "storage_path",
-    "log_every_steps",
-})  # fmt: skip
+OPERATIONAL_TRAIN_KEYS = frozenset(
+    {
+        "num_workers",
+        "threads_per_worker",
+        "use_gpu",
+        "loader_workers",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "max_failures",
+        "max_consecutive_skips",
+        "resume",
+        "run_name",
+        "storage_path",
+        "log_every_steps",
+    }
+)
 IDENTITY_SECTIONS = ("seed", "model", "augment", "train")
 # The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser):
 # every project file that importing the worker's loop runs, so a new module is never left out of the digest.
@@ -72,8 +83,9 @@ def code_digest() -> str:
 def identity(params: Params, data_digest: str, code: str) -> dict[str, Any]:
     """What a run computes: the flattened params that matter, the data digest and the code digest."""
     flat = flatten({k: v for k, v in params_to_dict(params).items() if k in IDENTITY_SECTIONS})
-    kept = {k: v for k, v in flat.items()
-            if not (k.startswith("train.") and k.split(".", 1)[1] in OPERATIONAL_TRAIN_KEYS)}  # fmt: skip
+    kept = {
+        k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in OPERATIONAL_TRAIN_KEYS)
+    }
     return {**kept, "data.manifest_sha256": data_digest, "code.sha256": code}
 
 

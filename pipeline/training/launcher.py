@@ -72,13 +72,23 @@ def connect_ray(cfg: TrainConfig) -> bool:
     needed = cfg.num_workers * cfg.threads_per_worker
     cores = os.cpu_count() or 1
     if needed > cores:
-        logger.warning("train: %d workers x %d threads = %d CPUs requested on a %d-core machine (oversubscribed)",
-                       cfg.num_workers, cfg.threads_per_worker, needed, cores)  # fmt: skip
+        logger.warning(
+            "train: %d workers x %d threads = %d CPUs requested on a %d-core machine (oversubscribed)",
+            cfg.num_workers,
+            cfg.threads_per_worker,
+            needed,
+            cores,
+        )
     logger.info("starting a local Ray instance (%d CPUs) on 127.0.0.1", max(cores, needed))
     # The dashboard serves the State API that Ray Train V2's placement-group cleaner polls; without it
     # the cleaner logs a warning every second and cannot clean up after a crashed controller.
-    ray.init(num_cpus=max(cores, needed), include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", logging_level=logging.WARNING)  # fmt: skip
+    ray.init(
+        num_cpus=max(cores, needed),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
     return True
 
 
@@ -102,9 +112,11 @@ def _move_aside(fs: pyarrow.fs.FileSystem, path: str, uri: str, reason: str) -> 
     try:
         fs.move(path, target)
     except (OSError, NotImplementedError) as error:
-        raise TrainingError(redact_uri(
-            f"{uri}: cannot move it aside on this storage ({error}); delete it or choose another train.run_name"
-        )) from error  # fmt: skip
+        raise TrainingError(
+            redact_uri(
+                f"{uri}: cannot move it aside on this storage ({error}); delete it or choose another train.run_name"
+            )
+        ) from error
     logger.warning("moved %s aside to %s", redact_uri(uri), redact_uri(f"{uri}.{reason}-{stamp}"))
 
 
@@ -129,8 +141,11 @@ def _check_snapshot(fs: pyarrow.fs.FileSystem, path: str, run_uri: str) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         problem = f"unreadable ({type(error).__name__}: {error})"
     if problem:
-        logger.warning("Ray's checkpoint snapshot in %s is %s; resuming from the newest valid checkpoint instead",
-                       redact_uri(run_uri), redact_uri(problem))  # fmt: skip
+        logger.warning(
+            "Ray's checkpoint snapshot in %s is %s; resuming from the newest valid checkpoint instead",
+            redact_uri(run_uri),
+            redact_uri(problem),
+        )
         _move_aside(fs, snapshot, f"{run_uri}/{SNAPSHOT_FILE}", "invalid")
 
 
@@ -148,8 +163,7 @@ def build_trainer(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCE
         train_loop_per_worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=process_group_timeout_s),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -63,8 +63,15 @@ class Progress:
         per_step = (now - self._start_time) / max(step - self._start_step, 1)
         logger.info(
             "step %d/%d (epoch %d) loss %.4f (loc %.4f conf %.4f) lr %.3g %.1f img/s skipped %d ETA %s",
-            step, self.max_steps, epoch, metrics["train/loss"], metrics["train/loss_loc"],
-            metrics["train/loss_conf"], lr, metrics["train/images_per_sec"], skipped_total,
+            step,
+            self.max_steps,
+            epoch,
+            metrics["train/loss"],
+            metrics["train/loss_loc"],
+            metrics["train/loss_conf"],
+            lr,
+            metrics["train/images_per_sec"],
+            skipped_total,
             _duration(per_step * (self.max_steps - step)),
         )
         self._reset(now)

@@ -34,8 +34,9 @@ def _expansions(canvas: np.ndarray, max_ratio: float, draws: np.ndarray) -> np.n
     return np.where((draws[:, :1] < 0.5) & (max_ratio > 1.0), expanded, canvas)
 
 
-def _crops(boxes_px: np.ndarray, valid: np.ndarray, width: np.ndarray, height: np.ndarray,
-           draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _crops(
+    boxes_px: np.ndarray, valid: np.ndarray, width: np.ndarray, height: np.ndarray, draws: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`~ssd_core.augment.plan.sample_crop` for ``B`` canvases at once, all trials of all canvases in one pass.
 
     Args:
@@ -110,8 +111,10 @@ def plan_augmentations(
         raise TypeError(f"{name}: expected options as an AugmentOptions, got {type(options).__name__}")
     b = len(sizes)
     if not len(boxes) == len(labels) == len(difficult) == len(generators) == b:
-        raise ValueError(f"{name}: expected as many boxes, labels, difficult and generators as sizes ({b}), got "
-                         f"{len(boxes)}, {len(labels)}, {len(difficult)} and {len(generators)}")
+        raise ValueError(
+            f"{name}: expected as many boxes, labels, difficult and generators as sizes ({b}), got "
+            f"{len(boxes)}, {len(labels)}, {len(difficult)} and {len(generators)}"
+        )
     for generator in generators:
         _check_generator(name, generator)
     for (width, height), *targets in zip(sizes, boxes, labels, difficult, strict=True):
@@ -125,8 +128,10 @@ def plan_augmentations(
     draws = torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in generators]).numpy()  # [B, n]
     expand_at = photometric_draws
     crop_at = expand_at + expand_draws
-    photometric = [photometric_from_uniforms(row, channel_swap=options.channel_swap) if options.photometric else None
-                   for row in draws[:, :photometric_draws].tolist()]  # fmt: skip
+    photometric = [
+        photometric_from_uniforms(row, channel_swap=options.channel_swap) if options.photometric else None
+        for row in draws[:, :photometric_draws].tolist()
+    ]
 
     size = np.array(sizes, dtype=np.int64).reshape(b, 2)  # [B, 2] (width, height)
     width, height = size.T  # [B] each
@@ -162,11 +167,17 @@ def plan_augmentations(
     for i in range(b):
         select = np.flatnonzero(good[i])  # kept boxes with positive area, in their original order
         index = torch.from_numpy(select)
-        plans.append(AugmentPlan(
-            int(width[i]), int(height[i]), photometric[i], Expansion(*(int(v) for v in canvas[i])),
-            tuple(int(v) for v in window[i]), bool(flip[i]), torch.from_numpy(np.ascontiguousarray(out[i, select])),
-            labels[i].to(torch.int64)[index], difficult[i].to(torch.bool)[index],
-        ))  # fmt: skip
+        plans.append(
+            AugmentPlan(
+                int(width[i]),
+                int(height[i]),
+                photometric[i],
+                Expansion(*(int(v) for v in canvas[i])),
+                tuple(int(v) for v in window[i]),
+                bool(flip[i]),
+                torch.from_numpy(np.ascontiguousarray(out[i, select])),
+                labels[i].to(torch.int64)[index],
+                difficult[i].to(torch.bool)[index],
+            )
+        )
     return plans
-
-

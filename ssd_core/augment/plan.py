@@ -120,8 +120,9 @@ def sample_expansion(width: int, height: int, max_ratio: float, generator: torch
     return Expansion(canvas_w, canvas_h, left, top)
 
 
-def _sample_crop_np(boxes_px: np.ndarray, width: int, height: int, generator: torch.Generator,
-                    max_trials: int) -> tuple[tuple[int, int, int, int] | None, np.ndarray, float | None]:
+def _sample_crop_np(
+    boxes_px: np.ndarray, width: int, height: int, generator: torch.Generator, max_trials: int
+) -> tuple[tuple[int, int, int, int] | None, np.ndarray, float | None]:
     """:func:`sample_crop` on a float64 ``[G, 4]`` array: (window, keep ``[G]`` bool array, min_iou)."""
     g = boxes_px.shape[0]
     draws = torch.rand(1 + 4 * max_trials, generator=generator, dtype=torch.float64).numpy()
@@ -209,8 +210,9 @@ def plan_augmentation(
     keep = np.ones(g, dtype=bool)
     window = (0, 0, expansion.canvas_width, expansion.canvas_height)
     if options.crop:
-        crop, inside, _ = _sample_crop_np(boxes_px, expansion.canvas_width, expansion.canvas_height, generator,
-                                          CROP_TRIALS)
+        crop, inside, _ = _sample_crop_np(
+            boxes_px, expansion.canvas_width, expansion.canvas_height, generator, CROP_TRIALS
+        )
         if crop is not None:
             window, keep = crop, inside
             boxes_px = boxes_px[keep]
@@ -226,8 +228,13 @@ def plan_augmentation(
     good = np.isfinite(out).all(axis=1) & (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])  # positive area
     select = torch.from_numpy(np.flatnonzero(keep)[good])
     return AugmentPlan(
-        width, height, photometric, expansion, window, flip, torch.from_numpy(np.ascontiguousarray(out[good])),
-        labels.to(torch.int64)[select], difficult.to(torch.bool)[select],
+        width,
+        height,
+        photometric,
+        expansion,
+        window,
+        flip,
+        torch.from_numpy(np.ascontiguousarray(out[good])),
+        labels.to(torch.int64)[select],
+        difficult.to(torch.bool)[select],
     )
-
-

@@ -77,8 +77,9 @@ class _Taps(NamedTuple):
     hi: int
 
 
-def _axis_taps(start: int, length: int, size: int, offset: int, image_len: int, reduction: int = 1,
-               source_len: int | None = None) -> _Taps:
+def _axis_taps(
+    start: int, length: int, size: int, offset: int, image_len: int, reduction: int = 1, source_len: int | None = None
+) -> _Taps:
     """Bilinear taps of ``size`` outputs over the canvas span ``[start, start + length)`` along one axis.
 
     Output ``i`` reads canvas position ``p = clamp((i + 0.5) * length / size - 0.5, 0, length - 1) + start``
@@ -108,8 +109,9 @@ def _axis_taps(start: int, length: int, size: int, offset: int, image_len: int, 
     return _Taps(first, second, (1.0 - lam) * coverage, lam * coverage, coverage, lo, hi)
 
 
-def _weighted_rows(table: Tensor, taps: _Taps, blocks: int, extra: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> Tensor:
+def _weighted_rows(
+    table: Tensor, taps: _Taps, blocks: int, extra: tuple[np.ndarray, np.ndarray] | None = None
+) -> Tensor:
     """Per block of ``table [blocks * n (+ extra rows), d]``, the ``S`` rows ``w_first * row[first] + w_second *
     row[second]`` -> ``[blocks * S, d]`` with one ``embedding_bag`` (gather and weighted sum in one pass).
 
@@ -124,8 +126,12 @@ def _weighted_rows(table: Tensor, taps: _Taps, blocks: int, extra: tuple[np.ndar
         bags = np.concatenate((bags, np.broadcast_to(rows[:, None, :], (blocks, *extra_weights.shape))), axis=2)
         weights = np.concatenate((weights, extra_weights), axis=1)  # [S, 2 + k]
     weights = np.broadcast_to(weights.astype(np.float32), bags.shape).reshape(-1, bags.shape[2])
-    return F.embedding_bag(torch.from_numpy(bags.reshape(-1, bags.shape[2])), table,
-                           per_sample_weights=torch.from_numpy(weights), mode="sum")
+    return F.embedding_bag(
+        torch.from_numpy(bags.reshape(-1, bags.shape[2])),
+        table,
+        per_sample_weights=torch.from_numpy(weights),
+        mode="sum",
+    )
 
 
 def _to_uint8(x: Tensor) -> Tensor:
@@ -250,8 +256,10 @@ def render_augmentation(image: Tensor, plan: AugmentPlan, size: int, *, reductio
         raise ValueError(f"{name}: expected reduction as a positive int, got {reduction!r}")
     want = reduced_size(plan.width, plan.height, reduction)
     if (image.shape[2], image.shape[1]) != want:
-        raise ValueError(f"{name}: expected a {want[0]}x{want[1]} image (the plan's {plan.width}x{plan.height} "
-                         f"at 1/{reduction}), got {image.shape[2]}x{image.shape[1]}")
+        raise ValueError(
+            f"{name}: expected a {want[0]}x{want[1]} image (the plan's {plan.width}x{plan.height} "
+            f"at 1/{reduction}), got {image.shape[2]}x{image.shape[1]}"
+        )
     e, (x0, y0, x1, y1) = plan.expansion, plan.window
     photometric = plan.photometric if plan.photometric is not None and not plan.photometric.is_identity else None
     if reduction == 1:
@@ -312,5 +320,3 @@ def train_transform(
     height, width = image.shape[1:]
     plan = plan_augmentation(width, height, boxes, labels, difficult, options=options, generator=generator)
     return Sample(render_augmentation(image, plan, size), plan.boxes, plan.labels, plan.difficult)
-
-

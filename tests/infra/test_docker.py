@@ -167,8 +167,14 @@ def test_entrypoint_without_arguments_runs_bash(sandbox):
     command = ["bash", sandbox["_SCRIPT"]]
     if os.geteuid() == 0:
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    result = subprocess.run(command, env={"PATH": "/usr/bin:/bin", "HOME": sandbox["HOME"]}, input="echo $0-ok\n",
-                            capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        command,
+        env={"PATH": "/usr/bin:/bin", "HOME": sandbox["HOME"]},
+        input="echo $0-ok\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "bash-ok", result.stderr
 
 

@@ -38,23 +38,66 @@ IMAGE_HOME = "/home/ray/ssd"  # where infra/docker/Dockerfile puts the repositor
 # Field names of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/*_types.go, KubeRay 1.5): a misspelt
 # field is silently dropped by the API server, so the tests refuse unknown ones.
 RAYCLUSTER_SPEC = {
-    "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
-    "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions", "authOptions", "upgradeStrategy",
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "suspend",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+    "authOptions",
+    "upgradeStrategy",
 }
 HEAD_GROUP = {"serviceType", "headService", "enableIngress", "rayStartParams", "template", "resources", "labels"}
 WORKER_GROUP = {
-    "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
-    "scaleStrategy", "suspend", "idleTimeoutSeconds", "resources", "labels",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
+    "resources",
+    "labels",
 }
 AUTOSCALER_OPTIONS = {
-    "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext",
-    "idleTimeoutSeconds", "upscalingMode", "version",
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "version",
 }
 RAYJOB_SPEC = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML", "jobId",
-    "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
-    "shutdownAfterJobFinishes", "suspend", "schedule",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+    "schedule",
 }
 
 
@@ -82,7 +125,12 @@ def _container_env(container) -> dict[str, str | None]:
 # ------------------------------------------------------------------------------------------- all files
 def test_every_manifest_parses_and_names_its_kind():
     assert {p.name for p, _ in k8s_docs()} >= {
-        "raycluster.yaml", "rayjob.yaml", "mlflow.yaml", "storage.yaml", "kustomization.yaml", "rbac.yaml",
+        "raycluster.yaml",
+        "rayjob.yaml",
+        "mlflow.yaml",
+        "storage.yaml",
+        "kustomization.yaml",
+        "rbac.yaml",
         "mlflow-networkpolicy.yaml",
     }
     for path, doc in k8s_docs():
@@ -125,8 +173,12 @@ def test_placeholder_digests_are_marked_change_and_the_readme_says_how_to_fill_e
             if "@sha256:" + PLACEHOLDER_DIGEST in line:
                 assert "# CHANGE" in line, f"{path.name}:{number}: a placeholder digest must be marked CHANGE"
     sed_lines = [line for line in readme.splitlines() if "sed -i" in line]
-    placeholders = {image_parts(c["image"])[0] for _, doc in k8s_docs() for c in containers(doc)
-                    if image_parts(c["image"])[2] == PLACEHOLDER_DIGEST}
+    placeholders = {
+        image_parts(c["image"])[0]
+        for _, doc in k8s_docs()
+        for c in containers(doc)
+        if image_parts(c["image"])[2] == PLACEHOLDER_DIGEST
+    }
     for name in placeholders:  # the README's sed line that writes the real digest over this image's placeholder
         assert any(f"{name}:" in line for line in sed_lines), f"README: how to fill in the digest of {name}"
     assert 'grep -rn "@sha256:0\\{64\\}" infra/ray infra/k8s' in readme, "and how to find any left"
@@ -209,7 +261,8 @@ def test_cluster_runs_the_locked_ray_with_token_auth_and_private_head(owner):
     assert spec["authOptions"] == {"mode": "token"}, "KubeRay makes the token and keeps it in a Secret"
     assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
     gpu_groups = [
-        g for g in spec["workerGroupSpecs"]
+        g
+        for g in spec["workerGroupSpecs"]
         if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])
     ]
     assert gpu_groups, "a GPU worker group"
@@ -248,8 +301,12 @@ def test_rayjob_entrypoint_is_a_real_cli_command_whose_params_validate(monkeypat
     # Shards, checkpoints, weights and the model live on storage that the head and every worker mount.
     shared = None
     for spec in pod_specs(job["rayClusterSpec"]):
-        mounts = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])
-                  if any(v["name"] == m["name"] and "persistentVolumeClaim" in v for v in spec["volumes"])}
+        mounts = {
+            m["mountPath"]
+            for c in spec["containers"]
+            for m in c.get("volumeMounts", [])
+            if any(v["name"] == m["name"] and "persistentVolumeClaim" in v for v in spec["volumes"])
+        }
         shared = mounts if shared is None else shared & mounts
     assert shared, "a persistent volume mounted on every Ray pod"
     for path in (args.shards, str(args.model_out), params.train.storage_path, params.model.pretrained_backbone):
@@ -285,8 +342,13 @@ def test_mlflow_server_uses_postgres_s3_basic_auth_and_secrets():
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
     assert urlparse(env["MLFLOW_BACKEND_STORE_URI"]).password is None
     assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
-    for name in ("PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+    for name in (
+        "PGPASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
         assert name in env and env[name] is None, f"{name} must come from a Secret"
     ini = configparser.ConfigParser()
     ini.read_string(_config_map("mlflow-config")["basic_auth.ini"])
@@ -346,8 +408,11 @@ def _namespace_of(doc: dict[str, Any]) -> str:
 def _pod(name: str, owner: dict[str, Any], template: dict[str, Any]) -> Pod:
     spec = template["spec"]
     account = spec.get("serviceAccountName", "default")
-    accounts = {a["metadata"]["name"]: a for a in k8s_objects("ServiceAccount")
-                if a["metadata"]["namespace"] == _namespace_of(owner)}
+    accounts = {
+        a["metadata"]["name"]: a
+        for a in k8s_objects("ServiceAccount")
+        if a["metadata"]["namespace"] == _namespace_of(owner)
+    }
     automount = spec.get("automountServiceAccountToken", accounts.get(account, {}).get("automountServiceAccountToken"))
     return Pod(
         name=name,
@@ -384,8 +449,12 @@ def _sync_pod() -> Pod:
 
 def _secrets_used() -> set[tuple[str, str]]:
     """(namespace, Secret name) of every secretKeyRef in the pods of the manifests."""
-    owners = [k8s_object("RayCluster", "ssd-gpu"), k8s_object("RayJob", "ssd300-voc"),
-              k8s_object("Deployment", "mlflow"), *k8s_objects("Job")]
+    owners = [
+        k8s_object("RayCluster", "ssd-gpu"),
+        k8s_object("RayJob", "ssd300-voc"),
+        k8s_object("Deployment", "mlflow"),
+        *k8s_objects("Job"),
+    ]
     return {
         (_namespace_of(owner), item["valueFrom"]["secretKeyRef"]["name"])
         for owner in owners
@@ -401,8 +470,12 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
         return False
     for expression in selector.get("matchExpressions", []):
         key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
-        held = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
-                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]
+        held = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
         if not held:
             return False
     return True
@@ -423,7 +496,8 @@ def _ingress_allowed(source: Pod, target: Pod, port: int) -> bool:
     namespace; a missing ``from`` or ``ports`` matches all. Named ports resolve against the target's ports.
     """
     policies = [
-        p for p in k8s_objects("NetworkPolicy")
+        p
+        for p in k8s_objects("NetworkPolicy")
         if _namespace_of(p) == target.namespace
         and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
         and _selects(p["spec"]["podSelector"], target.labels)
@@ -432,8 +506,11 @@ def _ingress_allowed(source: Pod, target: Pod, port: int) -> bool:
         return True
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
-            ports = [target.ports.get(p["port"], p["port"]) for p in rule.get("ports", [])
-                     if p.get("protocol", "TCP") == "TCP"]
+            ports = [
+                target.ports.get(p["port"], p["port"])
+                for p in rule.get("ports", [])
+                if p.get("protocol", "TCP") == "TCP"
+            ]
             if rule.get("ports") and port not in ports:
                 continue
             peers = rule.get("from")
@@ -459,8 +536,14 @@ def test_every_namespaced_object_names_its_namespace_and_the_kustomization_moves
         if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") in declared, f"{path.name}: {doc['kind']} names no namespace"
     for resource in kustomization["resources"]:  # every long-lived file is applied by `kubectl apply -k`
-        assert resource in {"namespace.yaml", "rbac.yaml", "storage.yaml", "train-env.yaml", "mlflow.yaml",
-                            "mlflow-networkpolicy.yaml"}
+        assert resource in {
+            "namespace.yaml",
+            "rbac.yaml",
+            "storage.yaml",
+            "train-env.yaml",
+            "mlflow.yaml",
+            "mlflow-networkpolicy.yaml",
+        }
 
 
 def test_mlflow_and_its_secrets_live_apart_from_the_training_pods():
@@ -475,7 +558,9 @@ def test_mlflow_and_its_secrets_live_apart_from_the_training_pods():
     assert ray_secrets == {"ssd-mlflow-client", "ssd-s3"}
     ray_pod_secrets = {
         item["valueFrom"]["secretKeyRef"]["name"]
-        for spec in _cluster_specs().values() for c in containers(spec) for item in c.get("env", [])
+        for spec in _cluster_specs().values()
+        for c in containers(spec)
+        for item in c.get("env", [])
         if "secretKeyRef" in item.get("valueFrom", {})
     }
     assert ray_pod_secrets == {"ssd-mlflow-client"}, "the Ray pods need the training user's MLflow login only"

@@ -75,8 +75,10 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def eps_bytes(width: int, height: int) -> bytes:
     """A minimal EPS file (PostScript text; Pillow would hand it to Ghostscript to decode)."""
-    return (f"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 {width} {height}\n"
-            f"0 0 moveto {width} {height} lineto stroke\nshowpage\n%%EOF\n").encode("ascii")
+    return (
+        f"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 {width} {height}\n"
+        f"0 0 moveto {width} {height} lineto stroke\nshowpage\n%%EOF\n"
+    ).encode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------- VOC
@@ -112,8 +114,16 @@ def voc_xml(filename: str | None, size: tuple[int, int] | None, objects: list[Ob
     return "\n".join(parts)
 
 
-def write_voc_sample(ann_dir: Path, img_dir: Path, stem: str, size: tuple[int, int], objects: list[Obj],
-                     *, seed: int = 0, name: str | None = None) -> None:
+def write_voc_sample(
+    ann_dir: Path,
+    img_dir: Path,
+    stem: str,
+    size: tuple[int, int],
+    objects: list[Obj],
+    *,
+    seed: int = 0,
+    name: str | None = None,
+) -> None:
     """A JPEG ``stem.jpg`` with the first object's region painted red, and its XML."""
     first = objects[0] if objects else None
     box = (int(first.xmin) - 1, int(first.ymin) - 1, int(first.xmax), int(first.ymax)) if first else None
@@ -132,8 +142,17 @@ def make_voc_tree(root: Path, *, trainval: list[str], test: list[str], extra_unl
     truth = {}
     stems = trainval + test + [f"unlisted{i}" for i in range(extra_unlisted)]
     for i, stem in enumerate(stems):
-        objects = [Obj("cat" if (i + k) % 2 == 0 else "dog", 3 + 10 * k, 4, 12 + 10 * k, 30,
-                       difficult=int(k == 0 and i % 3 == 0)) for k in range(1 + i % 2)]
+        objects = [
+            Obj(
+                "cat" if (i + k) % 2 == 0 else "dog",
+                3 + 10 * k,
+                4,
+                12 + 10 * k,
+                30,
+                difficult=int(k == 0 and i % 3 == 0),
+            )
+            for k in range(1 + i % 2)
+        ]
         write_voc_sample(annotations, images, stem, (48, 40), objects, seed=i)
         truth[stem] = objects
     (lists / "trainval.txt").write_text("".join(s + "\n" for s in trainval), encoding="utf-8")
@@ -144,8 +163,9 @@ def make_voc_tree(root: Path, *, trainval: list[str], test: list[str], extra_unl
 def make_flat_voc(root: Path, count: int, *, ann_name: str = "annotations", img_name: str = "images") -> None:
     """``count`` samples as ``root/<ann_name>/s<i>.xml`` beside ``root/<img_name>/s<i>.jpg``, one box each."""
     for i in range(count):
-        write_voc_sample(root / ann_name, root / img_name, f"s{i:03d}", (40, 32), [Obj("thing", 5, 5, 20 + i % 10, 25)],
-                         seed=i)
+        write_voc_sample(
+            root / ann_name, root / img_name, f"s{i:03d}", (40, 32), [Obj("thing", 5, 5, 20 + i % 10, 25)], seed=i
+        )
 
 
 # ------------------------------------------------------------------------------------- hostile corpus
@@ -189,8 +209,9 @@ def make_hostile_corpus(root: Path) -> list[Case]:
     def xml(stem: str, text: str) -> None:
         (ann / f"{stem}.xml").write_text(text, encoding="utf-8")
 
-    def sample(stem: str, objects: list[Obj], *, size=(64, 48), xml_size=None, filename=None, image=None,
-               ext=".jpg") -> None:
+    def sample(
+        stem: str, objects: list[Obj], *, size=(64, 48), xml_size=None, filename=None, image=None, ext=".jpg"
+    ) -> None:
         xml(stem, voc_xml(filename or f"{stem}{ext}", xml_size or size, objects))
         if image is None:
             save_jpeg(img / f"{stem}{ext}", image_with_box(size, (10, 5, 30, 25)))
@@ -241,8 +262,9 @@ def make_hostile_corpus(root: Path) -> list[Case]:
 
     sample("image_corrupt", [good], ext=".png", image=lambda p: p.write_bytes(png_broken_data(64, 48)))
     cases.append(Case("image_corrupt", rejected="image_corrupt", box_rejects={"image_rejected": 1}))
-    sample("image_float", [good], ext=".tif",
-           image=lambda p: Image.fromarray(np.zeros((48, 64), dtype=np.float32)).save(p))
+    sample(
+        "image_float", [good], ext=".tif", image=lambda p: Image.fromarray(np.zeros((48, 64), dtype=np.float32)).save(p)
+    )
     cases.append(Case("image_float", rejected="image_unsupported_mode", box_rejects={"image_rejected": 1}))
 
     # -- image formats Pillow knows but the README does not list: refused before their plugin parses the file
@@ -272,22 +294,36 @@ def make_hostile_corpus(root: Path) -> list[Case]:
     cases.append(Case("grey", image_fixes=("converted_to_rgb",), kept_boxes=[[10, 5, 30, 25]], reencode=True))
     sample("cmyk", [good], image=lambda p: save_jpeg(p, image_with_box((64, 48), (10, 5, 30, 25)).convert("CMYK")))
     cases.append(Case("cmyk", image_fixes=("converted_to_rgb",), kept_boxes=[[10, 5, 30, 25]], reencode=True))
-    sample("palette", [good], ext=".png",
-           image=lambda p: image_with_box((64, 48), (10, 5, 30, 25)).convert("P").save(p))
+    sample(
+        "palette", [good], ext=".png", image=lambda p: image_with_box((64, 48), (10, 5, 30, 25)).convert("P").save(p)
+    )
     cases.append(Case("palette", image_fixes=("converted_to_rgb",), kept_boxes=[[10, 5, 30, 25]], reencode=True))
-    sample("alpha", [good], ext=".png",
-           image=lambda p: image_with_box((64, 48), (10, 5, 30, 25)).convert("RGBA").save(p))
+    sample(
+        "alpha", [good], ext=".png", image=lambda p: image_with_box((64, 48), (10, 5, 30, 25)).convert("RGBA").save(p)
+    )
     cases.append(Case("alpha", image_fixes=("converted_to_rgb",), kept_boxes=[[10, 5, 30, 25]], reencode=True))
-    sample("grey16", [good], ext=".png",
-           image=lambda p: Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)).save(p))
+    sample(
+        "grey16", [good], ext=".png", image=lambda p: Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)).save(p)
+    )
     cases.append(Case("grey16", image_fixes=("converted_to_rgb",), kept_boxes=[[10, 5, 30, 25]], reencode=True))
     # Stored 80x60 with EXIF orientation 6 (display = stored turned 90 degrees clockwise, 60x80). A point
     # (x, y) of the stored image lands at (H - y, x) = (60 - y, x): the stored box [10, 5, 30, 25] has
     # corners (10, 5) -> (55, 10) and (30, 25) -> (35, 30), so the upright box is [35, 10, 55, 30].
-    sample("exif_rotated", [good], size=(80, 60),
-           image=lambda p: save_jpeg(p, image_with_box((80, 60), (10, 5, 30, 25)), orientation=6))
-    cases.append(Case("exif_rotated", image_fixes=("exif_orientation",), kept_boxes=[[35, 10, 55, 30]],
-                      size=(60, 80), reencode=True))
+    sample(
+        "exif_rotated",
+        [good],
+        size=(80, 60),
+        image=lambda p: save_jpeg(p, image_with_box((80, 60), (10, 5, 30, 25)), orientation=6),
+    )
+    cases.append(
+        Case(
+            "exif_rotated",
+            image_fixes=("exif_orientation",),
+            kept_boxes=[[35, 10, 55, 30]],
+            size=(60, 80),
+            reencode=True,
+        )
+    )
     sample("size_mismatch", [good], xml_size=(999, 777))
     cases.append(Case("size_mismatch", image_fixes=("size_mismatch",), kept_boxes=[[10, 5, 30, 25]], size=(64, 48)))
 
@@ -300,8 +336,7 @@ def make_hostile_corpus(root: Path) -> list[Case]:
     cases.append(Case("box_nonfinite", box_rejects={"box_nonfinite": 2}, kept_boxes=[[10, 5, 30, 25]]))
     # VOC xmin=11, xmax=10 is [10, 10]: zero width; a box entirely right of the image clips to zero width.
     sample("box_degenerate", [Obj("cat", 11, 6, 10, 25), Obj("cat", 71, 6, 90, 25), good])
-    cases.append(Case("box_degenerate", box_rejects={"box_degenerate": 2}, box_fixes={},
-                      kept_boxes=[[10, 5, 30, 25]]))
+    cases.append(Case("box_degenerate", box_rejects={"box_degenerate": 2}, box_fixes={}, kept_boxes=[[10, 5, 30, 25]]))
     sample("box_malformed", [Obj("cat", "abc", 6, 30, 25), Obj("cat", omit=("ymax",)), good])
     cases.append(Case("box_malformed", box_rejects={"box_malformed": 2}, kept_boxes=[[10, 5, 30, 25]]))
     sample("box_no_class", [Obj(None, 11, 6, 30, 25), good])

@@ -43,12 +43,23 @@ class MlflowServer:
             raise RuntimeError(f"mlflow server already running (pid {self.process.pid})")
         mlflow_cli = Path(sys.executable).with_name("mlflow")
         cmd = [
-            str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", self.backend_uri,
+            str(mlflow_cli),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_uri,
             # artifacts go through the server (mlflow-artifacts:/), as with a team server, so an outage
             # affects artifact uploads too
-            "--default-artifact-root", "mlflow-artifacts:/", "--artifacts-destination", self.artifact_root,
-        ]  # fmt: skip
+            "--default-artifact-root",
+            "mlflow-artifacts:/",
+            "--artifacts-destination",
+            self.artifact_root,
+        ]
         env = dict(os.environ)
         env.pop("MLFLOW_TRACKING_URI", None)
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job consumers: a lean test server

@@ -22,8 +22,12 @@ def test_inputs_and_overrides_may_follow_options():
 
 def test_overrides_only_for_a_stage():
     args, command, overrides = parse_command_line(["train", "train.lr=0.01", "--model-out", "x.pt", "seed=3"])
-    assert (command.name, overrides, args.inputs, str(args.model_out)) == ("train", ["train.lr=0.01", "seed=3"], [],
-                                                                          "x.pt")  # fmt: skip
+    assert (command.name, overrides, args.inputs, str(args.model_out)) == (
+        "train",
+        ["train.lr=0.01", "seed=3"],
+        [],
+        "x.pt",
+    )
 
 
 def test_inputs_for_a_command_without_inputs_are_refused(capsys):

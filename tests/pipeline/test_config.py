@@ -34,8 +34,11 @@ def test_unknown_section_suggests_the_close_name(tmp_path):
 
 
 def test_unknown_nested_key_names_the_full_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"^data\.synthetic\.num_trian: unknown key; did you mean "
-                                          r"data\.synthetic\.num_train\?$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.synthetic\.num_trian: unknown key; did you mean "
+        r"data\.synthetic\.num_train\?$",
+    ):
         load_params(write(tmp_path, "data:\n  synthetic:\n    num_trian: 3\n"))
 
 
@@ -111,14 +114,17 @@ def test_round_trip_through_a_plain_dict(tmp_path):
 def test_cli_reports_invalid_params_before_any_work(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "check-params", "train.lrr=1"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "train.lrr: unknown key; did you mean train.lr?" in result.stderr
 
 
 def test_cli_help_lists_every_command():
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=REPO, capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    )
     for command in ("prepare", "shard", "train", "evaluate", "check-params"):
         assert command in result.stdout

@@ -131,9 +131,11 @@ def test_milestones_are_checked_against_the_run_length_when_the_schedule_uses_th
 
 @pytest.mark.parametrize(
     ("classes", "message"),
-    [("[cat,dog,cat]", r"data\.classes: expected distinct names, got \['cat'\] more than once"),
-     ("[cat,'',dog]", r"data\.classes: expected non-empty names")],
-)  # fmt: skip
+    [
+        ("[cat,dog,cat]", r"data\.classes: expected distinct names, got \['cat'\] more than once"),
+        ("[cat,'',dog]", r"data\.classes: expected non-empty names"),
+    ],
+)
 def test_class_names_must_be_distinct_and_non_empty(classes, message):
     assert re.match(message, _refused(f"data.classes={classes}"))
 
@@ -157,9 +159,12 @@ def test_a_rule_added_to_ssd_cores_augment_options_is_enforced_by_load_params(mo
 
 @pytest.mark.parametrize(
     ("key", "read"),
-    [("tracking.uri", lambda p: p.tracking.uri), ("model.pretrained_backbone", lambda p: p.model.pretrained_backbone),
-     ("data.root", lambda p: p.data.root)],
-)  # fmt: skip
+    [
+        ("tracking.uri", lambda p: p.tracking.uri),
+        ("model.pretrained_backbone", lambda p: p.model.pretrained_backbone),
+        ("data.root", lambda p: p.data.root),
+    ],
+)
 def test_an_empty_override_sets_a_string_key_to_the_empty_string(tmp_path, key, read):
     path = tmp_path / "params.yaml"
     section, name = key.split(".")
@@ -169,19 +174,38 @@ def test_an_empty_override_sets_a_string_key_to_the_empty_string(tmp_path, key, 
 
 @pytest.mark.parametrize(
     ("key", "expected"),
-    [("train.lr", "float"), ("train.max_steps", "int"), ("train.resume", "bool"),
-     ("data.classes", r"list\[str\] \(none: data\.classes=\[\]\)"), ("augment", r"a mapping \(section augment\)")],
-)  # fmt: skip
+    [
+        ("train.lr", "float"),
+        ("train.max_steps", "int"),
+        ("train.resume", "bool"),
+        ("data.classes", r"list\[str\] \(none: data\.classes=\[\]\)"),
+        ("augment", r"a mapping \(section augment\)"),
+    ],
+)
 def test_an_empty_override_of_any_other_key_is_refused_naming_it(key, expected):
     assert re.fullmatch(rf"{re.escape(key)}: expected {expected}, got an empty value", _refused(f"{key}="))
 
 
+@pytest.mark.slow
 def test_check_params_refuses_them_all_before_any_work():
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "check-params", "--params", str(REPO / "params.yaml"),
-         "train.run_name=../../x", "seed=-1", "train.lr=inf", "data.classes=[a,a]", "eval.top_k=1000000000000"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "check-params",
+            "--params",
+            str(REPO / "params.yaml"),
+            "train.run_name=../../x",
+            "seed=-1",
+            "train.lr=inf",
+            "data.classes=[a,a]",
+            "eval.top_k=1000000000000",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr
     for key in ("train.run_name", "seed", "train.lr", "data.classes", "eval.top_k"):
         assert f"{key}: " in result.stderr

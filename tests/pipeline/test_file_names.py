@@ -12,11 +12,19 @@ def test_plain_names_pass(name):
     assert plain_name_problem(name) == ""
 
 
-@pytest.mark.parametrize(("name", "why"), [
-    ("", "is not a file name"), (".", "is not a file name"), ("..", "is not a file name"),
-    ("../outside.tar", "holds '/'"), ("/abs", "holds '/'"), ("sub/x", "holds '/'"),
-    ("..\\outside", "holds '\\'"), ("x\0y", "a NUL byte"),
-])
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "is not a file name"),
+        (".", "is not a file name"),
+        ("..", "is not a file name"),
+        ("../outside.tar", "holds '/'"),
+        ("/abs", "holds '/'"),
+        ("sub/x", "holds '/'"),
+        ("..\\outside", "holds '\\'"),
+        ("x\0y", "a NUL byte"),
+    ],
+)
 def test_names_that_could_leave_the_folder_are_refused(name, why):
     assert why in plain_name_problem(name)
 
@@ -26,10 +34,20 @@ def test_relative_paths_below_the_folder_pass(name):
     assert relative_path_problem(name) == ""
 
 
-@pytest.mark.parametrize(("name", "why"), [
-    ("", "empty path"), ("a\0.jpg", "NUL byte"), ("/etc/passwd", "absolute"), ("\\\\server\\share", "absolute"),
-    ("C:\\x.jpg", "absolute"), ("c:/x.jpg", "absolute"), ("../x.jpg", "'..' part"), ("a/../../x.jpg", "'..' part"),
-    ("a\\..\\..\\x.jpg", "'..' part"), ("..", "'..' part"),
-])
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty path"),
+        ("a\0.jpg", "NUL byte"),
+        ("/etc/passwd", "absolute"),
+        ("\\\\server\\share", "absolute"),
+        ("C:\\x.jpg", "absolute"),
+        ("c:/x.jpg", "absolute"),
+        ("../x.jpg", "'..' part"),
+        ("a/../../x.jpg", "'..' part"),
+        ("a\\..\\..\\x.jpg", "'..' part"),
+        ("..", "'..' part"),
+    ],
+)
 def test_paths_that_could_leave_the_folder_are_refused(name, why):
     assert why in relative_path_problem(name)

@@ -41,17 +41,38 @@ pytestmark = pytest.mark.timeout(300)
 
 USER = "alice"
 MAX_STEPS = 2  # 8 images / batch 4 on one worker: 2 steps = one epoch, so the epoch's artifacts are logged too
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                   "MLFLOW_TRACKING_TOKEN")  # fmt: skip
+CREDENTIAL_VARS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 TRAIN = [
-    "model.preset=ssd_tiny", "train.num_workers=1", "train.threads_per_worker=1", "train.loader_workers=0",
-    "train.batch_size=4", "train.lr_reference_batch=4", f"train.max_steps={MAX_STEPS}", "train.warmup_steps=0",
-    "train.checkpoint_every_steps=1", "train.keep_checkpoints=2", "train.log_every_steps=1",
-    "augment.expand=false", "augment.crop=false", "tracking.grad_stats_every=1",
-    "tracking.experiment=secrets", "tracking.model_name=secrets", "tracking.connect_timeout_s=30",
-]  # fmt: skip
-EVALUATE = ["eval.batch_size=2", "eval.num_workers=0", "eval.num_sample_images=2", "tracking.experiment=secrets",
-            "tracking.model_name=secrets"]  # fmt: skip
+    "model.preset=ssd_tiny",
+    "train.num_workers=1",
+    "train.threads_per_worker=1",
+    "train.loader_workers=0",
+    "train.batch_size=4",
+    "train.lr_reference_batch=4",
+    f"train.max_steps={MAX_STEPS}",
+    "train.warmup_steps=0",
+    "train.checkpoint_every_steps=1",
+    "train.keep_checkpoints=2",
+    "train.log_every_steps=1",
+    "augment.expand=false",
+    "augment.crop=false",
+    "tracking.grad_stats_every=1",
+    "tracking.experiment=secrets",
+    "tracking.model_name=secrets",
+    "tracking.connect_timeout_s=30",
+]
+EVALUATE = [
+    "eval.batch_size=2",
+    "eval.num_workers=0",
+    "eval.num_sample_images=2",
+    "tracking.experiment=secrets",
+    "tracking.model_name=secrets",
+]
 
 
 def _password() -> str:
@@ -146,8 +167,15 @@ def ray_local():
         mp.delenv("RAY_ADDRESS", raising=False)
         for var in CREDENTIAL_VARS:  # Ray's processes must not inherit credentials from the environment
             mp.delenv(var, raising=False)
-        ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-                 _node_ip_address="127.0.0.1", _temp_dir=temp, logging_level="WARNING")  # fmt: skip
+        ray.init(
+            num_cpus=1,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            logging_level="WARNING",
+        )
         try:
             yield Path(temp)
         finally:
@@ -158,8 +186,9 @@ def ray_local():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """8 training and 4 validation images, 64 x 64."""
-    params = make_params(**{"data.synthetic.num_train": 8, "data.synthetic.num_val": 4,
-                            "data.synthetic.image_size": 64})  # fmt: skip
+    params = make_params(
+        **{"data.synthetic.num_train": 8, "data.synthetic.num_val": 4, "data.synthetic.image_size": 64}
+    )
     return prepare_and_shard(params, tmp_path_factory.mktemp("secret-data"))[1]
 
 
@@ -185,8 +214,11 @@ def _files_holding(secret: str, *roots: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_train_and_evaluate_with_credentials_in_the_uri_leave_them_nowhere(ray_local, shards, tmp_path, clean_env,
-                                                                          caplog, capfd):  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_and_evaluate_with_credentials_in_the_uri_leave_them_nowhere(
+    ray_local, shards, tmp_path, clean_env, caplog, capfd
+):
     password = _password()
     server = MlflowServer(tmp_path / "mlflow-server").start()
     proxy = BasicAuthProxy(server.url, USER, password).start()
@@ -204,11 +236,44 @@ def test_train_and_evaluate_with_credentials_in_the_uri_leave_them_nowhere(ray_l
     model = work / "models" / "ssd.pt"
     metrics = work / "metrics" / "eval.json"
     try:
-        assert cli_main(["train", "--params", str(params_file), "--shards", str(shards), "--model-out", str(model),
-                         *TRAIN, f"train.storage_path={work / 'runs'}"]) == 0  # fmt: skip
-        assert cli_main(["evaluate", "--params", str(plain_file), "--model", str(model), "--shards",
-                         str(shards), "--metrics", str(metrics), "--plots", str(work / "plots"), "--out",
-                         str(work / "eval"), *EVALUATE, f"tracking.uri={secret_uri}"]) == 0  # fmt: skip
+        assert (
+            cli_main(
+                [
+                    "train",
+                    "--params",
+                    str(params_file),
+                    "--shards",
+                    str(shards),
+                    "--model-out",
+                    str(model),
+                    *TRAIN,
+                    f"train.storage_path={work / 'runs'}",
+                ]
+            )
+            == 0
+        )
+        assert (
+            cli_main(
+                [
+                    "evaluate",
+                    "--params",
+                    str(plain_file),
+                    "--model",
+                    str(model),
+                    "--shards",
+                    str(shards),
+                    "--metrics",
+                    str(metrics),
+                    "--plots",
+                    str(work / "plots"),
+                    "--out",
+                    str(work / "eval"),
+                    *EVALUATE,
+                    f"tracking.uri={secret_uri}",
+                ]
+            )
+            == 0
+        )
         assert cli_main(["check-params", "--params", str(params_file)]) == 0
         assert cli_main(["summary", "--params", str(params_file), "--metrics", str(metrics)]) == 0
 
@@ -228,8 +293,9 @@ def test_train_and_evaluate_with_credentials_in_the_uri_leave_them_nowhere(ray_l
 
     out, err = capfd.readouterr()
     assert f"MLflow run {run.info.run_id}" in caplog.text and clean_uri in caplog.text  # the logs name the server
-    leaks = [name for name, text in (("log records", caplog.text), ("stdout", out), ("stderr", err))
-             if password in text]  # fmt: skip
+    leaks = [
+        name for name, text in (("log records", caplog.text), ("stdout", out), ("stderr", err)) if password in text
+    ]
     leaks += _files_holding(password, tmp_path, ray_local)
     assert not leaks, f"the password appears in: {leaks}"
     assert list((work / "runs").glob("*/checkpoint_step_*/meta.json")), "no checkpoint was searched"
@@ -255,14 +321,31 @@ def test_an_unreachable_server_is_named_without_its_credentials(shards, tmp_path
     torch.manual_seed(0)
     model = tmp_path / "ssd.pt"
     classes = ["a", "b"]
-    save_model_file(model, build_ssd("ssd_tiny", len(classes) + 1), classes=classes,
-                    params=params_to_dict(make_params()))  # fmt: skip
+    save_model_file(
+        model, build_ssd("ssd_tiny", len(classes) + 1), classes=classes, params=params_to_dict(make_params())
+    )
     (tmp_path / "plain.yaml").write_text("seed: 0\n")
     clean_env.chdir(tmp_path)
     caplog.set_level(logging.INFO)
-    code = cli_main(["evaluate", "--params", str(tmp_path / "plain.yaml"), "--model", str(model), "--shards",
-                     str(shards), "--metrics", str(tmp_path / "eval.json"), f"tracking.uri={secret_uri}",
-                     "tracking.connect_timeout_s=1"])  # fmt: skip
+    code = cli_main(
+        [
+            "evaluate",
+            "--params",
+            str(tmp_path / "plain.yaml"),
+            "--model",
+            str(model),
+            "--shards",
+            str(shards),
+            "--metrics",
+            str(tmp_path / "eval.json"),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--out",
+            str(tmp_path / "eval"),
+            f"tracking.uri={secret_uri}",
+            "tracking.connect_timeout_s=1",
+        ]
+    )
     out, err = capfd.readouterr()
     assert code == 2 and "unreachable" in caplog.text and shown in caplog.text
     assert password not in caplog.text + out + err

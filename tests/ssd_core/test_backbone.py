@@ -12,8 +12,21 @@ from ssd_core.backbone import FC6_INDEX, FC7_INDEX, VGG16_CONV_INDICES, load_vgg
 from ssd_core.model import build_ssd
 
 # VGG16's 13 convs: (out, in) channels in order (Simonyan & Zisserman 2015, configuration D).
-CONV_CHANNELS = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
-                 (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+CONV_CHANNELS = [
+    (64, 3),
+    (64, 64),
+    (128, 64),
+    (128, 128),
+    (256, 128),
+    (256, 256),
+    (256, 256),
+    (512, 256),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+    (512, 512),
+]
 
 
 def _random_convs(prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -35,6 +48,7 @@ def _reduced_fc_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 def test_torchvision_layout_converts_fc6_and_fc7_by_subsampling(tmp_path):
     """Full-size torchvision VGG16 state dict (fc6 alone is 4096 x 25088 floats, ~400 MB): the one big test."""
     gen = torch.Generator().manual_seed(0)

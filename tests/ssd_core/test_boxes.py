@@ -45,9 +45,7 @@ def xyxy_boxes(draw, max_count: int = 6):
     count = draw(st.integers(1, max_count))
     rows = [
         [x, y, x + w, y + h]
-        for x, y, w, h in (
-            (draw(coordinate), draw(coordinate), draw(extent), draw(extent)) for _ in range(count)
-        )
+        for x, y, w, h in ((draw(coordinate), draw(coordinate), draw(extent), draw(extent)) for _ in range(count))
     ]
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -107,8 +105,11 @@ def test_iou_with_offset_is_the_devkit_overlap_bit_for_bit():
         det, ref = a[:, None, :], b[None, :, :]  # [N, 1, 4], [1, M, 4]
         iw = torch.minimum(det[..., 2], ref[..., 2]) - torch.maximum(det[..., 0], ref[..., 0]) + offset  # [N, M]
         ih = torch.minimum(det[..., 3], ref[..., 3]) - torch.maximum(det[..., 1], ref[..., 1]) + offset
-        ua = ((det[..., 2] - det[..., 0] + offset) * (det[..., 3] - det[..., 1] + offset)
-              + (ref[..., 2] - ref[..., 0] + offset) * (ref[..., 3] - ref[..., 1] + offset) - iw * ih)
+        ua = (
+            (det[..., 2] - det[..., 0] + offset) * (det[..., 3] - det[..., 1] + offset)
+            + (ref[..., 2] - ref[..., 0] + offset) * (ref[..., 3] - ref[..., 1] + offset)
+            - iw * ih
+        )
         overlapping = (iw > 0) & (ih > 0)
         iou = box_iou(a, b, offset=offset)
         assert overlapping.any() and (~overlapping).any()

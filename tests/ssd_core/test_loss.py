@@ -1,6 +1,5 @@
 """ssd_core.loss: the seed notebook's worked example, ssd_core.reference (values and gradients), edge cases."""
 
-
 import pytest
 import torch
 
@@ -25,15 +24,27 @@ SEED_CONF = torch.tensor(
 )
 SEED_GT_LOC = torch.tensor(
     [
-        [[1.9740728, 0.00531998, 0.05073944, 1.9181988], [0.9836687, 0.70806366, 0.47138602, -0.11364946],
-         [-0.7118693, -0.9339045, 0.21746619, 1.0575892], [-0.26124918, -0.02741667, -1.823249, 0.07471395],
-         [-1.289948, 1.1268674, 1.3789265, -0.07503923]],
-        [[1.65405, 2.0445502, -1.3374531, -0.706513], [-0.24702965, 1.5699501, 2.0597308, -0.26911816],
-         [-0.37924895, -1.8115596, -0.7363666, 1.2832676], [-0.89154685, 1.0267923, 0.44763702, -0.05752175],
-         [-1.6820769, -0.88885796, -0.07986308, 0.46741524]],
-        [[-1.7251089, 1.1858717, -2.1313174, 3.0536988], [0.3876682, 0.818881, 0.3098628, 1.6061039],
-         [-0.7169859, 0.2832111, -0.21452603, 1.2144817], [-0.33307076, -0.4277424, -1.0602584, 0.8980847],
-         [1.0648307, -1.0960479, 1.1318891, -0.932937]],
+        [
+            [1.9740728, 0.00531998, 0.05073944, 1.9181988],
+            [0.9836687, 0.70806366, 0.47138602, -0.11364946],
+            [-0.7118693, -0.9339045, 0.21746619, 1.0575892],
+            [-0.26124918, -0.02741667, -1.823249, 0.07471395],
+            [-1.289948, 1.1268674, 1.3789265, -0.07503923],
+        ],
+        [
+            [1.65405, 2.0445502, -1.3374531, -0.706513],
+            [-0.24702965, 1.5699501, 2.0597308, -0.26911816],
+            [-0.37924895, -1.8115596, -0.7363666, 1.2832676],
+            [-0.89154685, 1.0267923, 0.44763702, -0.05752175],
+            [-1.6820769, -0.88885796, -0.07986308, 0.46741524],
+        ],
+        [
+            [-1.7251089, 1.1858717, -2.1313174, 3.0536988],
+            [0.3876682, 0.818881, 0.3098628, 1.6061039],
+            [-0.7169859, 0.2832111, -0.21452603, 1.2144817],
+            [-0.33307076, -0.4277424, -1.0602584, 0.8980847],
+            [1.0648307, -1.0960479, 1.1318891, -0.932937],
+        ],
     ]
 )
 # The seed's printed results: per-image confidence sums (positives + mined negatives) and their batch mean.
@@ -119,15 +130,22 @@ def random_problem(seed: int, num_images=3, num_priors=300, num_classes=6, empty
 
 @pytest.mark.parametrize(
     ("seed", "normalize", "ratio", "empty_image"),
-    [(0, "batch", 3, False), (1, "per_image", 3, False), (2, "batch", 2.5, True), (3, "per_image", 3, True),
-     (4, "batch", 0, False), (5, "per_image", 100, False)],
+    [
+        (0, "batch", 3, False),
+        (1, "per_image", 3, False),
+        (2, "batch", 2.5, True),
+        (3, "per_image", 3, True),
+        (4, "batch", 0, False),
+        (5, "per_image", 100, False),
+    ],
 )
 def test_multibox_loss_matches_the_reference_values_and_gradients(seed, normalize, ratio, empty_image):
     loc_pred, logits, loc_targets, cls_targets = random_problem(seed, empty_image=empty_image)
     ours_loc, ours_logits = loc_pred.clone().requires_grad_(), logits.clone().requires_grad_()
     ref_loc, ref_logits = loc_pred.clone().requires_grad_(), logits.clone().requires_grad_()
-    terms = multibox_loss(ours_loc, ours_logits, loc_targets, cls_targets, neg_pos_ratio=ratio, alpha=1.5,
-                          normalize=normalize)
+    terms = multibox_loss(
+        ours_loc, ours_logits, loc_targets, cls_targets, neg_pos_ratio=ratio, alpha=1.5, normalize=normalize
+    )
     total, loc, conf = reference_multibox_loss(ref_loc, ref_logits, loc_targets, cls_targets, ratio, 1.5, normalize)
     torch.testing.assert_close(terms.loc.double(), loc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms.conf.double(), conf, rtol=1e-5, atol=1e-6)

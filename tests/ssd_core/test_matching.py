@@ -205,7 +205,10 @@ def test_regular_box_wins_over_a_difficult_one():
     # Box 0 (difficult) and box 1 (regular) both cover p0; p0 is positive for the regular box, p1 stays background.
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.45]]])
     targets = assign_targets(
-        boxes, torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.bool), QUADRANTS,
+        boxes,
+        torch.tensor([[3, 4]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        QUADRANTS,
         gt_difficult=torch.tensor([[True, False]]),
     )
     assert targets.cls_targets.tolist() == [[4, 0, 0, 0]]
@@ -251,8 +254,9 @@ def test_difficult_box_at_exactly_the_threshold_is_ignored(threshold):
     assert at.cls_targets.tolist() == [[-1, -1, 0]]  # its best prior, and p1 at ">= threshold"
     reference = reference_assign_targets(THRESHOLD_BOX, labels, mask, priors, threshold, difficult)[1]
     assert reference.tolist() == [[-1, -1, 0]]
-    above = assign_targets(THRESHOLD_BOX, labels, mask, priors, iou_threshold=just_above(threshold),
-                           gt_difficult=difficult)
+    above = assign_targets(
+        THRESHOLD_BOX, labels, mask, priors, iou_threshold=just_above(threshold), gt_difficult=difficult
+    )
     assert above.cls_targets.tolist() == [[-1, 0, 0]]
 
 
@@ -292,8 +296,12 @@ def test_priors_without_area_are_rejected():
     priors = QUADRANTS.clone()
     priors[2, 3] = 0.0
     with pytest.raises(ValueError, match=r"priors\[2\].*w, h > 0"):
-        assign_targets(torch.rand(1, 1, 4).sort(-1).values, torch.ones(1, 1, dtype=torch.long),
-                       torch.zeros(1, 1, dtype=torch.bool), priors)
+        assign_targets(
+            torch.rand(1, 1, 4).sort(-1).values,
+            torch.ones(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.bool),
+            priors,
+        )
 
 
 def test_more_boxes_than_priors_terminates_with_every_prior_taken():

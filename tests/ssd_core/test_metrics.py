@@ -115,10 +115,15 @@ def random_case(rng: np.random.Generator, num_images: int, num_classes: int, gri
 
 def run_ours(dets, gts, num_classes, **kwargs):
     return evaluate_voc(
-        [d[0] for d in dets], [d[1] for d in dets], [d[2] for d in dets],
-        [g[0] for g in gts], [g[1] for g in gts], [g[2] for g in gts],
-        num_classes=num_classes, **kwargs,
-    )  # fmt: skip
+        [d[0] for d in dets],
+        [d[1] for d in dets],
+        [d[2] for d in dets],
+        [g[0] for g in gts],
+        [g[1] for g in gts],
+        [g[2] for g in gts],
+        num_classes=num_classes,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------- reference agreement
@@ -187,10 +192,14 @@ def test_voc_ap_empty_and_invalid_curves():
 
 def _one_image(gt_boxes, gt_labels, difficult, det_boxes, det_scores, det_labels, num_classes=2):
     return evaluate_voc(
-        [np.array(det_boxes, dtype=float).reshape(-1, 4)], [np.array(det_scores, dtype=float)],
-        [np.array(det_labels)], [np.array(gt_boxes, dtype=float).reshape(-1, 4)], [np.array(gt_labels)],
-        [np.array(difficult, dtype=bool)], num_classes=num_classes,
-    )  # fmt: skip
+        [np.array(det_boxes, dtype=float).reshape(-1, 4)],
+        [np.array(det_scores, dtype=float)],
+        [np.array(det_labels)],
+        [np.array(gt_boxes, dtype=float).reshape(-1, 4)],
+        [np.array(gt_labels)],
+        [np.array(difficult, dtype=bool)],
+        num_classes=num_classes,
+    )
 
 
 def test_detections_on_a_difficult_box_are_ignored_even_repeatedly():
@@ -236,12 +245,26 @@ def test_iou_exactly_at_threshold_matches():
 def test_iou_exactly_at_any_threshold_matches_and_just_below_it_does_not(threshold, height):
     # GT [0,0,10,10]; detection [0,0,10,h]: IoU = 10 h / 100 = threshold exactly (dyadic quotients). The
     # devkit (VOCevaldet.m) counts a match when ``ovmax >= VOCopts.minoverlap``.
-    at = evaluate_voc([np.array([[0, 0, 10, height]])], [np.array([0.9])], [np.array([1])],
-                      [np.array([[0.0, 0, 10, 10]])], [np.array([1])], num_classes=2, iou_threshold=threshold)
+    at = evaluate_voc(
+        [np.array([[0, 0, 10, height]])],
+        [np.array([0.9])],
+        [np.array([1])],
+        [np.array([[0.0, 0, 10, 10]])],
+        [np.array([1])],
+        num_classes=2,
+        iou_threshold=threshold,
+    )
     assert at.curves[0].tp.tolist() == [True] and at.map_voc == 1.0
     above = np.nextafter(threshold, 1.0)
-    miss = evaluate_voc([np.array([[0, 0, 10, height]])], [np.array([0.9])], [np.array([1])],
-                        [np.array([[0.0, 0, 10, 10]])], [np.array([1])], num_classes=2, iou_threshold=above)
+    miss = evaluate_voc(
+        [np.array([[0, 0, 10, height]])],
+        [np.array([0.9])],
+        [np.array([1])],
+        [np.array([[0.0, 0, 10, 10]])],
+        [np.array([1])],
+        num_classes=2,
+        iou_threshold=above,
+    )
     assert miss.curves[0].tp.tolist() == [False] and miss.map_voc == 0.0
 
 
@@ -255,8 +278,14 @@ def test_devkit_pixel_offset_changes_the_overlap():
     # GT [0,0,9,9], detection [0,0,9,4] inside it.
     # offset 1 (inclusive pixels): 10x10 vs 10x5 -> IoU 50/100 = .5 -> TP -> AP 1.
     # offset 0 (continuous): 9x9 vs 9x4 -> IoU 36/81 = .444 -> FP -> AP 0.
-    args = ([np.array([[0, 0, 9, 4]], float)], [np.array([0.9])], [np.array([1])],
-            [np.array([[0, 0, 9, 9]], float)], [np.array([1])], None)  # fmt: skip
+    args = (
+        [np.array([[0, 0, 9, 4]], float)],
+        [np.array([0.9])],
+        [np.array([1])],
+        [np.array([[0, 0, 9, 9]], float)],
+        [np.array([1])],
+        None,
+    )
     assert evaluate_voc(*args, num_classes=2, box_offset=1.0).map_voc == 1.0
     assert evaluate_voc(*args, num_classes=2, box_offset=0.0).map_voc == 0.0
 
@@ -264,8 +293,7 @@ def test_devkit_pixel_offset_changes_the_overlap():
 # ------------------------------------------------------------------------------- edge cases
 def test_class_without_ground_truth_is_nan_and_left_out_of_the_mean():
     # Class 1: one perfect detection (AP 1). Class 2: only a difficult box -> npos 0 -> NaN, not in the mean.
-    result = _one_image([[0, 0, 5, 5], [5, 5, 9, 9]], [1, 2], [False, True], [[0, 0, 5, 5]], [0.5], [1],
-                        num_classes=3)  # fmt: skip
+    result = _one_image([[0, 0, 5, 5], [5, 5, 9, 9]], [1, 2], [False, True], [[0, 0, 5, 5]], [0.5], [1], num_classes=3)
     assert result.ap_voc.tolist()[0] == 1.0 and math.isnan(result.ap_voc[1])
     assert result.map_voc == 1.0 and result.map_voc07 == 1.0
 
@@ -285,9 +313,14 @@ def test_all_difficult_gives_nan():
 
 def test_accepts_torch_tensors():
     result = evaluate_voc(
-        [torch.tensor([[0.0, 0.0, 0.5, 0.5]])], [torch.tensor([0.7])], [torch.tensor([1])],
-        [torch.tensor([[0.0, 0.0, 0.5, 0.5]])], [torch.tensor([1])], [torch.tensor([False])], num_classes=2,
-    )  # fmt: skip
+        [torch.tensor([[0.0, 0.0, 0.5, 0.5]])],
+        [torch.tensor([0.7])],
+        [torch.tensor([1])],
+        [torch.tensor([[0.0, 0.0, 0.5, 0.5]])],
+        [torch.tensor([1])],
+        [torch.tensor([False])],
+        num_classes=2,
+    )
     assert result.map_voc == 1.0
 
 
@@ -298,8 +331,9 @@ def test_bad_inputs_raise_with_the_place():
     with pytest.raises(ValueError, match=r"det_labels\[0\]: labels must be in 1..1"):
         evaluate_voc(ok_boxes, [np.ones(1)], [np.array([2])], ok_boxes, [np.array([1])], None, num_classes=2)
     with pytest.raises(ValueError, match=r"gt_boxes\[0\]: expected boxes of shape"):
-        evaluate_voc(ok_boxes, [np.ones(1)], [np.ones(1, int)], [np.zeros((1, 3))], [np.array([1])], None,
-                     num_classes=2)  # fmt: skip
+        evaluate_voc(
+            ok_boxes, [np.ones(1)], [np.ones(1, int)], [np.zeros((1, 3))], [np.array([1])], None, num_classes=2
+        )
     with pytest.raises(ValueError, match="image 0: det_boxes, det_scores"):
         evaluate_voc(ok_boxes, [np.ones(2)], [np.ones(1, int)], ok_boxes, [np.array([1])], None, num_classes=2)
     with pytest.raises(ValueError, match="num_classes"):
@@ -308,10 +342,12 @@ def test_bad_inputs_raise_with_the_place():
 
 # ------------------------------------------------------------------------------- properties
 boxes_strategy = st.lists(
-    st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(1, 30), st.integers(1, 30), st.integers(1, 3),
-              st.booleans()),
-    min_size=0, max_size=8,
-)  # fmt: skip
+    st.tuples(
+        st.integers(0, 50), st.integers(0, 50), st.integers(1, 30), st.integers(1, 30), st.integers(1, 3), st.booleans()
+    ),
+    min_size=0,
+    max_size=8,
+)
 
 
 @settings(max_examples=60, deadline=None)

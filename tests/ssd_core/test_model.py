@@ -47,6 +47,7 @@ def test_forward_shapes_for_batch_1_and_2_and_batch_independence(preset):
     assert not torch.allclose(pair.cls_logits[0], pair.cls_logits[1])
 
 
+@pytest.mark.slow
 def test_ssd512_forward_shapes():
     """SSD512 is ~90 GMAC per image: one real forward at batch 1, batch 2 on the meta device (shapes only)."""
     num_priors = 24564  # 4*64^2 + 6*(32^2 + 16^2 + 8^2 + 4^2) + 4*(2^2 + 1^2)
@@ -82,14 +83,19 @@ def test_ssd300_layers_follow_the_paper_and_count_parameters_by_hand():
     assert isinstance(model.vgg[22], nn.ReLU) and model.vgg[21].weight.shape == (512, 512, 3, 3)  # conv4_3
     assert model.vgg[16].ceil_mode and model.vgg[30].kernel_size == 3 and model.vgg[30].stride == 1  # pool3, pool5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the paper's VGG has no BN
+
     # Parameters, by hand: the 13 VGG16 convs hold 14,714,688 (the published VGG16 figure without its
     # classifier); conv(cin, cout, k) holds k*k*cin*cout + cout.
     def conv(cin, cout, k):
         return k * k * cin * cout + cout
 
     fc = conv(512, 1024, 3) + conv(1024, 1024, 1)
-    extras = conv(1024, 256, 1) + conv(256, 512, 3) + conv(512, 128, 1) + conv(128, 256, 3) + 2 * (
-        conv(256, 128, 1) + conv(128, 256, 3)
+    extras = (
+        conv(1024, 256, 1)
+        + conv(256, 512, 3)
+        + conv(512, 128, 1)
+        + conv(128, 256, 3)
+        + 2 * (conv(256, 128, 1) + conv(128, 256, 3))
     )
     boxes = (4, 6, 6, 6, 4, 4)  # per source, the paper
     channels = (512, 1024, 512, 256, 256, 256)
@@ -215,8 +221,10 @@ def test_l2norm_gradients_match_finite_differences_in_float64():
     layer = L2Norm(5, init_scale=3.0).double()
     x = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
-    assert torch.autograd.gradcheck(lambda w: torch.func.functional_call(layer, {"weight": w}, (x,)),
-                                    (layer.weight.detach().clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda w: torch.func.functional_call(layer, {"weight": w}, (x,)),
+        (layer.weight.detach().clone().requires_grad_(),),
+    )
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -334,6 +342,7 @@ def _synthetic_batch(num_images: int, size: int, seed: int):
     return images, boxes, labels, mask
 
 
+@pytest.mark.slow
 def test_ssd_tiny_overfits_a_fixed_batch():
     torch.manual_seed(0)
     model = build_ssd("ssd_tiny", 4)

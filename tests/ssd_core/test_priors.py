@@ -168,9 +168,7 @@ def test_from_scales_with_a_smaller_first_scale():
 
 
 def test_clip_keeps_values_in_unit_interval():
-    clipped = generate_priors(
-        PriorSpec(300, (3, 1), (100, 300), (213, 264), (264, 315), ((2,), (2,)), clip=True)
-    )
+    clipped = generate_priors(PriorSpec(300, (3, 1), (100, 300), (213, 264), (264, 315), ((2,), (2,)), clip=True))
     assert float(clipped.min()) >= 0.0 and float(clipped.max()) <= 1.0
     assert float(generate_priors(SSD300_VOC).max()) > 1.0  # the Caffe model does not clip
 
@@ -187,7 +185,11 @@ def test_clip_keeps_values_in_unit_interval():
 )
 def test_prior_spec_rejects_bad_values(kwargs, message):
     base = dict(
-        image_size=300, feature_maps=(38, 19), steps=(8, 16), min_sizes=(30, 60), max_sizes=(60, 111),
+        image_size=300,
+        feature_maps=(38, 19),
+        steps=(8, 16),
+        min_sizes=(30, 60),
+        max_sizes=(60, 111),
         aspect_ratios=((2,), (2, 3)),
     )
     with pytest.raises(ValueError, match=message):

@@ -42,6 +42,7 @@ def test_round_trip_restores_weights_classes_params_and_outputs(model, tmp_path)
     assert torch.equal(expected.loc, got.loc) and torch.equal(expected.cls_logits, got.cls_logits)
 
 
+@pytest.mark.slow
 def test_the_file_loads_with_plain_torch_weights_only(model, tmp_path):
     path = tmp_path / "ssd.pt"
     save_model_file(path, model, classes=CLASSES, params=PARAMS)
@@ -120,31 +121,41 @@ def _set(key, value):
 def _reshape(key):
     def edit(payload):
         payload["state_dict"][key] = torch.zeros(3, 1)
+
     return edit
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (_set("preset", "ssd_huge"), r"preset: expected one of \('ssd_tiny'"),
-    (_set("preset", ["ssd_tiny"]), r"preset: expected one of .*got \['ssd_tiny'\]"),
-    (_set("classes", "circle"), r"classes: expected a list of 1\.\.10000 names, got 'circle'"),
-    (_set("classes", []), r"classes: expected a list of 1\.\.10000 names, got 0 names"),
-    (_set("classes", [f"c{i}" for i in range(10_001)]), r"got 10001 names"),
-    (_set("classes", ["circle", "", "triangle"]), r"classes\[1\]: expected a non-empty string, got ''"),
-    (_set("classes", ["circle", 2, "triangle"]), r"classes\[1\]: expected a non-empty string, got 2"),
-    (_set("classes", ["circle", "circle", "square"]), r"classes: expected unique names, got \['circle'\]"),
-    # len(classes) must match the head: one name too many would load with a class map off by one.
-    (_set("classes", [*CLASSES, "extra"]), r"num_classes: expected len\(classes\) \+ 1 = 5 .*got 4"),
-    # A few bytes claiming ten million classes: refused before the model is built (allocated).
-    (_set("num_classes", 10_000_000), r"num_classes: expected len\(classes\) \+ 1 = 4 .*got 10000000"),
-    (_set("num_classes", "4"), r"num_classes: .*got '4'"),
-    (_set("params", ["lr", 1]), r"params: expected a dict with string keys .*got list"),
-    (_set("state_dict", [1, 2]), r"state_dict: expected a dict of name -> tensor, got list"),
-    (lambda p: p["state_dict"].__setitem__("conf.0.weight", [0.0]), r"state_dict: expected a dict of name -> tensor"),
-    (_reshape("conf.0.weight"), r"weight 'conf\.0\.weight': expected shape \[\d+, 128, 3, 3\], got \[3, 1\]"),
-    (_reshape("loc.4.bias"), r"weight 'loc\.4\.bias': expected shape \[16\], got \[3, 1\]"),
-    (lambda p: p["state_dict"].pop("conf.0.bias"), r"missing keys \['conf\.0\.bias'\], unexpected keys \[\]"),
-    (lambda p: p["state_dict"].__setitem__("extra", torch.zeros(1)), r"missing keys \[\], unexpected keys \['extra'\]"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("preset", "ssd_huge"), r"preset: expected one of \('ssd_tiny'"),
+        (_set("preset", ["ssd_tiny"]), r"preset: expected one of .*got \['ssd_tiny'\]"),
+        (_set("classes", "circle"), r"classes: expected a list of 1\.\.10000 names, got 'circle'"),
+        (_set("classes", []), r"classes: expected a list of 1\.\.10000 names, got 0 names"),
+        (_set("classes", [f"c{i}" for i in range(10_001)]), r"got 10001 names"),
+        (_set("classes", ["circle", "", "triangle"]), r"classes\[1\]: expected a non-empty string, got ''"),
+        (_set("classes", ["circle", 2, "triangle"]), r"classes\[1\]: expected a non-empty string, got 2"),
+        (_set("classes", ["circle", "circle", "square"]), r"classes: expected unique names, got \['circle'\]"),
+        # len(classes) must match the head: one name too many would load with a class map off by one.
+        (_set("classes", [*CLASSES, "extra"]), r"num_classes: expected len\(classes\) \+ 1 = 5 .*got 4"),
+        # A few bytes claiming ten million classes: refused before the model is built (allocated).
+        (_set("num_classes", 10_000_000), r"num_classes: expected len\(classes\) \+ 1 = 4 .*got 10000000"),
+        (_set("num_classes", "4"), r"num_classes: .*got '4'"),
+        (_set("params", ["lr", 1]), r"params: expected a dict with string keys .*got list"),
+        (_set("state_dict", [1, 2]), r"state_dict: expected a dict of name -> tensor, got list"),
+        (
+            lambda p: p["state_dict"].__setitem__("conf.0.weight", [0.0]),
+            r"state_dict: expected a dict of name -> tensor",
+        ),
+        (_reshape("conf.0.weight"), r"weight 'conf\.0\.weight': expected shape \[\d+, 128, 3, 3\], got \[3, 1\]"),
+        (_reshape("loc.4.bias"), r"weight 'loc\.4\.bias': expected shape \[16\], got \[3, 1\]"),
+        (lambda p: p["state_dict"].pop("conf.0.bias"), r"missing keys \['conf\.0\.bias'\], unexpected keys \[\]"),
+        (
+            lambda p: p["state_dict"].__setitem__("extra", torch.zeros(1)),
+            r"missing keys \[\], unexpected keys \['extra'\]",
+        ),
+    ],
+)
 def test_a_malformed_model_file_is_refused_before_anything_is_built(model, tmp_path, real_builds, edit, message):
     path = _edited(model, tmp_path, edit)
     with pytest.raises(ValueError, match=message) as caught:
@@ -158,8 +169,11 @@ def test_a_head_for_other_classes_is_named_with_both_shapes(model, tmp_path, rea
     weights (a 4-class head): the first conf weight is named with both shapes."""
     path = _edited(model, tmp_path, lambda p: p.update(classes=[*CLASSES, "star"], num_classes=5))
     anchors = model.conf[0].weight.shape[0] // 4  # boxes per location of the first level
-    with pytest.raises(ValueError, match=rf"weight 'conf\.0\.weight': expected shape \[{anchors * 5}, 128, 3, 3\], "
-                                         rf"got \[{anchors * 4}, 128, 3, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"weight 'conf\.0\.weight': expected shape \[{anchors * 5}, 128, 3, 3\], "
+        rf"got \[{anchors * 4}, 128, 3, 3\]",
+    ):
         load_model_file(path)
     assert real_builds == []
 

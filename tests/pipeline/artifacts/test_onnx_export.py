@@ -76,8 +76,7 @@ def _nms_case(model, settings: NmsSettings, images: torch.Tensor):
         (0.01, 0.45, 25, 200, False),
     ],
 )
-def test_nms_graph_selects_what_ssd_core_nms_selects(model, score_threshold, iou, top_k, max_detections,
-                                                     cap_binds):  # fmt: skip
+def test_nms_graph_selects_what_ssd_core_nms_selects(model, score_threshold, iou, top_k, max_detections, cap_binds):
     settings = NmsSettings.from_eval(score_threshold, iou, top_k, max_detections)
     images = sample_images(2, model.image_size, seed=3)
     got, expected = _nms_case(model, settings, images)
@@ -106,8 +105,16 @@ def test_selected_plus_per_image_cap_equals_postprocess(model, top_k, max_detect
     boxes, scores = reference_boxes_scores(model, images)
     selected = reference_selected_indices(boxes, scores, settings)
     ours = detections_from_selected(boxes.numpy(), scores.numpy(), selected.numpy(), max_detections=max_detections)
-    theirs = postprocess(out.loc, out.cls_logits, model.priors(), [[1, 1], [1, 1]], score_threshold=0.2,
-                         top_k=top_k, nms_iou=0.45, max_detections=max_detections)  # fmt: skip
+    theirs = postprocess(
+        out.loc,
+        out.cls_logits,
+        model.priors(),
+        [[1, 1], [1, 1]],
+        score_threshold=0.2,
+        top_k=top_k,
+        nms_iou=0.45,
+        max_detections=max_detections,
+    )
     for mine, ref in zip(ours, theirs, strict=True):
         assert len(ref.labels) == max_detections  # the per-image cap is active
         np.testing.assert_array_equal(mine.labels, ref.labels.numpy())
@@ -135,6 +142,7 @@ def test_tied_scores_go_to_the_lower_prior_and_the_threshold_is_strict():
     assert [len(d.labels) for d in empty] == [0]
 
 
+@pytest.mark.slow
 def test_ssd300_exports_at_batch_1(tmp_path):
     """The paper's model (~100 MB of weights): export, check and compare at batch 1 through the library."""
     started = time.perf_counter()

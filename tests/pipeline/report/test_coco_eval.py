@@ -105,8 +105,9 @@ def test_difficult_box_is_a_crowd_region_and_a_detection_on_it_is_not_a_false_po
     # A: normal box, B: difficult. Detection on B (score .9) is ignored; detection on A (.8) is a TP:
     # AP50 = 1. (Were B dropped, the .9 detection would be an FP ranked first: AP50 would be 1/2 at most.)
     a, b = [10.0, 10, 60, 60], [100.0, 100, 150, 150]
-    gt = coco_ground_truth(["a"], [[200, 200]], [np.array([a, b])], [np.array([1, 1])], [np.array([False, True])],
-                           ["x"])  # fmt: skip
+    gt = coco_ground_truth(
+        ["a"], [[200, 200]], [np.array([a, b])], [np.array([1, 1])], [np.array([False, True])], ["x"]
+    )
     assert [ann["iscrowd"] for ann in gt["annotations"]] == [0, 1]
     dets = coco_detections([np.array([b, a])], [np.array([0.9, 0.8])], [np.array([1, 1])])
     for backend in BACKENDS:
@@ -114,18 +115,28 @@ def test_difficult_box_is_a_crowd_region_and_a_detection_on_it_is_not_a_false_po
 
 
 def test_json_layout():
-    gt = coco_ground_truth(["k1", "k2"], np.array([[64, 48], [32, 32]]),
-                           [np.array([[1.0, 2.0, 11.256, 22.0]]), np.zeros((0, 4))], [np.array([2]), np.array([], int)],
-                           None, ["a", "b"])  # fmt: skip
-    assert gt["images"] == [{"id": 1, "file_name": "k1", "width": 64, "height": 48},
-                            {"id": 2, "file_name": "k2", "width": 32, "height": 32}]  # fmt: skip
+    gt = coco_ground_truth(
+        ["k1", "k2"],
+        np.array([[64, 48], [32, 32]]),
+        [np.array([[1.0, 2.0, 11.256, 22.0]]), np.zeros((0, 4))],
+        [np.array([2]), np.array([], int)],
+        None,
+        ["a", "b"],
+    )
+    assert gt["images"] == [
+        {"id": 1, "file_name": "k1", "width": 64, "height": 48},
+        {"id": 2, "file_name": "k2", "width": 32, "height": 32},
+    ]
     # xyxy [1, 2, 11.256, 22] -> xywh [1, 2, 10.256 -> 10.26, 20]; area 10.26 * 20 = 205.2
     assert gt["annotations"] == [
         {"id": 1, "image_id": 1, "category_id": 2, "bbox": [1.0, 2.0, 10.26, 20.0], "area": 205.2, "iscrowd": 0}
     ]
     assert gt["categories"][1] == {"id": 2, "name": "b", "supercategory": "object"}
-    dets = coco_detections([np.zeros((0, 4)), np.array([[0.0, 0, 4, 4]])], [np.zeros(0), np.array([0.123456789])],
-                           [np.zeros(0, int), np.array([1])])  # fmt: skip
+    dets = coco_detections(
+        [np.zeros((0, 4)), np.array([[0.0, 0, 4, 4]])],
+        [np.zeros(0), np.array([0.123456789])],
+        [np.zeros(0, int), np.array([1])],
+    )
     assert dets == [{"image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, 4.0, 4.0], "score": 0.12346}]
     json.dumps(gt), json.dumps(dets)  # JSON-ready: no NumPy scalars
     assert all(type(v) is float for v in dets[0]["bbox"]) and type(gt["annotations"][0]["category_id"]) is int

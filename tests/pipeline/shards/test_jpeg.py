@@ -90,8 +90,9 @@ def test_decode_reduction_rule():
     boxes, labels, difficult = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool)
     seen = set()
     for seed in range(200):
-        plan = plan_augmentation(500, 400, boxes, labels, difficult, options=AugmentOptions(),
-                                 generator=torch.Generator().manual_seed(seed))
+        plan = plan_augmentation(
+            500, 400, boxes, labels, difficult, options=AugmentOptions(), generator=torch.Generator().manual_seed(seed)
+        )
         r = decode_reduction(plan, 100)
         x0, y0, x1, y1 = plan.window
         side = min(x1 - x0, y1 - y0)

@@ -28,8 +28,12 @@ def _train(shards, **overrides):
 
 def _same(a: list[TrainBatch], b: list[TrainBatch]) -> bool:
     return len(a) == len(b) and all(
-        torch.equal(x.images, y.images) and torch.equal(x.boxes, y.boxes) and torch.equal(x.labels, y.labels)
-        and torch.equal(x.mask, y.mask) for x, y in zip(a, b, strict=True))
+        torch.equal(x.images, y.images)
+        and torch.equal(x.boxes, y.boxes)
+        and torch.equal(x.labels, y.labels)
+        and torch.equal(x.mask, y.mask)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _keys_by_image(shards) -> dict[bytes, str]:
@@ -38,6 +42,7 @@ def _keys_by_image(shards) -> dict[bytes, str]:
     for batch in eval_loader(str(shards), split="train", batch_size=5, image_size=SIZE, num_workers=0):
         out.update({image.numpy().tobytes(): key for image, key in zip(batch.images, batch.keys, strict=True)})
     return out
+
 
 def test_two_ranks_equal_batch_counts_with_uneven_shards(uneven_shards):
     manifest = load_manifest(str(uneven_shards))
@@ -172,11 +177,13 @@ def test_loaders_refuse_truncated_shards_before_starting(uneven_shards, tmp_path
     with pytest.raises(ShardError, match="no samples in split 'test'"):
         _train(uneven_shards, split="test")
 
+
 def test_collate_in_a_worker_builds_the_batch_in_shared_memory(uneven_shards):
     batch = next(iter(_train(uneven_shards, num_workers=1)))
     local = collate_train([], SIZE)
     assert local.images.shape == (0, 3, SIZE, SIZE)
     assert batch.images.shape == (4, 3, SIZE, SIZE) and batch.images.is_shared()
+
 
 def _rewrite_record(shards: Path, split: str, edit) -> str:
     """Edit one sample's JSON member in place with ``edit(record)`` (``original_size``, which the loaders do
@@ -197,14 +204,18 @@ def _rewrite_record(shards: Path, split: str, edit) -> str:
     return loc.key
 
 
-@pytest.mark.parametrize("edit", [
-    lambda r: r.update(width=0),
-    lambda r: r.update(width=1, height=1),  # the boxes no longer fit
-    lambda r: r.update(id=1),
-    lambda r: r.update(labels=[9] * len(r["labels"])),
-    lambda r: r["boxes"][0].__setitem__(2, 1e6),
-    lambda r: r.update(difficult=[7] * len(r["difficult"])),
-], ids=["width-0", "tiny-image", "int-id", "label-9", "box-outside", "difficult-7"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r.update(width=0),
+        lambda r: r.update(width=1, height=1),  # the boxes no longer fit
+        lambda r: r.update(id=1),
+        lambda r: r.update(labels=[9] * len(r["labels"])),
+        lambda r: r["boxes"][0].__setitem__(2, 1e6),
+        lambda r: r.update(difficult=[7] * len(r["difficult"])),
+    ],
+    ids=["width-0", "tiny-image", "int-id", "label-9", "box-outside", "difficult-7"],
+)
 def test_a_record_out_of_bounds_is_a_counted_corrupt_sample(uneven_shards, tmp_path, edit):
     """Like a corrupt JPEG: skipped and counted in its batch during training, named by evaluation. A record
     with width 0, for one, must not raise out of the loader (it would fail the whole batch's plan)."""

@@ -68,8 +68,10 @@ def test_shards_open_through_an_fsspec_url(sharded):
     assert manifest.splits["train"].samples == 7
 
 
-@pytest.mark.parametrize("name", ["../outside.tar", "sub/train-000000.tar", "..\\outside.tar", "/tmp/outside.tar",
-                                  "..", "", "train\0.tar", 7])
+@pytest.mark.parametrize(
+    "name",
+    ["../outside.tar", "sub/train-000000.tar", "..\\outside.tar", "/tmp/outside.tar", "..", "", "train\0.tar", 7],
+)
 def test_a_shard_name_that_leaves_the_folder_is_refused(sharded, name):
     """A manifest is data: ``../outside.tar`` (hash and size matching a real file there) must not
     pass ``verify=True`` and be read as a training shard."""

@@ -30,8 +30,9 @@ NONE = AugmentOptions(photometric=False, expand=False, crop=False, flip=False)
 @pytest.fixture(scope="module")
 def large_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 training samples of 160 x 160 synthetic images: at a 24-pixel output most windows allow 1/2 .. 1/8."""
-    params = make_params(**{"data.synthetic.num_train": 8, "data.synthetic.num_val": 1,
-                            "data.synthetic.image_size": 160})
+    params = make_params(
+        **{"data.synthetic.num_train": 8, "data.synthetic.num_val": 1, "data.synthetic.image_size": 160}
+    )
     _, shards = prepare_and_shard(params, tmp_path_factory.mktemp("large"))
     return shards
 
@@ -59,21 +60,37 @@ def test_draft_decoding_gives_the_same_boxes_and_a_close_image(large_shards):
             h, w = decoded.image.shape[1:]
             boxes = (decoded.boxes_px / torch.tensor([w, h, w, h])).clamp(0, 1)
             for options in (FULL, geometry):
-                fast = train_sample(jpg, meta, 5, image_size=size, augment=options,
-                                    generator=torch.Generator().manual_seed(seed))
-                slow = train_transform(decoded.image, boxes, decoded.labels, decoded.difficult, size=size,
-                                       options=options, generator=torch.Generator().manual_seed(seed))
+                fast = train_sample(
+                    jpg, meta, 5, image_size=size, augment=options, generator=torch.Generator().manual_seed(seed)
+                )
+                slow = train_transform(
+                    decoded.image,
+                    boxes,
+                    decoded.labels,
+                    decoded.difficult,
+                    size=size,
+                    options=options,
+                    generator=torch.Generator().manual_seed(seed),
+                )
                 assert torch.equal(fast.boxes, slow.boxes) and torch.equal(fast.labels, slow.labels)
                 assert torch.equal(fast.difficult, slow.difficult)
-                plan = plan_augmentation(w, h, boxes, decoded.labels, decoded.difficult, options=options,
-                                         generator=torch.Generator().manual_seed(seed))
+                plan = plan_augmentation(
+                    w,
+                    h,
+                    boxes,
+                    decoded.labels,
+                    decoded.difficult,
+                    options=options,
+                    generator=torch.Generator().manual_seed(seed),
+                )
                 reductions.append(decode_reduction(plan, size))
                 if reductions[-1] == 1:
                     assert torch.equal(fast.image, slow.image)  # nothing reduced: the very same computation
                 elif options is geometry:
                     window = canvas_window(decoded.image, plan.expansion, plan.window)
-                    ideal = F.interpolate(window[None], size=(size, size), mode="bilinear", antialias=True,
-                                          align_corners=False)[0]
+                    ideal = F.interpolate(
+                        window[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                    )[0]
                     ideal = ideal.flip(-1) if plan.flip else ideal
                     assert (fast.image - ideal).abs().mean() <= (slow.image - ideal).abs().mean() + 0.5
     assert set(reductions) >= {1, 2, 4}
@@ -81,8 +98,10 @@ def test_draft_decoding_gives_the_same_boxes_and_a_close_image(large_shards):
 
 def test_training_sample_is_a_function_of_its_seed(large_shards):
     key, jpg, meta = _members(large_shards)[3]
-    a, b, c = (train_sample(jpg, meta, 5, image_size=24, augment=FULL, generator=torch.Generator().manual_seed(s))
-               for s in (7, 7, 8))
+    a, b, c = (
+        train_sample(jpg, meta, 5, image_size=24, augment=FULL, generator=torch.Generator().manual_seed(s))
+        for s in (7, 7, 8)
+    )
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a.image, c.image)
 
@@ -94,8 +113,9 @@ def test_a_batch_of_samples_is_each_sample_alone_and_a_corrupt_member_stays_in_i
     members[2] = (members[2][0], b"{not json")
     members[5] = (b"\xff\xd8 not a jpeg", members[5][1])
     seeds = [sample_seed(0, 1, str(i)) for i in range(len(members))]
-    made = train_samples(members, 5, image_size=40, augment=FULL,
-                         generators=[torch.Generator().manual_seed(s) for s in seeds])
+    made = train_samples(
+        members, 5, image_size=40, augment=FULL, generators=[torch.Generator().manual_seed(s) for s in seeds]
+    )
     assert len(made) == len(members)
     for i, ((jpg, meta), seed) in enumerate(zip(members, seeds, strict=True)):
         if i in (2, 5):
@@ -126,50 +146,74 @@ def test_exif_rotated_image_is_upright_with_draft_decoding(tmp_path):
     result = prepare(params, tmp_path / "index", progress=False)
     write_index(tmp_path / "index", result.records, result.classes)
     shard(tmp_path / "index", tmp_path / "shards", params.shard, progress=False)
-    (key, jpg, meta), = _members(tmp_path / "shards")
+    ((key, jpg, meta),) = _members(tmp_path / "shards")
     sample = train_sample(jpg, meta, 1, image_size=32, augment=NONE, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sample.boxes, torch.tensor([[70 / 120, 20 / 160, 110 / 120, 60 / 160]]))
     red = sample.image[:, 8, 24].int()
     assert red[0] > 150 and red[2] < 100, red  # red at the box centre
     assert sample.image[2, 28, 4] > 150  # blue elsewhere: upright (15, 140), stored (140, 105)
-    plan = plan_augmentation(120, 160, sample.boxes, sample.labels, sample.difficult, options=NONE,
-                             generator=torch.Generator().manual_seed(0))
+    plan = plan_augmentation(
+        120,
+        160,
+        sample.boxes,
+        sample.labels,
+        sample.difficult,
+        options=NONE,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert decode_reduction(plan, 32) == 2  # the draft path was taken
-    batch = next(iter(train_loader(str(tmp_path / "shards"), rank=0, world_size=1, batch_size=1, image_size=32,
-                                   augment=NONE, seed=0, epoch=0, num_workers=0)))
+    batch = next(
+        iter(
+            train_loader(
+                str(tmp_path / "shards"),
+                rank=0,
+                world_size=1,
+                batch_size=1,
+                image_size=32,
+                augment=NONE,
+                seed=0,
+                epoch=0,
+                num_workers=0,
+            )
+        )
+    )
     assert torch.equal(batch.images[0], sample.image)
+
 
 GOOD_RECORD = {"id": "x", "width": 4, "height": 3, "boxes": [[0, 0, 2, 2]], "labels": [1], "difficult": [False]}
 
 
-@pytest.mark.parametrize("change", [
-    {"boxes": [[0, 0, 2]]},  # not 4 numbers
-    {"boxes": [[0, 0, 2, "2"]]},  # a string
-    {"boxes": None},
-    {"boxes": [[0, 0, 2, 2], [1, 1]]},  # ragged
-    {"boxes": [[0, 0, 2, float("inf")]]},
-    {"labels": ["1"]},
-    {"labels": [9]},  # outside 1..5
-    {"labels": [0]},  # background is not a label
-    {"difficult": [False, True]},  # length differs
-    {"width": "wide"},
-    # Each of these would pass a looser check and then raise out of the loader, allocate or mislabel.
-    {"width": 0},
-    {"height": -3},
-    {"width": True},
-    {"width": 4.5},
-    {"width": 65_536},  # more than a JPEG can have
-    {"width": 65_535, "height": 65_535},  # 4.3e9 pixels > MAX_SAMPLE_PIXELS
-    {"id": 7},
-    {"id": None},
-    {"difficult": [2]},
-    {"boxes": [[0, 0, 5, 2]]},  # x2 beyond the 4-pixel width
-    {"boxes": [[0, -1, 2, 2]]},
-    {"boxes": [[3, 0, 1, 2]]},  # inverted
-    {"boxes": [[0, 0, 2, 1e39]]},  # finite in JSON, infinite as float32
-    {"labels": [2**63]},
-    {"labels": [10**30]},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"boxes": [[0, 0, 2]]},  # not 4 numbers
+        {"boxes": [[0, 0, 2, "2"]]},  # a string
+        {"boxes": None},
+        {"boxes": [[0, 0, 2, 2], [1, 1]]},  # ragged
+        {"boxes": [[0, 0, 2, float("inf")]]},
+        {"labels": ["1"]},
+        {"labels": [9]},  # outside 1..5
+        {"labels": [0]},  # background is not a label
+        {"difficult": [False, True]},  # length differs
+        {"width": "wide"},
+        # Each of these would pass a looser check and then raise out of the loader, allocate or mislabel.
+        {"width": 0},
+        {"height": -3},
+        {"width": True},
+        {"width": 4.5},
+        {"width": 65_536},  # more than a JPEG can have
+        {"width": 65_535, "height": 65_535},  # 4.3e9 pixels > MAX_SAMPLE_PIXELS
+        {"id": 7},
+        {"id": None},
+        {"difficult": [2]},
+        {"boxes": [[0, 0, 5, 2]]},  # x2 beyond the 4-pixel width
+        {"boxes": [[0, -1, 2, 2]]},
+        {"boxes": [[3, 0, 1, 2]]},  # inverted
+        {"boxes": [[0, 0, 2, 1e39]]},  # finite in JSON, infinite as float32
+        {"labels": [2**63]},
+        {"labels": [10**30]},
+    ],
+)
 def test_bad_json_records_are_corrupt(change):
     parse_record(json.dumps(GOOD_RECORD).encode(), 5)  # the unchanged record is fine
     with pytest.raises(CorruptSample, match="JSON record"):
@@ -184,7 +228,6 @@ def test_a_json_member_that_is_not_an_object_is_corrupt(text):
 
 def test_the_record_bounds_admit_a_box_on_the_far_edges_of_the_largest_image():
     side = 16_384  # 16384 * 16384 = 2**28 = MAX_SAMPLE_PIXELS
-    record = {"id": "x", "width": side, "height": side, "boxes": [[0, 0, side, side]], "labels": [5],
-              "difficult": [1]}
+    record = {"id": "x", "width": side, "height": side, "boxes": [[0, 0, side, side]], "labels": [5], "difficult": [1]}
     parsed = parse_record(json.dumps(record).encode(), 5)
     assert side * side == MAX_SAMPLE_PIXELS and parsed.difficult.tolist() == [True]

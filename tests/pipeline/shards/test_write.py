@@ -43,8 +43,7 @@ def test_round_trip_gives_identical_samples(index_dir, tmp_path):
             assert meta["id"] == record.id
             assert (meta["width"], meta["height"]) == (record.width, record.height)
             assert meta["original_size"] == [record.width, record.height]
-            assert (meta["boxes"], meta["labels"], meta["difficult"]) == (record.boxes, record.labels,
-                                                                          record.difficult)
+            assert (meta["boxes"], meta["labels"], meta["difficult"]) == (record.boxes, record.labels, record.difficult)
             with Image.open(io.BytesIO(sample["jpg"])) as image:
                 assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (record.width, record.height))
             if not record.reencode:

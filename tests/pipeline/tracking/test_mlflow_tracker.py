@@ -58,6 +58,7 @@ def test_legal_metric_name(name, legal):
 
 
 # ----------------------------------------------------------------------------------------- SQLite store
+@pytest.mark.slow
 def test_sqlite_default_store_run_metadata_artifacts_and_resume_without_duplicates(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = tmp_path / "repo"
@@ -137,6 +138,7 @@ def test_unknown_run_id_is_a_clear_error(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- HTTP server
+@pytest.mark.slow
 def test_unreachable_server_fails_within_the_connect_timeout_naming_the_uri(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = TrackingConfig(uri=uri, connect_timeout_s=3.0)
@@ -146,6 +148,7 @@ def test_unreachable_server_fails_within_the_connect_timeout_naming_the_uri(tmp_
     assert time.monotonic() - started < cfg.connect_timeout_s + 2.0
 
 
+@pytest.mark.slow
 def test_server_run_resume_and_registry(running, tmp_path):
     cfg = TrackingConfig(uri=running.url, experiment="srv-resume", model_name="srv-model")
     first = create_tracker(cfg, enabled_here=True, run_id=None, run_name="job", repo_root=tmp_path)
@@ -167,6 +170,7 @@ def test_server_run_resume_and_registry(running, tmp_path):
     assert version.tags["val/map"] == "0.25"
 
 
+@pytest.mark.slow
 def test_server_outage_mid_run_never_stalls_a_step_and_loses_nothing(running, tmp_path):
     """Stop the server for ~30 s during a run, then restart it: every log call stays fast, and once the
     server is back every metric (and an artifact logged during the outage) is stored exactly once."""

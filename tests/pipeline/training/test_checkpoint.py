@@ -14,8 +14,12 @@ from pipeline.training.checkpoint import CheckpointError
 
 def _write(run, step: int, *, value: float = 1.0) -> str:
     uri = checkpoint.join(str(run), checkpoint.dir_name(step))
-    state = {"step": step, "model": {"w": torch.full((3, 2), value)}, "rng": {"python": random.getstate()},
-             "nested": {"lr": [0.1, 0.01], "name": "x", "none": None}}  # fmt: skip
+    state = {
+        "step": step,
+        "model": {"w": torch.full((3, 2), value)},
+        "rng": {"python": random.getstate()},
+        "nested": {"lr": [0.1, 0.01], "name": "x", "none": None},
+    }
     meta = {"step": step, "epoch": step // 8, "params": {"seed": 1}, "tracking_run_id": "abc", "world_size": 2}
     checkpoint.write_checkpoint(uri, state, meta)
     return uri
@@ -89,16 +93,18 @@ def test_a_kill_before_the_rename_leaves_no_checkpoint(tmp_path):
         raise SystemExit("killed")  # SIGKILL in the real test; here the process must survive to look
 
     with pytest.raises(SystemExit):
-        checkpoint.write_checkpoint(uri, {"step": 4}, {"step": 4, "epoch": 0, "params": {}, "world_size": 1},
-                                    before_rename=die)  # fmt: skip
+        checkpoint.write_checkpoint(
+            uri, {"step": 4}, {"step": 4, "epoch": 0, "params": {}, "world_size": 1}, before_rename=die
+        )
     assert not (tmp_path / checkpoint.dir_name(4) / "state.pt").exists()
     assert checkpoint.find_latest_valid(str(tmp_path)) is None
 
 
 def _snapshot(run, steps: list[int]) -> None:
     results = [{"checkpoint_dir_name": checkpoint.dir_name(s)} for s in steps]
-    (run / checkpoint.SNAPSHOT_FILE).write_text(json.dumps(
-        {"checkpoint_results": results, "latest_checkpoint_result": results[-1] if results else None}))
+    (run / checkpoint.SNAPSHOT_FILE).write_text(
+        json.dumps({"checkpoint_results": results, "latest_checkpoint_result": results[-1] if results else None})
+    )
 
 
 def test_prune_deletes_what_ray_never_registered(tmp_path):

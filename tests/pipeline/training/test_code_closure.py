@@ -37,20 +37,27 @@ def test_closure_agrees_with_modulefinder(entry):
 
 
 def test_closure_follows_relative_lazy_and_from_imports_and_runs_package_inits(tmp_path):
-    root = _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/entry.py": "import os\nfrom . import sibling\n\ndef later():\n    from pkg.sub.deep import x\n",
-        "pkg/sibling.py": "from .sub import helper as _h\nfrom pkg.sub.helper import name\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/helper.py": "name = 1\n",
-        "pkg/sub/deep.py": "import other.thing\nx = 1\n",
-        "pkg/unused.py": "",
-        "other/thing.py": "",
-    })  # fmt: skip
+    root = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/entry.py": "import os\nfrom . import sibling\n\ndef later():\n    from pkg.sub.deep import x\n",
+            "pkg/sibling.py": "from .sub import helper as _h\nfrom pkg.sub.helper import name\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/helper.py": "name = 1\n",
+            "pkg/sub/deep.py": "import other.thing\nx = 1\n",
+            "pkg/unused.py": "",
+            "other/thing.py": "",
+        },
+    )
     assert import_closure(["pkg/entry.py"], root, packages=("pkg",)) == (
-        "pkg/__init__.py", "pkg/entry.py", "pkg/sibling.py", "pkg/sub/__init__.py", "pkg/sub/deep.py",
+        "pkg/__init__.py",
+        "pkg/entry.py",
+        "pkg/sibling.py",
+        "pkg/sub/__init__.py",
+        "pkg/sub/deep.py",
         "pkg/sub/helper.py",
-    )  # fmt: skip
+    )
     assert "other/thing.py" in import_closure(["pkg/entry.py"], root, packages=("pkg", "other"))
 
 

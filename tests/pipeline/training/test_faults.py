@@ -49,6 +49,7 @@ def test_the_checkpoint_kill_is_for_rank_zero_at_its_step_only():
     assert callable(spec.before_checkpoint_rename(0, 8))
 
 
+@pytest.mark.slow
 def test_a_kill_fires_once_per_marker(tmp_path):
     marker = tmp_path / "killed"
     script = (

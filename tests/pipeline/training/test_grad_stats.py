@@ -41,10 +41,13 @@ def reference_stats(params_before, grads, params_after):
     w = torch.cat([x.flatten() for x in params_before]).double()
     w2 = torch.cat([x.flatten() for x in params_after]).double()
     return {
-        "norm": g.norm().item(), "mean": g.mean().item(), "std": g.std(unbiased=False).item(),
-        "max_abs": g.abs().max().item(), "weight_norm": w.norm().item(),
+        "norm": g.norm().item(),
+        "mean": g.mean().item(),
+        "std": g.std(unbiased=False).item(),
+        "max_abs": g.abs().max().item(),
+        "weight_norm": w.norm().item(),
         "update_ratio": ((w2 - w).norm() / w.norm()).item(),
-    }  # fmt: skip
+    }
 
 
 class Wrapper(nn.Module):
@@ -67,8 +70,10 @@ def test_matches_reference_on_a_real_training_step_with_momentum_and_ddp_style_n
         optimizer.zero_grad()
         model.module(torch.randn(4, 3, 6, 6)).square().mean().backward()
         if stats.is_due(step):
-            before = {name: [p.detach().clone() for p in layer.parameters()] for name, layer in
-                      (("0", net[0]), ("2", net[2]), ("4", net[4]))}  # fmt: skip
+            before = {
+                name: [p.detach().clone() for p in layer.parameters()]
+                for name, layer in (("0", net[0]), ("2", net[2]), ("4", net[4]))
+            }
             grads = {name: [p.grad.clone() for p in net[int(name)].parameters()] for name in before}
             stats.before_step()
         optimizer.step()

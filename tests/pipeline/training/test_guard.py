@@ -28,8 +28,15 @@ def test_skip_guard_counts_and_stops_after_max_consecutive():
 
 def _stats(loss: float, finite: bool, images: int, bad: int):
     t = torch.tensor
-    return reduce_step(local_finite=t(finite), loss=t(loss), loss_loc=t(loss / 4), loss_conf=t(3 * loss / 4),
-                       positives=t(5.0), images=images, bad_samples=bad)  # fmt: skip
+    return reduce_step(
+        local_finite=t(finite),
+        loss=t(loss),
+        loss_loc=t(loss / 4),
+        loss_conf=t(3 * loss / 4),
+        positives=t(5.0),
+        images=images,
+        bad_samples=bad,
+    )
 
 
 def test_single_process_reduction_is_the_identity():
@@ -54,6 +61,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_reach_the_same_decision(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_rank, args=(2, init, str(tmp_path / "out")), nprocs=2, join=True)

@@ -27,20 +27,39 @@ def _digest(*overrides: str, data: str = DATA, code: str = "c0de") -> str:
 
 @pytest.mark.parametrize(
     "override",
-    ["train.lr=0.002", "seed=1", "model.preset=ssd300_vgg16", "augment.flip=false", "train.max_steps=7",
-     "train.batch_size=3", "train.milestones=[5]", "train.precision=bf16"],
-)  # fmt: skip
+    [
+        "train.lr=0.002",
+        "seed=1",
+        "model.preset=ssd300_vgg16",
+        "augment.flip=false",
+        "train.max_steps=7",
+        "train.batch_size=3",
+        "train.milestones=[5]",
+        "train.precision=bf16",
+    ],
+)
 def test_what_a_run_computes_changes_its_folder(override):
     assert _digest(override) != _digest()
 
 
 @pytest.mark.parametrize(
     "override",
-    ["train.num_workers=5", "train.threads_per_worker=4", "train.log_every_steps=1", "train.storage_path=s3://b/r",
-     "train.checkpoint_every_steps=9", "train.keep_checkpoints=5", "train.max_failures=0", "train.resume=false",
-     "train.loader_workers=3", "train.run_name=other", "tracking.experiment=x", "eval.batch_size=2",
-     "data.synthetic.num_train=5"],
-)  # fmt: skip
+    [
+        "train.num_workers=5",
+        "train.threads_per_worker=4",
+        "train.log_every_steps=1",
+        "train.storage_path=s3://b/r",
+        "train.checkpoint_every_steps=9",
+        "train.keep_checkpoints=5",
+        "train.max_failures=0",
+        "train.resume=false",
+        "train.loader_workers=3",
+        "train.run_name=other",
+        "tracking.experiment=x",
+        "eval.batch_size=2",
+        "data.synthetic.num_train=5",
+    ],
+)
 def test_how_a_run_is_executed_does_not(override):
     assert _digest(override) == _digest()
 
@@ -80,8 +99,11 @@ def _checkpoint(run, step: int) -> None:
 
 def _snapshot(run, names: list[str], version: str = ray.__version__) -> None:
     results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
-    state = {"ray_version": version, "checkpoint_results": results,
-             "latest_checkpoint_result": results[-1] if results else None}  # fmt: skip
+    state = {
+        "ray_version": version,
+        "checkpoint_results": results,
+        "latest_checkpoint_result": results[-1] if results else None,
+    }
     (run / SNAPSHOT_FILE).write_text(json.dumps(state))
 
 
@@ -129,8 +151,9 @@ def test_a_snapshot_ray_would_refuse_is_moved_aside(tmp_path, write):
 
 
 def _tiny_shards(root) -> Path:
-    params = make_params(**{"data.synthetic.num_train": 8, "data.synthetic.num_val": 4,
-                            "data.synthetic.image_size": 64})  # fmt: skip
+    params = make_params(
+        **{"data.synthetic.num_train": 8, "data.synthetic.num_val": 4, "data.synthetic.image_size": 64}
+    )
     return prepare_and_shard(params, root)[1]
 
 

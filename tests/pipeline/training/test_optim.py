@@ -72,8 +72,15 @@ def test_bad_milestones_are_refused_with_the_key(milestones):
 )
 def test_the_scheduler_follows_lr_factor_step_by_step(warmup, max_steps, schedule, world, batch):
     milestones = sorted({m for m in (max_steps // 2, max_steps) if m > 0})
-    cfg = _cfg(warmup_steps=warmup, max_steps=max_steps, schedule=schedule, milestones=milestones, batch_size=batch,
-               lr=0.02, lr_reference_batch=8)  # fmt: skip
+    cfg = _cfg(
+        warmup_steps=warmup,
+        max_steps=max_steps,
+        schedule=schedule,
+        milestones=milestones,
+        batch_size=batch,
+        lr=0.02,
+        lr_reference_batch=8,
+    )
     model = nn.Linear(3, 2)
     optimizer = build_optimizer(model, cfg, world)
     scheduler = build_scheduler(optimizer, cfg)
@@ -126,8 +133,9 @@ def test_adamw_step_matches_the_textbook_update():
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, -2.0]]))
-    optimizer = build_optimizer(model, _cfg(optimizer="adamw", lr=0.1, weight_decay=0.5, lr_reference_batch=32,
-                                            batch_size=32), world_size=1)  # fmt: skip
+    optimizer = build_optimizer(
+        model, _cfg(optimizer="adamw", lr=0.1, weight_decay=0.5, lr_reference_batch=32, batch_size=32), world_size=1
+    )
     model.weight.grad = torch.tensor([[3.0, -0.5]])
     optimizer.step()
     expected = torch.tensor([[1.0, -2.0]]) * (1 - 0.1 * 0.5) - 0.1 * torch.tensor([[1.0, -1.0]])

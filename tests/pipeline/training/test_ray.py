@@ -30,15 +30,28 @@ from pipeline.training.launcher import TrainingError
 REPO = Path(__file__).resolve().parents[3]
 MAX_STEPS, EVERY, KEEP, PER_EPOCH = 16, 4, 2, 8  # 64 images / (2 ranks x 4) = 8 steps per epoch
 BASE = [
-    "seed=0", "model.preset=ssd_tiny", "train.num_workers=2", "train.threads_per_worker=1",
-    "train.loader_workers=0", "train.batch_size=4", "train.lr=0.01", "train.lr_reference_batch=8",
-    f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2", "train.schedule=cosine",
-    f"train.checkpoint_every_steps={EVERY}", f"train.keep_checkpoints={KEEP}", f"train.log_every_steps={EVERY}",
-    "train.max_failures=2", "augment.expand=false", "augment.crop=false", "tracking.enabled=false",
-]  # fmt: skip
+    "seed=0",
+    "model.preset=ssd_tiny",
+    "train.num_workers=2",
+    "train.threads_per_worker=1",
+    "train.loader_workers=0",
+    "train.batch_size=4",
+    "train.lr=0.01",
+    "train.lr_reference_batch=8",
+    f"train.max_steps={MAX_STEPS}",
+    "train.warmup_steps=2",
+    "train.schedule=cosine",
+    f"train.checkpoint_every_steps={EVERY}",
+    f"train.keep_checkpoints={KEEP}",
+    f"train.log_every_steps={EVERY}",
+    "train.max_failures=2",
+    "augment.expand=false",
+    "augment.crop=false",
+    "tracking.enabled=false",
+]
 PG_TIMEOUT_S = 60  # a collective that waited this long would fail the run instead of hanging the test
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def _free_port() -> int:
@@ -55,8 +68,15 @@ def ray_local():
         mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1; no ~/.ray/auth_token
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice a killed worker sooner
         mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                 _node_ip_address="127.0.0.1", _temp_dir=temp, logging_level="WARNING")  # fmt: skip
+        ray.init(
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            logging_level="WARNING",
+        )
         try:
             yield
         finally:
@@ -69,10 +89,35 @@ def shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data")
     synthetic = ["data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.image_size=96"]
     (root / "params.yaml").write_text("seed: 0\n")  # schema defaults, not the repository's params.yaml
-    assert cli_main(["prepare", "--params", str(root / "params.yaml"), "--out", str(root / "prepared"),
-                     "--report", str(root / "prepare.json"), *synthetic]) == 0  # fmt: skip
-    assert cli_main(["shard", "--params", str(root / "params.yaml"), "--index", str(root / "prepared"),
-                     "--out", str(root / "shards")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "prepare",
+                "--params",
+                str(root / "params.yaml"),
+                "--out",
+                str(root / "prepared"),
+                "--report",
+                str(root / "prepare.json"),
+                *synthetic,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "shard",
+                "--params",
+                str(root / "params.yaml"),
+                "--index",
+                str(root / "prepared"),
+                "--out",
+                str(root / "shards"),
+            ]
+        )
+        == 0
+    )
     return str(root / "shards")
 
 
@@ -140,15 +185,19 @@ def test_ddp_keeps_parameters_identical_on_both_ranks_and_the_loss_falls(referen
     assert all(torch.equal(final[k], v) for k, v in loaded.model.state_dict().items())
 
 
-def test_worker_kills_mid_step_and_mid_checkpoint_resume_to_the_same_final_weights(reference, shards, tmp_path,
-                                                                                    monkeypatch):  # fmt: skip
+def test_worker_kills_mid_step_and_mid_checkpoint_resume_to_the_same_final_weights(
+    reference, shards, tmp_path, monkeypatch
+):
     """Two faults in one run (each worker-group start costs ~15 s here): rank 1 is SIGKILLed after 6 updates,
     and rank 0 is SIGKILLed while writing the step-12 checkpoint (state.pt complete under its temporary name,
     not yet renamed)."""
     run = Run(tmp_path, shards, [])
     mid_step, mid_checkpoint = tmp_path / "killed-mid-step", tmp_path / "killed-mid-checkpoint"
-    run.train(monkeypatch, kill=[{"rank": 1, "step": 6, "marker": str(mid_step)}],
-              kill_in_checkpoint={"step": 12, "marker": str(mid_checkpoint)})  # fmt: skip
+    run.train(
+        monkeypatch,
+        kill=[{"rank": 1, "step": 6, "marker": str(mid_step)}],
+        kill_in_checkpoint={"step": 12, "marker": str(mid_checkpoint)},
+    )
     assert mid_step.exists() and mid_checkpoint.exists(), "a fault never fired"
     # Rank 1 died after 6 updates: restart from the step-4 checkpoint (mid-epoch: batches 4.. of epoch 0).
     # Rank 0 died writing step 12's checkpoint: the restart used step 8's, the previous one, and redid 9..12.
@@ -161,8 +210,14 @@ def test_worker_kills_mid_step_and_mid_checkpoint_resume_to_the_same_final_weigh
 
 def test_stopping_and_rerunning_resumes_instead_of_restarting(reference, shards, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = ["train.max_failures=0", "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=t",
-                 f"tracking.grad_stats_every={EVERY}", "tracking.register_model=false"]  # fmt: skip
+    overrides = [
+        "train.max_failures=0",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.experiment=t",
+        f"tracking.grad_stats_every={EVERY}",
+        "tracking.register_model=false",
+    ]
     run = Run(tmp_path, shards, overrides)
     with pytest.raises(TrainingError):  # no restarts allowed: the whole job stops
         run.train(monkeypatch, kill=[{"rank": 0, "step": 6}])
@@ -187,8 +242,16 @@ def test_stopping_and_rerunning_resumes_instead_of_restarting(reference, shards,
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run across the stop
     run_id = runs[0].info.run_id
     stored = client.get_run(run_id).data.metrics
-    assert {"train/loss", "train/loss_loc", "train/loss_conf", "train/lr", "train/images_per_sec",
-            "train/positives_per_image", "train/skipped_steps", "train/bad_samples"} <= set(stored)  # fmt: skip
+    assert {
+        "train/loss",
+        "train/loss_loc",
+        "train/loss_conf",
+        "train/lr",
+        "train/images_per_sec",
+        "train/positives_per_image",
+        "train/skipped_steps",
+        "train/bad_samples",
+    } <= set(stored)
     grad = next(k for k in stored if k.startswith("grad/") and k.endswith("/update_ratio"))
     for name in ("train/loss", grad):
         steps = [m.step for m in client.get_metric_history(run_id, name)]
@@ -200,8 +263,7 @@ def test_stopping_and_rerunning_resumes_instead_of_restarting(reference, shards,
     assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/ssd.pt"}
 
 
-def test_nan_on_one_rank_is_skipped_by_both_and_repeated_nans_stop_the_run(shards, ray_local, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+def test_nan_on_one_rank_is_skipped_by_both_and_repeated_nans_stop_the_run(shards, ray_local, tmp_path, monkeypatch):
     run = Run(tmp_path, shards, ["train.max_consecutive_skips=2"])
     # Rank 1's loss is NaN at step 5 (then the run goes on) and at steps 9 and 10 (two in a row: stop).
     # Steps are 0-based here, as in the loop: "step 4" is the 5th update.

@@ -37,21 +37,32 @@ def batch_of_targets(seed):
     return sizes, boxes, labels, difficult
 
 
-@pytest.mark.parametrize("options", [
-    ALL, AugmentOptions(channel_swap=True), AugmentOptions(expand_max_ratio=1.0), CROP_ONLY, FLIP_ONLY, NONE,
-    AugmentOptions(photometric=False, expand=True, crop=False, flip=False), AugmentOptions(crop=False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [
+        ALL,
+        AugmentOptions(channel_swap=True),
+        AugmentOptions(expand_max_ratio=1.0),
+        CROP_ONLY,
+        FLIP_ONLY,
+        NONE,
+        AugmentOptions(photometric=False, expand=True, crop=False, flip=False),
+        AugmentOptions(crop=False),
+    ],
+)
 def test_a_batch_is_planned_exactly_as_one_image_at_a_time(options):
     # The vectorised planner pads the batch's boxes and computes every image's crop trials together; each
     # plan must still be the one-image plan, field for field and bit for bit, whatever else is in the batch.
     for seed in range(12):
         sizes, boxes, labels, difficult = batch_of_targets(seed)
         seeds = [seed * 1000 + i for i in range(len(sizes))]
-        together = plan_augmentations(sizes, boxes, labels, difficult, options=options,
-                                      generators=[gen(s) for s in seeds])
+        together = plan_augmentations(
+            sizes, boxes, labels, difficult, options=options, generators=[gen(s) for s in seeds]
+        )
         for i, plan in enumerate(together):
-            alone = plan_augmentation(*sizes[i], boxes[i], labels[i], difficult[i], options=options,
-                                      generator=gen(seeds[i]))
+            alone = plan_augmentation(
+                *sizes[i], boxes[i], labels[i], difficult[i], options=options, generator=gen(seeds[i])
+            )
             assert_same_plan(plan, alone)
         # and the generators are left where one-image planning leaves them
         g_batch, g_alone = gen(seeds[0]), gen(seeds[0])
@@ -78,8 +89,14 @@ def test_crop_rules_at_exactly_their_boundaries(monkeypatch):
     # The case of test_plan.py's test of the same name, planned as a batch (random batches almost never land
     # exactly on a boundary, so the equality test above would not notice a ">" for a ">=").
     width, height, boxes, labels, difficult = crop_at_exactly_half_iou(monkeypatch)
-    plan, empty = plan_augmentations([(width, height)] * 2, [boxes, boxes[:0]], [labels, labels[:0]],
-                                     [difficult, difficult[:0]], options=CROP_ONLY, generators=[gen(0), gen(1)])
+    plan, empty = plan_augmentations(
+        [(width, height)] * 2,
+        [boxes, boxes[:0]],
+        [labels, labels[:0]],
+        [difficult, difficult[:0]],
+        options=CROP_ONLY,
+        generators=[gen(0), gen(1)],
+    )
     assert plan.window == (0, 0, 64, 127)
     assert plan.boxes.tolist() == [[0.0, 0.0, 1.0, 1.0]] and plan.labels.tolist() == [3]
     assert empty.window == (0, 0, 64, 127)  # without boxes, no IoU or centre constraint: the first trial

@@ -15,8 +15,9 @@ def test_normalize_images():
     got = normalize_images(images)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(normalize_images(images.contiguous(memory_format=torch.channels_last)), want,
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        normalize_images(images.contiguous(memory_format=torch.channels_last)), want, atol=1e-5, rtol=0
+    )
     with pytest.raises(TypeError, match="uint8"):
         normalize_images(images.float())
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):

@@ -56,10 +56,12 @@ def test_photometric_is_per_pixel_so_any_region_gets_the_same_values():
         params = sample_photometric(gen(seed), channel_swap=True)
         whole = apply_photometric(image, params)
         torch.testing.assert_close(whole, apply_photometric(image.float(), params), rtol=0, atol=1e-4)
-        torch.testing.assert_close(whole[:, 5:31, 7:44], apply_photometric(hwc[:, 5:31, 7:44], params),
-                                   rtol=0, atol=1e-4)
-        torch.testing.assert_close(whole, photometric_distort(image.float(), gen(seed), channel_swap=True),
-                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            whole[:, 5:31, 7:44], apply_photometric(hwc[:, 5:31, 7:44], params), rtol=0, atol=1e-4
+        )
+        torch.testing.assert_close(
+            whole, photometric_distort(image.float(), gen(seed), channel_swap=True), rtol=0, atol=1e-4
+        )
 
 
 def test_photometric_steps_and_orders_by_hand():

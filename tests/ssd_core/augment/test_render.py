@@ -57,10 +57,22 @@ def test_no_augmentation_is_eval_transform_and_keeps_boxes():
 
 
 PALETTE = torch.tensor(
-    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
-     [255, 255, 255], [128, 0, 0], [0, 128, 0], [0, 0, 128], [128, 128, 0], [0, 128, 128]],
+    [
+        [255, 0, 0],
+        [0, 255, 0],
+        [0, 0, 255],
+        [255, 255, 0],
+        [255, 0, 255],
+        [0, 255, 255],
+        [255, 255, 255],
+        [128, 0, 0],
+        [0, 128, 0],
+        [0, 0, 128],
+        [128, 128, 0],
+        [0, 128, 128],
+    ],
     dtype=torch.uint8,
-)  # fmt: skip
+)
 
 
 def colour_coded_sample():
@@ -162,11 +174,19 @@ def test_resize_window_any_input_layout(seed):
     base = torch.randint(0, 256, (3, 30, 45), dtype=torch.uint8, generator=g)
     e = Expansion(90, 60, int(torch.randint(0, 46, (), generator=g)), int(torch.randint(0, 31, (), generator=g)))
     x0, y0 = int(torch.randint(0, 60, (), generator=g)), int(torch.randint(0, 40, (), generator=g))
-    window = (x0, y0, x0 + 5 + int(torch.randint(0, 90 - x0 - 4, (), generator=g)),
-              y0 + 5 + int(torch.randint(0, 60 - y0 - 4, (), generator=g)))
+    window = (
+        x0,
+        y0,
+        x0 + 5 + int(torch.randint(0, 90 - x0 - 4, (), generator=g)),
+        y0 + 5 + int(torch.randint(0, 60 - y0 - 4, (), generator=g)),
+    )
     want = reference_resize(canvas_window(base, e, window), 23).int()
-    for image in (base, base.float(), base.permute(1, 2, 0).contiguous().permute(2, 0, 1),
-                  torch.cat([base, base], 2)[:, :, :45]):
+    for image in (
+        base,
+        base.float(),
+        base.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+        torch.cat([base, base], 2)[:, :, :45],
+    ):
         assert ((_resize_window(image, e, window, 23).int() - want).abs() <= 1).all()
 
 
@@ -222,8 +242,9 @@ def natural_image(seed, height, width):
     """A photo-like test image: a smooth colour field, mild pixel noise (what survives JPEG) and a few flat
     objects with hard edges."""
     g = gen(seed)
-    field = F.interpolate(torch.rand(1, 3, 5, 7, generator=g) * 255, size=(height, width), mode="bicubic",
-                          align_corners=False)[0]
+    field = F.interpolate(
+        torch.rand(1, 3, 5, 7, generator=g) * 255, size=(height, width), mode="bicubic", align_corners=False
+    )[0]
     image = field + torch.randn(3, height, width, generator=g) * 1.5
     for _ in range(5):
         x0, y0 = (int(torch.randint(0, side - 20, (), generator=g)) for side in (width, height))
@@ -245,8 +266,9 @@ def block_mean(image, r):
 def smooth_image(seed, height, width):
     """A smooth colour field only (gradients of ~3 grey levels per pixel): any misplaced sample shows."""
     g = gen(seed)
-    field = F.interpolate(torch.rand(1, 3, 5, 7, generator=g) * 255, size=(height, width), mode="bicubic",
-                          align_corners=False)[0]
+    field = F.interpolate(
+        torch.rand(1, 3, 5, 7, generator=g) * 255, size=(height, width), mode="bicubic", align_corners=False
+    )[0]
     return field.round().clamp(0, 255).to(torch.uint8)
 
 

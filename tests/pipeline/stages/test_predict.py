@@ -51,7 +51,7 @@ from ssd_core.postprocess import postprocess
 from ssd_core.priors import generate_priors
 from tests.pipeline.fixtures import eps_bytes, image_with_box, png_header_only, save_jpeg
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CLASSES = ["cat", "dog"]
 HIGH = 1.0 / (1.0 + math.exp(-10) + math.exp(-30))  # a0 and a3 (module docstring)
 LOW = 0.25 / (1.0 + math.exp(-20) + 0.25)  # a2
@@ -177,14 +177,23 @@ def test_folder_with_good_and_bad_images(crafted_model, photo_dir, monkeypatch, 
     doc = json.loads((photo_dir / "predictions" / "detections.json").read_text(encoding="utf-8"))
 
     # Folders: sorted by name, top level only, image extensions only; then the explicit file.
-    ok = [("photos/a.png", 64, 48), ("photos/b.jpg", 40, 72), ("photos/g.jpeg", 50, 36),
-          ("photos/rot.jpg", 30, 60), ("other/a.png", 20, 24)]  # fmt: skip
+    ok = [
+        ("photos/a.png", 64, 48),
+        ("photos/b.jpg", 40, 72),
+        ("photos/g.jpeg", 50, 36),
+        ("photos/rot.jpg", 30, 60),
+        ("other/a.png", 20, 24),
+    ]
     assert [(i["file_name"], i["width"], i["height"]) for i in doc["images"]] == ok
     assert [i["id"] for i in doc["images"]] == [1, 2, 3, 4, 5]
     assert doc["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
     reasons = {f["file"]: f["reason"].split(":")[0] for f in doc["failed"]}
-    assert reasons == {"photos/bomb.png": "image_too_large", "photos/corrupt.jpg": "image_truncated",
-                       "photos/empty.jpg": "image_unreadable", "photos/text.png": "image_unreadable"}  # fmt: skip
+    assert reasons == {
+        "photos/bomb.png": "image_too_large",
+        "photos/corrupt.jpg": "image_truncated",
+        "photos/empty.jpg": "image_unreadable",
+        "photos/text.png": "image_unreadable",
+    }
 
     # Known boxes, in the pixels of each upright original (rot.jpg is stored 60x30, displayed 30x60).
     for image in doc["images"]:
@@ -216,8 +225,13 @@ def test_drawn_copies(crafted_model, photo_dir, monkeypatch):
     doc = json.loads((out / "detections.json").read_text(encoding="utf-8"))
     drawn = {i["file_name"]: i["drawn"] for i in doc["images"]}
     # photos/a.png keeps its name, other/a.png gets -2; PNG stays PNG, the rest become JPEG.
-    assert drawn == {"photos/a.png": "images/a.png", "photos/b.jpg": "images/b.jpg", "photos/g.jpeg": "images/g.jpg",
-                     "photos/rot.jpg": "images/rot.jpg", "other/a.png": "images/a-2.png"}  # fmt: skip
+    assert drawn == {
+        "photos/a.png": "images/a.png",
+        "photos/b.jpg": "images/b.jpg",
+        "photos/g.jpeg": "images/g.jpg",
+        "photos/rot.jpg": "images/rot.jpg",
+        "other/a.png": "images/a-2.png",
+    }
     assert sorted(p.name for p in (out / "images").iterdir()) == ["a-2.png", "a.png", "b.jpg", "g.jpg", "rot.jpg"]
     for image in doc["images"]:
         with Image.open(out / image["drawn"]) as copy:
@@ -271,8 +285,13 @@ def test_matches_forward_and_postprocess_per_image(random_model, tmp_path, monke
         got = [a for a in doc["annotations"] if a["image_id"] == image["id"]]
         unmatched = list(got)
         for label, score, (x1, y1, x2, y2) in want:  # match one to one, whatever the order of near-equal scores
-            match = next(a for a in unmatched if a["category_id"] == label and abs(a["score"] - score) < 1e-4
-                         and a["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.02))  # fmt: skip
+            match = next(
+                a
+                for a in unmatched
+                if a["category_id"] == label
+                and abs(a["score"] - score) < 1e-4
+                and a["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.02)
+            )
             unmatched.remove(match)
         assert not unmatched and len(got) == int(keep.sum()) > 0
         total += len(got)
@@ -327,8 +346,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_out_onto_or_into_an_input_folder_is_refused_before_any_work(crafted_model, photo_dir, monkeypatch,
-                                                                     caplog):
+def test_out_onto_or_into_an_input_folder_is_refused_before_any_work(crafted_model, photo_dir, monkeypatch, caplog):
     """The reported case: ``predict data/images --out data`` drew over the originals in data/images."""
     monkeypatch.chdir(photo_dir)
     before = _snapshot(photo_dir)
@@ -424,13 +442,18 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_cli_subprocess(crafted_model, tmp_path):
     (tmp_path / "in").mkdir()
     for k, size in enumerate([(64, 48), (30, 40)]):
         image_with_box(size, seed=k).save(tmp_path / "in" / f"{k}.png")
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "predict", "--model", str(crafted_model), "--out", "out", "in"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "predict: 2 images, 4 detections ≥ 0.30, 0 failed" in result.stderr
@@ -439,6 +462,7 @@ def test_cli_subprocess(crafted_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["0.png", "1.png"]
 
 
+@pytest.mark.slow
 def test_no_ray_or_mlflow_imported(crafted_model, tmp_path):
     image_with_box((40, 40)).save(tmp_path / "x.png")
     code = (
@@ -448,7 +472,8 @@ def test_no_ray_or_mlflow_imported(crafted_model, tmp_path):
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'))\n"
         "print(json.dumps({'rc': rc, 'heavy': heavy}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"rc": 0, "heavy": []}

@@ -21,10 +21,15 @@ def hostile(tmp_path_factory):
     """Run the prepare stage's main() on the corpus once; the report, the index and the log are checked below."""
     base = tmp_path_factory.mktemp("hostile")
     cases = make_hostile_corpus(base / "corpus")
-    params = make_params(**{
-        "data.source": "voc", "data.root": str(base / "corpus"), "data.classes": CLASSES,
-        "prepare.max_bad_fraction": 1.0, "data.val_fraction": 0.5,
-    })
+    params = make_params(
+        **{
+            "data.source": "voc",
+            "data.root": str(base / "corpus"),
+            "data.classes": CLASSES,
+            "prepare.max_bad_fraction": 1.0,
+            "data.val_fraction": 0.5,
+        }
+    )
     handler, logger = _Capture(), logging.getLogger("pipeline")
     level = logger.level
     logger.addHandler(handler)
@@ -118,8 +123,14 @@ def test_unsafe_xml_is_refused_without_reading_the_entity(hostile):
 def test_stage_fails_clearly_above_max_bad_fraction(tmp_path, caplog):
     cases = make_hostile_corpus(tmp_path / "corpus")
     bad = sum(bool(c.rejected) for c in cases) / len(cases)
-    params = make_params(**{"data.source": "voc", "data.root": str(tmp_path / "corpus"), "data.classes": CLASSES,
-                            "prepare.max_bad_fraction": round(bad - 0.01, 4)})
+    params = make_params(
+        **{
+            "data.source": "voc",
+            "data.root": str(tmp_path / "corpus"),
+            "data.classes": CLASSES,
+            "prepare.max_bad_fraction": round(bad - 0.01, 4),
+        }
+    )
     args = Namespace(out=tmp_path / "index", report=tmp_path / "prepare.json")
     with caplog.at_level(logging.ERROR, logger="pipeline"):
         assert prepare_stage.main(args, params) == 1
@@ -131,8 +142,15 @@ def test_stage_fails_clearly_above_max_bad_fraction(tmp_path, caplog):
 
 def test_strict_classes_fails_naming_file_and_class(tmp_path, caplog):
     make_hostile_corpus(tmp_path / "corpus")
-    params = make_params(**{"data.source": "voc", "data.root": str(tmp_path / "corpus"), "data.classes": CLASSES,
-                            "data.strict_classes": True, "prepare.max_bad_fraction": 1.0})
+    params = make_params(
+        **{
+            "data.source": "voc",
+            "data.root": str(tmp_path / "corpus"),
+            "data.classes": CLASSES,
+            "data.strict_classes": True,
+            "prepare.max_bad_fraction": 1.0,
+        }
+    )
     with caplog.at_level(logging.ERROR, logger="pipeline"):
         code = prepare_stage.main(Namespace(out=tmp_path / "index", report=tmp_path / "r.json"), params)
     assert code == 1

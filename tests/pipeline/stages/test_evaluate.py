@@ -46,13 +46,29 @@ def model_file(tmp_path_factory, classes):
 
 
 def run_cli(tmp_path, model_file, shards, *overrides, expect: int = 0):
-    code = cli_main(["evaluate", "--model", str(model_file), "--shards", str(shards),
-                     "--metrics", str(tmp_path / "metrics" / "eval.json"), "--plots", str(tmp_path / "plots"),
-                     "--out", str(tmp_path / "eval"), "eval.batch_size=2", "eval.num_sample_images=3",
-                     "train.loader_workers=0", *overrides])  # fmt: skip
+    code = cli_main(
+        [
+            "evaluate",
+            "--model",
+            str(model_file),
+            "--shards",
+            str(shards),
+            "--metrics",
+            str(tmp_path / "metrics" / "eval.json"),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--out",
+            str(tmp_path / "eval"),
+            "eval.batch_size=2",
+            "eval.num_sample_images=3",
+            "train.loader_workers=0",
+            *overrides,
+        ]
+    )
     assert code == expect
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output(tmp_path, monkeypatch, model_file, uneven_shards, classes):
     monkeypatch.chdir(tmp_path)
     claim_output_folder(tmp_path / "plots", "evaluate")  # as an earlier run left it, with a class since dropped
@@ -151,6 +167,7 @@ def test_detections_off_by_a_box_width_score_zero(uneven_shards, classes):
     assert result.summary["map_coco"] == 0.0 and result.summary["ap50"] == 0.0
 
 
+@pytest.mark.slow
 def test_reports_to_the_training_run_that_logged_the_model(tmp_path, monkeypatch, model_file, uneven_shards):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -174,18 +191,38 @@ def test_reports_to_the_training_run_that_logged_the_model(tmp_path, monkeypatch
         if metrics[key] is not None:
             assert history[0].value == pytest.approx(metrics[key], abs=1e-6)
     names = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/eval.json", "evaluation/per_class_ap.csv", "evaluation/pr_curves.png",
-            "evaluation/detections.png", "evaluation/pr"} <= names  # fmt: skip
+    assert {
+        "evaluation/eval.json",
+        "evaluation/per_class_ap.csv",
+        "evaluation/pr_curves.png",
+        "evaluation/detections.png",
+        "evaluation/pr",
+    } <= names
     (version,) = client.search_model_versions("name='ssd-eval-test'")
     assert "val/map_voc07" in version.tags and version.tags["train/loss"] == "1.5"
 
 
-def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, monkeypatch, model_file, uneven_shards,
-                                                                caplog):  # fmt: skip
+def test_unreachable_tracking_server_fails_fast_before_any_work(
+    tmp_path, monkeypatch, model_file, uneven_shards, caplog
+):
     monkeypatch.chdir(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    code = cli_main(["evaluate", "--model", str(model_file), "--shards", str(uneven_shards),
-                     "--metrics", str(tmp_path / "eval.json"), "--plots", "plots", "--out", "eval",
-                     f"tracking.uri={uri}", "tracking.connect_timeout_s=1"])  # fmt: skip
+    code = cli_main(
+        [
+            "evaluate",
+            "--model",
+            str(model_file),
+            "--shards",
+            str(uneven_shards),
+            "--metrics",
+            str(tmp_path / "eval.json"),
+            "--plots",
+            "plots",
+            "--out",
+            "eval",
+            f"tracking.uri={uri}",
+            "tracking.connect_timeout_s=1",
+        ]
+    )
     assert code == 2 and uri in caplog.text
     assert not (tmp_path / "eval.json").exists()

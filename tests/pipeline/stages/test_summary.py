@@ -13,14 +13,17 @@ from pipeline.config import load_params
 from pipeline.stages.evaluate import RUN_STARTED_ENV, run_wall_time_s
 from pipeline.stages.summary import headline, ui_command
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_headline_names_the_metrics_and_the_whole_run_time():
-    line = headline({"map_voc07": 0.81234, "map_voc": 0.85, "map_coco": 0.4, "num_images": 200,
-                     "run_wall_time_s": 725.4})  # fmt: skip
-    assert line == ("VOC07 mAP@0.5 0.812 | VOC mAP@0.5 0.850 | COCO mAP 0.400 on 200 validation images; "
-                    "the make run that measured them took 12 min 05 s (install included)")  # fmt: skip
+    line = headline(
+        {"map_voc07": 0.81234, "map_voc": 0.85, "map_coco": 0.4, "num_images": 200, "run_wall_time_s": 725.4}
+    )
+    assert line == (
+        "VOC07 mAP@0.5 0.812 | VOC mAP@0.5 0.850 | COCO mAP 0.400 on 200 validation images; "
+        "the make run that measured them took 12 min 05 s (install included)"
+    )
 
 
 def test_headline_without_a_run_time_or_with_missing_metrics():
@@ -47,15 +50,28 @@ def test_run_wall_time_comes_from_the_make_run_start(monkeypatch, value, expecte
     assert run_wall_time_s(now=1234.5) == expected  # 2000 is after "now": a clock problem, not a duration
 
 
+@pytest.mark.slow
 def test_summary_command_prints_two_lines_and_fails_without_metrics(tmp_path):
     metrics = tmp_path / "eval.json"
     command = [sys.executable, "-m", "pipeline", "summary", "--metrics", str(metrics)]
-    missing = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    missing = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert missing.returncode == 1 and "no " in missing.stderr and "dvc repro" in missing.stderr
     metrics.write_text(json.dumps({"map_voc07": 0.9, "map_voc": 0.91, "map_coco": 0.5, "num_images": 7}))
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "summary: VOC07 mAP@0.5 0.900 | VOC mAP@0.5 0.910 | COCO mAP 0.500 on 7 validation images"

@@ -70,8 +70,11 @@ def test_exif_rotated_jpeg_is_loaded_upright(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "1", "I;16", "YCbCr"])
 def test_to_rgb_converts_every_supported_mode(mode):
-    source = Image.fromarray(np.full((6, 8), 40000, dtype=np.uint16)) if mode == "I;16" else (
-        image_with_box((8, 6), (0, 0, 4, 6)).convert(mode))
+    source = (
+        Image.fromarray(np.full((6, 8), 40000, dtype=np.uint16))
+        if mode == "I;16"
+        else (image_with_box((8, 6), (0, 0, 4, 6)).convert(mode))
+    )
     rgb = to_rgb(source)
     assert rgb.mode == "RGB" and rgb.size == (8, 6)
     if mode == "I;16":
@@ -117,8 +120,19 @@ def _encoded(fmt: str, ext: str, tmp_path) -> tuple:
     return path, path.read_bytes()
 
 
-@pytest.mark.parametrize(("fmt", "ext"), [("JPEG", ".jpg"), ("MPO", ".mpo"), ("PNG", ".png"), ("BMP", ".bmp"),
-                                          ("GIF", ".gif"), ("TIFF", ".tif"), ("WEBP", ".webp"), ("PPM", ".ppm")])
+@pytest.mark.parametrize(
+    ("fmt", "ext"),
+    [
+        ("JPEG", ".jpg"),
+        ("MPO", ".mpo"),
+        ("PNG", ".png"),
+        ("BMP", ".bmp"),
+        ("GIF", ".gif"),
+        ("TIFF", ".tif"),
+        ("WEBP", ".webp"),
+        ("PPM", ".ppm"),
+    ],
+)
 def test_every_allowed_format_opens_from_a_path_and_from_bytes(fmt, ext, tmp_path):
     assert fmt in ALLOWED_FORMATS
     for source in _encoded(fmt, ext, tmp_path):
@@ -127,8 +141,18 @@ def test_every_allowed_format_opens_from_a_path_and_from_bytes(fmt, ext, tmp_pat
         assert load_rgb(source, max_pixels=10_000).size == (16, 12)
 
 
-@pytest.mark.parametrize(("fmt", "ext"), [("EPS", ".eps"), ("TGA", ".tga"), ("SGI", ".sgi"), ("ICO", ".ico"),
-                                          ("PCX", ".pcx"), ("QOI", ".qoi"), ("DDS", ".dds")])
+@pytest.mark.parametrize(
+    ("fmt", "ext"),
+    [
+        ("EPS", ".eps"),
+        ("TGA", ".tga"),
+        ("SGI", ".sgi"),
+        ("ICO", ".ico"),
+        ("PCX", ".pcx"),
+        ("QOI", ".qoi"),
+        ("DDS", ".dds"),
+    ],
+)
 def test_other_formats_are_refused_before_their_plugin_parses_them(fmt, ext, tmp_path, monkeypatch):
     path, data = _encoded(fmt, ext, tmp_path)
     Image.init()
@@ -153,8 +177,10 @@ def test_an_eps_file_named_jpg_is_refused_by_its_signature(tmp_path):
     path.write_bytes(eps_bytes(16, 12))
     with pytest.raises(ImageRejected) as caught:
         inspect_image(path, max_pixels=10_000)
-    assert (caught.value.reason, caught.value.detail.split(";")[0]) == ("image_format_not_allowed",
-                                                                        "EPS (by its signature)")
+    assert (caught.value.reason, caught.value.detail.split(";")[0]) == (
+        "image_format_not_allowed",
+        "EPS (by its signature)",
+    )
 
 
 def test_text_and_empty_files_stay_unreadable(tmp_path):

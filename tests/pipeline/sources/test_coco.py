@@ -13,8 +13,14 @@ from tests.pipeline.fixtures import image_with_box, make_coco, make_params, save
 
 
 def _coco(root, **extra):
-    return make_params(**{"data.source": "coco", "data.coco.train_json": str(root / "instances.json"),
-                          "data.coco.train_images": str(root / "images"), **extra})
+    return make_params(
+        **{
+            "data.source": "coco",
+            "data.coco.train_json": str(root / "instances.json"),
+            "data.coco.train_images": str(root / "images"),
+            **extra,
+        }
+    )
 
 
 def test_labels_crowd_and_bad_entries(tmp_path):
@@ -35,12 +41,18 @@ def test_labels_crowd_and_bad_entries(tmp_path):
 
     report = result.report.to_dict()
     assert report["images"] == {
-        "in": 6, "kept": 3, "rejected": 3,
+        "in": 6,
+        "kept": 3,
+        "rejected": 3,
         "rejected_by_reason": {"annotation_malformed": 2, "unsafe_path": 1},
         "corrected_by_reason": {"size_mismatch": 1},
     }
     assert report["boxes"]["rejected_by_reason"] == {
-        "box_inverted": 1, "box_malformed": 1, "box_orphan": 1, "image_rejected": 1, "unknown_class": 1,
+        "box_inverted": 1,
+        "box_malformed": 1,
+        "box_orphan": 1,
+        "image_rejected": 1,
+        "unknown_class": 1,
     }
     assert (report["boxes"]["in"], report["boxes"]["kept"]) == (9, 4)
     assert report["boxes"]["corrected_by_reason"] == {"box_clipped": 1}
@@ -56,8 +68,13 @@ def test_val_json_maps_categories_by_name(tmp_path):
         ann["category_id"] = {3: 2, 7: 1}.get(ann["category_id"], 99)
     (tmp_path / "val" / "instances.json").write_text(json.dumps(data))
     assert text != (tmp_path / "val" / "instances.json").read_text()
-    params = _coco(tmp_path / "train", **{"data.coco.val_json": str(tmp_path / "val" / "instances.json"),
-                                          "data.coco.val_images": str(tmp_path / "val" / "images")})
+    params = _coco(
+        tmp_path / "train",
+        **{
+            "data.coco.val_json": str(tmp_path / "val" / "instances.json"),
+            "data.coco.val_images": str(tmp_path / "val" / "images"),
+        },
+    )
     result = prepare(params, tmp_path / "out", progress=False)
     train = {r.id: r.labels for r in result.records["train"]}
     val = {r.id: r.labels for r in result.records["val"]}
@@ -127,7 +144,10 @@ def test_hostile_entries_are_rejected_one_by_one_with_a_reason(tmp_path, caplog)
     report = result.report.to_dict()
     assert report["images"]["rejected_by_reason"] == {"annotation_malformed": 4, "unsafe_path": 5}
     assert report["boxes"]["rejected_by_reason"] == {
-        "annotation_malformed": 6, "box_malformed": 2, "box_nonfinite": 2, "image_rejected": 2,
+        "annotation_malformed": 6,
+        "box_malformed": 2,
+        "box_nonfinite": 2,
+        "image_rejected": 2,
     }
     # The sums: images in = kept + rejected (10 = 1 + 9), boxes likewise (14 = 2 + 12).
     assert (report["images"]["in"], report["images"]["kept"], report["images"]["rejected"]) == (10, 1, 9)
@@ -148,25 +168,40 @@ def test_deeply_nested_json_stops_the_stage_clearly(tmp_path, where):
         prepare(_coco(tmp_path), tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize(("key", "entries", "message"), [
-    ("categories", [{"id": 3, "name": "a"}, {"id": 3, "name": "b"}], r"categories\[0\] and categories\[1\] share id 3"),
-    ("categories", [{"id": 3, "name": "a"}, {"id": 4, "name": "a"}], r"share name 'a'"),
-    ("images", [{"id": 1, "file_name": "001.jpg"}, {"id": 1, "file_name": "002.jpg"}],
-     r"images\[0\] and images\[1\] share id 1"),
-    ("annotations", [_ann(1), _ann(2), _ann(1)], r"annotations\[0\] and annotations\[2\] share id 1"),
-])
+@pytest.mark.parametrize(
+    ("key", "entries", "message"),
+    [
+        (
+            "categories",
+            [{"id": 3, "name": "a"}, {"id": 3, "name": "b"}],
+            r"categories\[0\] and categories\[1\] share id 3",
+        ),
+        ("categories", [{"id": 3, "name": "a"}, {"id": 4, "name": "a"}], r"share name 'a'"),
+        (
+            "images",
+            [{"id": 1, "file_name": "001.jpg"}, {"id": 1, "file_name": "002.jpg"}],
+            r"images\[0\] and images\[1\] share id 1",
+        ),
+        ("annotations", [_ann(1), _ann(2), _ann(1)], r"annotations\[0\] and annotations\[2\] share id 1"),
+    ],
+)
 def test_repeated_ids_stop_the_stage_naming_both_entries(tmp_path, key, entries, message):
     """Two categories with one id would merge two classes (one lost, its boxes relabelled); two images or
     annotations with one id leave it open which entry is meant."""
-    data = {"categories": [{"id": 3, "name": "a"}], "images": [{"id": 1, "file_name": "001.jpg"}],
-            "annotations": [_ann(1)], key: entries}  # fmt: skip
+    data = {
+        "categories": [{"id": 3, "name": "a"}],
+        "images": [{"id": 1, "file_name": "001.jpg"}],
+        "annotations": [_ann(1)],
+        key: entries,
+    }
     _write(tmp_path, data)
     with pytest.raises(PrepareError, match=message):
         prepare(_coco(tmp_path), tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("category", [{"id": "3", "name": "a"}, {"id": False, "name": "a"}, {"id": 3, "name": ""},
-                                      {"id": 3}, "a"])
+@pytest.mark.parametrize(
+    "category", [{"id": "3", "name": "a"}, {"id": False, "name": "a"}, {"id": 3, "name": ""}, {"id": 3}, "a"]
+)
 def test_a_malformed_category_stops_the_stage(tmp_path, category):
     """A category that cannot be read would silently remove a class (and shift every later label)."""
     _write(tmp_path, {"categories": [{"id": 1, "name": "z"}, category], "images": [], "annotations": []})

@@ -81,8 +81,9 @@ def test_flat_folder_is_detected_and_split_by_seed(tmp_path):
     params = _voc(str(tmp_path / "flat"), **{"data.val_fraction": 0.25, "seed": 3})
     first = prepare(params, tmp_path / "o1", progress=False)
     again = prepare(params, tmp_path / "o2", progress=False)
-    other = prepare(_voc(str(tmp_path / "flat"), **{"data.val_fraction": 0.25, "seed": 4}), tmp_path / "o3",
-                    progress=False)
+    other = prepare(
+        _voc(str(tmp_path / "flat"), **{"data.val_fraction": 0.25, "seed": 4}), tmp_path / "o3", progress=False
+    )
     val_ids = [r.id for r in first.records["val"]]
     assert len(val_ids) == 5 and len(first.records["train"]) == 15  # round(20 * 0.25)
     assert val_ids == [r.id for r in again.records["val"]]
@@ -92,16 +93,23 @@ def test_flat_folder_is_detected_and_split_by_seed(tmp_path):
 
 def test_flat_folder_with_configured_names_and_xml_beside_images(tmp_path):
     make_flat_voc(tmp_path / "named", 4, ann_name="labels_xml", img_name="pictures")
-    params = _voc(str(tmp_path / "named"), **{"data.voc.annotations_dir": "labels_xml",
-                                             "data.voc.images_dir": "pictures"})
+    params = _voc(
+        str(tmp_path / "named"), **{"data.voc.annotations_dir": "labels_xml", "data.voc.images_dir": "pictures"}
+    )
     assert prepare(params, tmp_path / "o1", progress=False).report.images_kept == 4
     make_flat_voc(tmp_path / "beside", 3, ann_name=".", img_name=".")
     assert prepare(_voc(str(tmp_path / "beside")), tmp_path / "o2", progress=False).report.images_kept == 3
 
 
 def test_image_found_by_stem_when_filename_is_stale(tmp_path):
-    write_voc_sample(tmp_path / "r" / "annotations", tmp_path / "r" / "images", "pic", (30, 20),
-                     [Obj("x", 2, 2, 10, 10)], name="old_name.JPG")
+    write_voc_sample(
+        tmp_path / "r" / "annotations",
+        tmp_path / "r" / "images",
+        "pic",
+        (30, 20),
+        [Obj("x", 2, 2, 10, 10)],
+        name="old_name.JPG",
+    )
     (tmp_path / "r" / "images" / "pic.jpg").rename(tmp_path / "r" / "images" / "pic.JPEG")
     result = prepare(_voc(str(tmp_path / "r"), **{"data.val_fraction": 0.5}), tmp_path / "o", progress=False)
     assert result.report.images_kept == 1
@@ -127,8 +135,10 @@ def test_seeded_split_sizes():
 RACCOON = os.environ.get("SSD_RACCOON_DIR", "")
 
 
-@pytest.mark.skipif(not RACCOON or not Path(RACCOON).is_dir(),
-                    reason="SSD_RACCOON_DIR is unset or not a directory (CI sets it to ../shared/datasets/raccoon)")
+@pytest.mark.skipif(
+    not RACCOON or not Path(RACCOON).is_dir(),
+    reason="SSD_RACCOON_DIR is unset or not a directory (CI sets it to ../shared/datasets/raccoon)",
+)
 def test_raccoon_real_data_through_prepare_and_shard(tmp_path):
     """The README of the set: 200 photos, 217 boxes, one class; 3 are grayscale."""
     params = _voc(RACCOON)

@@ -29,7 +29,7 @@ from pipeline.stages import export as export_stage
 from ssd_core.deploy import DeployedSSD
 from tests.pipeline.fixtures import random_tiny_ssd, reference_boxes_scores
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CLASSES = ["circle", "square", "triangle"]
 TOLERANCE = Tolerance()  # the stated tolerance: 1e-4 on normalised boxes and on probabilities
 
@@ -138,10 +138,24 @@ def test_failed_check_writes_nothing_and_keeps_the_old_file(model_file, tmp_path
     assert out.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["ssd.onnx"]
 
 
+@pytest.mark.slow
 def test_cli_exports_with_nms_and_param_overrides(model_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "pipeline", "export", "--model", str(model_file), "--out", "out/ssd.onnx",
-               "--opset", "16", "--nms", "eval.top_k=50", "eval.max_detections=10"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "export",
+        "--model",
+        str(model_file),
+        "--out",
+        "out/ssd.onnx",
+        "--opset",
+        "16",
+        "--nms",
+        "eval.top_k=50",
+        "eval.max_detections=10",
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr

@@ -28,14 +28,33 @@ import pytest
 from pipeline.artifacts.model_file import load_model_file
 from pipeline.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 # Everything the job does not need; the shards and outputs live outside the working dir (shared storage).
-EXCLUDES = [".git", ".venv", ".bench", ".dvc/cache", "data", "shards", "runs", "models", "mlflow.db",
-            "mlartifacts", "metrics", "reports", "plots", "eval", "benchmarks/results", ".pytest_cache",
-            ".ruff_cache", ".hypothesis", "*.egg-info", "__pycache__"]  # fmt: skip
+EXCLUDES = [
+    ".git",
+    ".venv",
+    ".bench",
+    ".dvc/cache",
+    "data",
+    "shards",
+    "runs",
+    "models",
+    "mlflow.db",
+    "mlartifacts",
+    "metrics",
+    "reports",
+    "plots",
+    "eval",
+    "benchmarks/results",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "*.egg-info",
+    "__pycache__",
+]
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(420)]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -63,14 +82,30 @@ def head(tmp_path):
     gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env = _free_ports(7)
     log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
@@ -94,10 +129,35 @@ def test_ray_job_submit_trains_and_writes_the_model_file(head, tmp_path):
     address, env = head
     (tmp_path / "empty.yaml").write_text("seed: 0\n")
     synthetic = ["data.synthetic.num_train=32", "data.synthetic.num_val=8", "data.synthetic.image_size=96"]
-    assert cli_main(["prepare", "--params", str(tmp_path / "empty.yaml"), "--out", str(tmp_path / "prepared"),
-                     "--report", str(tmp_path / "prepare.json"), *synthetic]) == 0  # fmt: skip
-    assert cli_main(["shard", "--params", str(tmp_path / "empty.yaml"), "--index", str(tmp_path / "prepared"),
-                     "--out", str(tmp_path / "shards")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "prepare",
+                "--params",
+                str(tmp_path / "empty.yaml"),
+                "--out",
+                str(tmp_path / "prepared"),
+                "--report",
+                str(tmp_path / "prepare.json"),
+                *synthetic,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "shard",
+                "--params",
+                str(tmp_path / "empty.yaml"),
+                "--index",
+                str(tmp_path / "prepared"),
+                "--out",
+                str(tmp_path / "shards"),
+            ]
+        )
+        == 0
+    )
     params = tmp_path / "params.yaml"
     params.write_text(
         "seed: 3\nmodel: {preset: ssd_tiny}\naugment: {expand: false, crop: false}\n"
@@ -115,12 +175,29 @@ def test_ray_job_submit_trains_and_writes_the_model_file(head, tmp_path):
 
     submission = f"ssd-train-{secrets.token_hex(4)}"
     submitted = _ray(
-        "job", "submit", f"--address={address}", f"--submission-id={submission}", "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
-        "python", "-m", "pipeline", "train", "--params", str(params), "--shards", str(tmp_path / "shards"),
-        "--model-out", str(model_out), f"train.storage_path={tmp_path / 'runs'}",
-        env=env, timeout=360,
-    )  # fmt: skip
+        "job",
+        "submit",
+        f"--address={address}",
+        f"--submission-id={submission}",
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": EXCLUDES}),
+        "--",
+        "python",
+        "-m",
+        "pipeline",
+        "train",
+        "--params",
+        str(params),
+        "--shards",
+        str(tmp_path / "shards"),
+        "--model-out",
+        str(model_out),
+        f"train.storage_path={tmp_path / 'runs'}",
+        env=env,
+        timeout=360,
+    )
     logs = submitted.stdout[-4000:] + submitted.stderr[-2000:]
     assert submitted.returncode == 0, logs
     status = _ray("job", "status", f"--address={address}", submission, env=env, timeout=60)

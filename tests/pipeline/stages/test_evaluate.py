@@ -7,9 +7,7 @@ import contextlib
 import csv
 import io
 import json
-import math
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -21,7 +19,7 @@ from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
 from pipeline.shards.loader import eval_loader
-from pipeline.stages.evaluate import SUMMARY_KEYS, Collected, score_detections
+from pipeline.stages.evaluate_scoring import SUMMARY_KEYS
 from pipeline.tracking import create_tracker
 from ssd_core.model import build_ssd
 from tests.pipeline.fixtures import make_params
@@ -132,39 +130,6 @@ def test_folders_it_did_not_make_are_refused_before_any_work(tmp_path, model_fil
     claim_output_folder(tmp_path / "eval", "shard")  # another stage's output
     run_cli(tmp_path, model_file, uneven_shards, "tracking.enabled=false", expect=2)
     assert f"--out {tmp_path / 'eval'} holds the output of the shard stage" in caplog.text
-
-
-def _collected_from_ground_truth(shards, jitter: float = 0.0, seed: int = 0) -> Collected:
-    """Detections = the ground truth itself (optionally shifted), one per box, distinct scores."""
-    rng = np.random.default_rng(seed)
-    keys, sizes, gb, gl, gd, db, ds, dl = [], [], [], [], [], [], [], []
-    for batch in eval_loader(str(shards), batch_size=4, image_size=64, num_workers=0):
-        for i in range(len(batch.keys)):
-            keys.append(batch.keys[i])
-            sizes.append(batch.sizes[i].tolist())
-            boxes = batch.boxes[i].numpy().astype(np.float64)
-            gb.append(boxes)
-            gl.append(batch.labels[i].numpy())
-            gd.append(batch.difficult[i].numpy())
-            db.append(boxes + jitter)
-            ds.append(rng.uniform(0.5, 1.0, len(boxes)))
-            dl.append(batch.labels[i].numpy())
-    return Collected(keys, np.array(sizes), gb, gl, gd, db, ds, dl, [], 1.0)
-
-
-def test_perfect_detections_score_one_everywhere(uneven_shards, classes):
-    result = score_detections(_collected_from_ground_truth(uneven_shards), classes)
-    for key in SUMMARY_KEYS:
-        value = result.summary[key]
-        assert math.isnan(value) or value == pytest.approx(1.0), key  # NaN only for an empty size group
-    assert result.summary["map_voc07"] == pytest.approx(1.0) and result.summary["map_coco"] == pytest.approx(1.0)
-
-
-def test_detections_off_by_a_box_width_score_zero(uneven_shards, classes):
-    # Shifting every box right and down by 1000 px leaves no overlap: every detection is a false positive.
-    result = score_detections(_collected_from_ground_truth(uneven_shards, jitter=1000.0), classes)
-    assert result.summary["map_voc07"] == 0.0 and result.summary["map_voc"] == 0.0
-    assert result.summary["map_coco"] == 0.0 and result.summary["ap50"] == 0.0
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`python -m pipeline summary` and the whole-run wall time that evaluate records."""
+"""`python -m pipeline summary`: the headline line and the MLflow UI command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_params
-from pipeline.stages.evaluate import RUN_STARTED_ENV, run_wall_time_s
 from pipeline.stages.summary import headline, ui_command
 
 REPO = Path(__file__).resolve().parents[3]
@@ -42,12 +41,6 @@ def test_ui_command_for_a_server_names_the_server(tmp_path):
     assert ui_command(params, tmp_path, Path(sys.executable)) == (
         "open http://10.0.0.5:5000 in a browser (the runs are on that MLflow server)"
     )
-
-
-@pytest.mark.parametrize(("value", "expected"), [("1000", 234.5), ("", None), ("yesterday", None), ("2000", None)])
-def test_run_wall_time_comes_from_the_make_run_start(monkeypatch, value, expected):
-    monkeypatch.setenv(RUN_STARTED_ENV, value)
-    assert run_wall_time_s(now=1234.5) == expected  # 2000 is after "now": a clock problem, not a duration
 
 
 @pytest.mark.slow

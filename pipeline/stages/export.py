@@ -21,15 +21,8 @@ from pathlib import Path
 
 from pipeline.artifacts.atomic_write import write_bytes_atomic
 from pipeline.artifacts.model_file import load_model_file
-from pipeline.artifacts.onnx_export import (
-    NmsSettings,
-    Tolerance,
-    check_opset,
-    export_onnx,
-    metadata,
-    sidecar,
-    verify_onnx,
-)
+from pipeline.artifacts.onnx_export import NmsSettings, check_opset, export_onnx, metadata
+from pipeline.artifacts.onnx_verify import Tolerance, sidecar, verify_onnx
 from pipeline.config import Params
 
 logger = logging.getLogger(__name__)

@@ -3,6 +3,10 @@
 The model is ssd_tiny (160 x 160 input, P = 2390 priors) with random weights, its batch norm running
 statistics and heads randomised so that eval mode matters and scores and boxes are spread out
 (``tests.pipeline.fixtures.random_tiny_ssd``); one test exports the paper's SSD300.
+
+The checker the export command runs (``pipeline.artifacts.onnx_verify``) is tested here too: its batched
+``reference_selected_indices`` against a slow per-class reference; ``verify_onnx`` and ``sidecar`` through
+the command in ``tests/pipeline/stages/test_export.py``.
 """
 
 from __future__ import annotations
@@ -14,15 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts.onnx_export import (
-    NmsSettings,
-    Tolerance,
-    detections_from_selected,
-    export_onnx,
-    reference_selected_indices,
-    run_onnx,
-    sample_images,
-)
+from pipeline.artifacts.onnx_export import NmsSettings, detections_from_selected, export_onnx
+from pipeline.artifacts.onnx_verify import Tolerance, reference_selected_indices, run_onnx, sample_images
 from ssd_core.augment import normalize_images
 from ssd_core.model import build_ssd
 from ssd_core.postprocess import nms, postprocess

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from pipeline.artifacts.model_file import save_model_file
-from pipeline.artifacts.onnx_export import BATCH_AXIS, Tolerance, run_onnx, sample_images
+from pipeline.artifacts.onnx_export import BATCH_AXIS
+from pipeline.artifacts.onnx_verify import Tolerance, run_onnx, sample_images
 from pipeline.config import load_params, params_to_dict
 from pipeline.stages import export as export_stage
 from ssd_core.deploy import DeployedSSD

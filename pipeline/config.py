@@ -263,12 +263,21 @@ def _section_problems(params: Params) -> Iterable[str]:
         yield f"data.classes: expected distinct names, got {repeated} more than once"
     if "" in [name.strip() for name in classes]:
         yield f"data.classes: expected non-empty names, got {classes}"
-    train = params.train
+    problem = milestones_problem(params.train)
+    if problem:
+        yield problem
+
+
+def milestones_problem(train: TrainConfig) -> str | None:
+    """Why ``train.milestones`` cannot be a schedule's decay steps, or None: strictly increasing, in 1..last.
+
+    The schedule counts steps 1..max_steps; under cosine the milestones are unused, so only their form counts.
+    """
     milestones = list(train.milestones)
-    # The schedule counts steps 1..max_steps; under cosine the milestones are unused, so only their form counts.
     last = train.max_steps if train.schedule == "multistep" else MAX_STEPS
     if milestones != sorted(set(milestones)) or any(not 0 < m <= last for m in milestones):
-        yield f"train.milestones: expected strictly increasing steps in 1..{last}, got {milestones}"
+        return f"train.milestones: expected strictly increasing steps in 1..{last}, got {milestones}"
+    return None
 
 
 def _augment_problems(augment: AugmentConfig) -> list[str]:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, milestones_problem
 
 # Warm-up starts at this fraction of the target rate: SSD's first iterations at full rate blow up the
 # loss on random heads (the paper's VOC schedule has no warm-up but a lower rate of 1e-3 for 40k steps).
@@ -27,12 +27,9 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int) -> float:
 
 def check_schedule(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` naming the key when the schedule cannot run as configured."""
-    if cfg.schedule == "multistep":
-        milestones = list(cfg.milestones)
-        if milestones != sorted(set(milestones)) or any(not 0 < m <= cfg.max_steps for m in milestones):
-            raise ValueError(
-                f"train.milestones: expected strictly increasing steps in 1..{cfg.max_steps}, got {milestones}"
-            )
+    problem = milestones_problem(cfg) if cfg.schedule == "multistep" else None
+    if problem:
+        raise ValueError(problem)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -11,6 +11,7 @@ job, which Ray records as part of the run's config, shows every URI through ``tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -43,8 +44,20 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
 IDENTITY_SECTIONS = ("seed", "model", "augment", "train")
 # The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser):
 # every project file that importing the worker's loop runs, so a new module is never left out of the digest.
+# ``TRAINING_CODE`` (module attribute) is that closure, worked out on first use: the driver needs it for the
+# run identity, while every Ray worker imports this module and never does.
 TRAINING_ENTRY = "pipeline/training/loop.py"
-TRAINING_CODE = import_closure([TRAINING_ENTRY], Path(pipeline.__file__).resolve().parent.parent)
+
+
+@functools.cache
+def _training_code() -> tuple[str, ...]:
+    return import_closure([TRAINING_ENTRY], Path(pipeline.__file__).resolve().parent.parent)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TRAINING_CODE":
+        return _training_code()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, repr=False)
@@ -74,7 +87,7 @@ def code_digest() -> str:
     sorted order, each as its posix path then its bytes (DVC's train stage lists this code in its ``deps``)."""
     root = Path(pipeline.__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for entry in TRAINING_CODE:
+    for entry in _training_code():
         digest.update(entry.encode())
         digest.update((root / entry).read_bytes())
     return digest.hexdigest()

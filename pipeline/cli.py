@@ -170,13 +170,16 @@ def parse_command_line(argv: Sequence[str] | None = None) -> tuple[argparse.Name
 
 def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentParser, command: Command) -> None:
     """Give every path option left unset the value ``dvc.yaml``'s stage command names; refuse when none does."""
+    read: dict[str, dict[str, str]] = {}  # stage -> its command's options, dvc.yaml read once per stage
     for key in [k for k in vars(args) if k.startswith("_dvc_")]:
         stage, flag, url = getattr(args, key)
         delattr(args, key)
         dest = key.removeprefix("_dvc_")
         if getattr(args, dest) is not None:
             continue
-        value = stage_options(stage, DVC_FILE).get(flag)
+        if stage not in read:
+            read[stage] = stage_options(stage, DVC_FILE)
+        value = read[stage].get(flag)
         if value is None:
             own = "--" + dest.replace("_", "-")
             parser.error(

@@ -69,7 +69,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
+    _path(p, "--model", "train", "model file from train, or models:/NAME@ALIAS", stage_flag="--model-out")
     p.add_argument(
         "--out",
         type=Path,
@@ -83,7 +83,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
+    _path(p, "--model", "train", "model file from train, or models:/NAME@ALIAS", stage_flag="--model-out")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the model's path, suffix .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
@@ -188,6 +188,8 @@ def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentPars
             )
         setattr(args, dest, value if url else Path(value))
     if command.name == "export" and args.out is None:
+        if str(args.model).startswith("models:/"):
+            parser.error(f"export: --out is required when --model is a registered model ({args.model})")
         args.out = Path(args.model).with_suffix(".onnx")
 
 

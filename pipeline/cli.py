@@ -94,6 +94,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="the registered version to make the champion, NAME@VERSION (e.g. ssd@3)")
+    p.add_argument("--reason", required=True, help="why (recorded on the version as promoted_reason)")
+    p.add_argument("--user", default="", help="who (default: the login name), recorded as promoted_by")
+
+
 def _summary_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--metrics", "evaluate", "eval.json of the run")
 
@@ -115,6 +121,12 @@ COMMANDS: tuple[Command, ...] = (
         takes_inputs=True,
     ),
     Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
+    Command(
+        "promote",
+        "pipeline.stages.promote",
+        "make a registered model version the champion, recording who and why",
+        _promote_args,
+    ),
     Command(
         "summary",
         "pipeline.stages.summary",

@@ -109,8 +109,8 @@ class SsdDetector(mlflow.pyfunc.PythonModel):
                 raise _bad_input(f"row {row}: expected a uint8 array [H, W, 3], got {value.dtype} {list(value.shape)}")
             if value.shape[0] * value.shape[1] > self._max_pixels:
                 raise _bad_input(
-                    f"row {row}: decompression_bomb: {value.shape[1]}x{value.shape[0]} pixels is more than "
-                    f"{self._max_pixels}"
+                    f"row {row}: image_too_large: {value.shape[1]}x{value.shape[0]} pixels; limit {self._max_pixels} "
+                    "(prepare.max_image_pixels)"
                 )
             return Image.fromarray(np.ascontiguousarray(value), mode="RGB")
         if isinstance(value, bytearray | memoryview):

@@ -90,7 +90,7 @@ def publish_model(
         )
         version = None
         if cfg.register_model:
-            version = register_version(client, cfg.model_name, source=f"models:/{model_id}", run_id=run_id, tags=tags)
+            version = register_version(client, cfg.model_name, model_id=model_id, run_id=run_id, tags=tags)
     except (OSError, ValueError) as error:
         raise TrackingError(redact_uri(f"MLflow model of {model_file} in {uri}: {error}")) from error
     except Exception as error:  # MlflowException and the store's own errors: name the store

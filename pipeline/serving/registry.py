@@ -16,6 +16,7 @@ Every function talks to the store at once through the ``MlflowClient`` it is giv
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -36,20 +37,34 @@ class Decision(NamedTuple):
     reason: str
 
 
-def register_version(client: Any, name: str, *, source: str, run_id: str, tags: Mapping[str, str]) -> str:
-    """Register ``source`` (``models:/<model id>``) as a new version of ``name`` (created if missing), tag it
-    with ``tags`` and point ``challenger`` at it; returns the version number as text."""
+def register_version(client: Any, name: str, *, model_id: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Register the LoggedModel ``model_id`` (``models:/<model_id>``) as a new version of ``name`` (created if
+    missing), tag it with ``tags``, point ``challenger`` at it, and link the version from the LoggedModel (the
+    tag ``mlflow.modelVersions``, as ``mlflow.register_model`` does); returns the version number as text."""
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     try:
         client.create_registered_model(name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, await_creation_for=0
-    )
+    # A SQLite registry looks the LoggedModel up through the process-wide tracking URI (mlflow's own
+    # register_model sets it), not through this client's store: point it at this store for the call.
+    with _use_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            await_creation_for=0,
+            model_id=model_id,
+        )
     client.set_registered_model_alias(name, CHALLENGER, version.version)
+    links = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    links.append({"name": name, "version": version.version})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
     logger.info("registered %s version %s (alias %s)", name, version.version, CHALLENGER)
     return str(version.version)
 

@@ -47,22 +47,32 @@ def download_model_file(uri: str, cfg: TrackingConfig, repo_root: Path) -> Path:
     """
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    check_model_uri(uri)
+    name, alias, number = check_model_uri(uri)
     store = use_credentials(default_tracking_uri(repo_root, cfg.uri), None)
     if is_http(store):
         probe_server(store, cfg.connect_timeout_s)
     target = Path(tempfile.mkdtemp(prefix="ssd-registered-model-"))
     try:
+        # Resolved here with a client of this store: MLflow's models:/ artifact repository asks the
+        # process-wide registry URI instead.
+        client = MlflowClient(tracking_uri=store, registry_uri=store)
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        if str(version.source).startswith(MODELS_SCHEME):  # models:/<model id>: a LoggedModel (MLflow 3)
+            location = client.get_logged_model(version.source.removeprefix(MODELS_SCHEME)).artifact_location
+        else:
+            location = client.get_model_version_download_uri(name, version.version)
+        location = location.rstrip("/")
         mlmodel = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{uri}/MLmodel", dst_path=str(target), tracking_uri=store, registry_uri=store
+            artifact_uri=f"{location}/MLmodel", dst_path=str(target), tracking_uri=store
         )
         flavor = (yaml.safe_load(Path(mlmodel).read_text()) or {}).get("flavors", {}).get("python_function", {})
         relative = ((flavor.get("artifacts") or {}).get("model_file") or {}).get("path")
         if not relative:
             raise ValueError(f"--model {uri}: the MLflow model has no model_file artifact (not logged by train)")
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{uri}/{relative}", dst_path=str(target), tracking_uri=store, registry_uri=store
+            artifact_uri=f"{location}/{relative}", dst_path=str(target), tracking_uri=store
         )
     except MlflowException as error:
         raise TrackingError(f"--model {uri}: {error.message}") from error

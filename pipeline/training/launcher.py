@@ -99,6 +99,7 @@ def connect_ray(cfg: TrainConfig) -> bool:
     # The dashboard serves the State API that Ray Train V2's placement-group cleaner polls; without it
     # the cleaner logs a warning every second and cannot clean up after a crashed controller.
     ray.init(
+        address="local",  # a new instance: never join a `ray start` cluster that happens to run on this machine
         num_cpus=max(cores, needed),
         include_dashboard=True,
         dashboard_host="127.0.0.1",

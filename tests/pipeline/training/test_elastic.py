@@ -172,6 +172,9 @@ def two_node_cluster():
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice the lost node sooner
         mp.delenv("RAY_ADDRESS", raising=False)
+        # Cluster records its head as this machine's "current cluster", which a plain ray.init() elsewhere (other
+        # test runs on this machine) would then join: keep it out of that file.
+        mp.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
         node = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
         cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 0, "temp_dir": temp})
         workers = [cluster.add_node(**node, num_cpus=1) for _ in range(2)]

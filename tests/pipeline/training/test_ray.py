@@ -69,6 +69,7 @@ def ray_local():
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice a killed worker sooner
         mp.delenv("RAY_ADDRESS", raising=False)
         ray.init(
+            address="local",  # never another test's `ray start` cluster on this machine
             num_cpus=2,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

@@ -177,8 +177,21 @@ class Cluster:
             timeout_s=STARTUP_TIMEOUT_S,
         )
 
-    def add_node(self) -> str:
-        """Start one more worker node (as an autoscaler would) and wait until it has joined; returns its name."""
+    def add_node(self, attempts: int = 2) -> str:
+        """Start one more worker node (as an autoscaler would) and wait until it has joined; returns its name.
+        ``ray start`` gives up when its raylet has not registered within 30 s (a fixed limit in Ray); on a
+        loaded machine that happens, so a node that exits during start-up is started again, once."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._add_node()
+            except RuntimeError:
+                failed = f"ray-worker-{self.state['next_worker'] - 1}"
+                svc.kill_group(self.state["services"][failed]["pid"], grace_s=0)
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add_node(self) -> str:
         index = self.state["next_worker"]
         self.state["next_worker"] = index + 1
         name, resource = f"ray-worker-{index}", f"ssd_node_{index}"

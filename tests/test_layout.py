@@ -28,6 +28,7 @@ LAYERS = (
         "pipeline.report",
         "pipeline.tracking",
         "pipeline.serving",
+        "pipeline.storage",
     ),
     ("pipeline.training",),
     ("pipeline.stages",),

@@ -143,8 +143,10 @@ def load_model(model: str | Path, params: Params, map_location: str | torch.devi
 
     from pipeline.artifacts.model_file import load_model_file
     from pipeline.serving.model_uri import download_model_file, is_model_uri
+    from pipeline.storage import check_reachable
 
     if not is_model_uri(model):
+        check_reachable(str(model), "--model")  # an object store that does not answer: seconds, not minutes
         return load_model_file(model, map_location=map_location)
     local = download_model_file(str(model), params.tracking, Path.cwd())
     try:

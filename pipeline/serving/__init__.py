@@ -5,6 +5,7 @@ the registry's challenger/champion aliases, and ``models:/`` URIs resolved to a 
 * ``pyfunc``: ``SsdDetector``, the MLflow ``PythonModel`` (imports MLflow).
 * ``model_log``: the MLflow model folder (signature, input example, requirements, ONNX) and its logging.
 * ``registry``: registered versions, the ``challenger``/``champion`` aliases, promotion.
+* ``publish``: the end of a training job: the MLflow model logged to the run and registered, with provenance tags.
 * ``model_uri``: ``models:/name@alias`` (or ``/version``) to a local model file.
 
 Only ``detect`` is imported by ``predict`` on a plain file; the others import MLflow inside their functions

@@ -165,7 +165,7 @@ class TrainConfig:
         pattern=RUN_NAME_PATTERN,
         help="Ray Train run name; with storage_path, the identity used to resume; a folder name, never a path",
     )
-    storage_path: str = _p("runs", help="checkpoints: local path or URL; the run folder is <run_name>-<digest>")
+    storage_path: str = _p("runs", help="checkpoints: local path or s3:// URL; the run folder is <run_name>-<digest>")
     log_every_steps: int = _p(10, ge=1, le=MAX_STEPS, help="progress line and step metrics interval")
 
 

@@ -6,9 +6,9 @@ is one seek and one read of the byte range spanning both, from a local folder or
 what lets the loaders assign samples (not whole shards) to ranks and workers.
 
 Each DataLoader worker opens its own file handles lazily, on its first read, and keeps at most
-``OPEN_SHARDS_PER_WORKER`` of them, closing the least recently used first. On an object store a handle
-reads exactly the bytes asked for (no read-ahead: samples come in shuffled order, and s3fs's default
-read-ahead of 50 MiB would fetch most of a shard again at every backward seek).
+``OPEN_SHARDS_PER_WORKER`` of them, closing the least recently used first. Shards at an object-store URL
+are read from this machine's verified copy (``pipeline.shards.cache``: one download per shard and
+machine), since a request per sample would cost more CPU than decoding the sample.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.shards.manifest import ShardInfo, join
+from pipeline.shards.cache import local_copy
+from pipeline.shards.manifest import ShardError, ShardInfo, join
 from pipeline.storage.filesystem import filesystem
 
 OPEN_SHARDS_PER_WORKER = 16  # file handles a worker keeps open (least recently used closed first)
@@ -42,7 +43,7 @@ class ShardReader:
         self.root = root
         self.shards = shards
         self.locations = [(s, loc) for s in shards for loc in s.samples]  # manifest order
-        self._sizes = {s.name: s.bytes for s in shards}
+        self._shards = {s.name: s for s in shards}
         self._fs: Any = None
         self._base = ""
         self._open: OrderedDict[str, Any] = OrderedDict()
@@ -66,26 +67,8 @@ class ShardReader:
         return self._split(index, data)
 
     def read_many(self, indices: list[int]) -> list[tuple[bytes, bytes] | CorruptSample]:
-        """``read`` of every index, a ``CorruptSample`` in place of each that fails. On an object store the
-        ranged reads are sent together (``cat_ranges``): a batch waits for about one round trip, not one per
-        sample."""
-        if self._fs is None:
-            self._fs, self._base = filesystem(self.root)
-        if isinstance(self._fs, LocalFileSystem) or len(indices) < 2:
-            return [self._read_or_error(index) for index in indices]
-        spans = [self._span(index) for index in indices]
-        paths = [join(self._base, shard.name) for shard, _, _ in spans]
-        blobs = self._fs.cat_ranges(paths, [s for _, s, _ in spans], [e for _, _, e in spans], on_error="return")
-        out: list[tuple[bytes, bytes] | CorruptSample] = []
-        for index, blob in zip(indices, blobs, strict=True):
-            if isinstance(blob, BaseException):
-                out.append(CorruptSample(f"cannot read ({type(blob).__name__}: {blob})"))
-                continue
-            try:
-                out.append(self._split(index, blob))
-            except CorruptSample as error:
-                out.append(error)
-        return out
+        """``read`` of every index, a ``CorruptSample`` in place of each that fails."""
+        return [self._read_or_error(index) for index in indices]
 
     def _read_or_error(self, index: int) -> tuple[bytes, bytes] | CorruptSample:
         try:
@@ -122,8 +105,11 @@ class ShardReader:
         path = join(self._base, name)
         if isinstance(self._fs, LocalFileSystem):
             handle = self._fs.open(path, "rb")
-        else:  # one exact ranged GET per sample; the size from the manifest spares a HEAD request per open
-            handle = self._fs.open(path, "rb", cache_type="none", size=self._sizes[name])
+        else:  # an object store: read from this machine's verified copy (pipeline.shards.cache)
+            try:
+                handle = open(local_copy(self._fs, path, self._shards[name], join(self.root, name)), "rb")
+            except ShardError as error:
+                raise CorruptSample(str(error)) from None
         self._open[name] = handle
         return handle
 

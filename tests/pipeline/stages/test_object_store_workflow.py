@@ -63,6 +63,7 @@ def cluster(object_store, tmp_path_factory):
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws / "credentials"))
         for key in ENV_KEYS:
             mp.setenv(key, object_store.env[key])
+        mp.setenv("SSD_SHARD_CACHE", str(aws / "shard-cache"))  # the workers' shard copies, not ~/.cache
         mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1
         mp.delenv("RAY_ADDRESS", raising=False)
         ray.init(

@@ -21,10 +21,10 @@ import fcntl
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 from pipeline.artifacts.atomic_write import AtomicFile
 from pipeline.shards.manifest import ShardError, ShardInfo
+from pipeline.storage.filesystem import filesystem
 
 CACHE_ENV = "SSD_SHARD_CACHE"
 _CHUNK = 8 << 20  # bytes per read while downloading
@@ -38,9 +38,9 @@ def cache_dir() -> Path:
     return base / "ssd-pipeline" / "shards"
 
 
-def local_copy(fs: Any, path: str, shard: ShardInfo, where: str) -> Path:
-    """The verified local copy of ``shard`` (at ``path`` on ``fs``; ``where`` names it in errors), downloaded
-    first if this machine has none.
+def local_copy(location: str, shard: ShardInfo) -> Path:
+    """The verified local copy of ``shard`` (at the URL ``location``), downloaded first if this machine has
+    none. A copy already here is used without any request to the store (no client is even built).
 
     Raises:
         ShardError: the downloaded bytes do not match the manifest's sha256 and size.
@@ -54,11 +54,12 @@ def local_copy(fs: Any, path: str, shard: ShardInfo, where: str) -> Path:
     with open(folder / f"{shard.sha256}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not target.exists():  # another process may have finished it while this one waited
-            _download(fs, path, shard, target, where)
+            _download(location, shard, target)
     return target
 
 
-def _download(fs: Any, path: str, shard: ShardInfo, target: Path, where: str) -> None:
+def _download(location: str, shard: ShardInfo, target: Path) -> None:
+    fs, path = filesystem(location)
     digest, size = hashlib.sha256(), 0
     with AtomicFile(target) as out, fs.open(path, "rb", block_size=_CHUNK, cache_type="none") as source:
         while chunk := source.read(_CHUNK):
@@ -67,6 +68,6 @@ def _download(fs: Any, path: str, shard: ShardInfo, target: Path, where: str) ->
             out.stream.write(chunk)
         if (digest.hexdigest(), size) != (shard.sha256, shard.bytes):  # AtomicFile discards the copy
             raise ShardError(
-                f"shard {where}: downloaded {size} bytes with sha256 {digest.hexdigest()}, the manifest says "
+                f"shard {location}: downloaded {size} bytes with sha256 {digest.hexdigest()}, the manifest says "
                 f"{shard.bytes} bytes with {shard.sha256}"
             )

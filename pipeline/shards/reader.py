@@ -16,11 +16,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-
 from pipeline.shards.cache import local_copy
 from pipeline.shards.manifest import ShardError, ShardInfo, join
-from pipeline.storage.filesystem import filesystem
+from pipeline.storage.filesystem import filesystem, is_local
 
 OPEN_SHARDS_PER_WORKER = 16  # file handles a worker keeps open (least recently used closed first)
 
@@ -95,19 +93,18 @@ class ShardReader:
         )
 
     def _handle(self, name: str) -> Any:
-        if self._fs is None:
-            self._fs, self._base = filesystem(self.root)
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]
         if len(self._open) >= OPEN_SHARDS_PER_WORKER:
             self._open.popitem(last=False)[1].close()
-        path = join(self._base, name)
-        if isinstance(self._fs, LocalFileSystem):
-            handle = self._fs.open(path, "rb")
+        if is_local(self.root):
+            if self._fs is None:
+                self._fs, self._base = filesystem(self.root)
+            handle = self._fs.open(join(self._base, name), "rb")
         else:  # an object store: read from this machine's verified copy (pipeline.shards.cache)
             try:
-                handle = open(local_copy(self._fs, path, self._shards[name], join(self.root, name)), "rb")
+                handle = open(local_copy(join(self.root, name), self._shards[name]), "rb")
             except ShardError as error:
                 raise CorruptSample(str(error)) from None
         self._open[name] = handle

@@ -36,8 +36,7 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 def _copy(remote, name):
     manifest, url = remote
     shard = next(s for s in manifest.shards if s.name == name)
-    fs, path = storage.filesystem(storage.join(url, name))
-    return shard, local_copy(fs, path, shard, storage.join(url, name))
+    return shard, local_copy(storage.join(url, name), shard)
 
 
 def test_a_shard_is_downloaded_once_and_named_by_its_digest(remote, uneven_shards):
@@ -66,8 +65,7 @@ def _race(args):
     os.environ[CACHE_ENV] = cache
     manifest = load_manifest(url, verify=False)
     shard = next(s for s in manifest.shards if s.name == name)
-    fs, path = storage.filesystem(storage.join(url, name))
-    return str(local_copy(fs, path, shard, url))
+    return str(local_copy(storage.join(url, name), shard))
 
 
 def test_processes_racing_for_one_shard_all_get_the_whole_copy(remote, s3_env):

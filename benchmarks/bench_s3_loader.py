@@ -4,7 +4,8 @@ Data: the raccoon set (real photos, ~500 x 400, ``$SSD_RACCOON_DIR`` or ``../sha
 prepared and sharded into a temporary folder, then uploaded with ``python -m pipeline upload shards``'s
 function to the local S3 server (``infra/local/s3_server.py``: moto on 127.0.0.1, real access keys, started
 here and stopped by its PID). Its training split (180 images) is read ``--epochs`` times by each path in
-each of ``--rounds`` rounds; the rounds interleave the paths so that drifting machine load hits both alike.
+each of ``--rounds`` rounds; the rounds interleave the paths, each round starting with the next one, so
+that drifting machine load hits all alike.
 
 Timed (images/s over all epochs): ``pipeline.shards.loader.train_loader`` as the trainer runs it (full SSD
 augmentation at 300 x 300, 2 DataLoader workers, batches of 32, one loader for all epochs), with
@@ -111,8 +112,10 @@ def main() -> int:
             for name in sources:
                 timed(batches(name, 1))  # warm the page cache, the server and the code paths once
             seconds, images = dict.fromkeys(sources, 0.0), dict.fromkeys(sources, 0)
-            for _ in range(args.rounds):
-                for name in sources:
+            names = list(sources)
+            for round_index in range(args.rounds):  # each round starts with another path: load drift hits all
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
                     spent, count = timed(batches(name, args.epochs))
                     seconds[name] += spent
                     images[name] += count

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -86,7 +87,7 @@ def _data_owner(shell: wf.Shell, owner: Path, env: dict[str, str]) -> dict:
     uploaded = set(wf.s3_keys(env, "shards/"))
     assert {f"shards/{s['name']}" for s in manifest["shards"]} | {"shards/manifest.json"} <= uploaded
     assert wf.s3_keys(env, "dvc/"), "dvc push stored nothing in the remote"
-    shutil.rmtree(owner / "shards")  # the workers must read the bucket, nothing of the checkout
+    shell.run(wf.RM_SHARDS, owner)  # the workers must read the bucket, nothing of the checkout
     return manifest
 
 
@@ -102,10 +103,10 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
 
     run_id = wf.wait_for(lambda: running_run_at_step(3), "the fault-free run's third step", JOB_TIMEOUT_S)
     down = time.time()
-    wf.cluster_cli(cluster_dir, "kill", "mlflow")
+    shell.run(wf.KILL_MLFLOW, owner)
     time.sleep(OUTAGE_S)
     up = time.time()
-    wf.cluster_cli(cluster_dir, "revive", "mlflow")
+    shell.run(wf.REVIVE_MLFLOW, owner)
     assert jobs.wait("fault-free", JOB_TIMEOUT_S) == "SUCCEEDED", jobs.logs("fault-free")[-4000:]
 
     runs = mlflow.runs("fault-free")
@@ -133,8 +134,8 @@ def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> None:
     assert len(nodes) == 2 and nodes <= set(workers.values()), (nodes, workers)  # two nodes, never the head
 
     victim = next(name for name, node in workers.items() if node in nodes)
-    wf.cluster_cli(cluster_dir, "kill", victim)  # the raylet, its workers (one rank) and everything of that node
-    replacement = wf.cluster_cli(cluster_dir, "add-node")
+    shell.run(wf.KILL_NODE, owner, NODE=victim)  # the raylet, its workers (one rank), everything of that node
+    replacement = re.findall(r"^ray-worker-\d+$", shell.run(wf.ADD_NODE, owner), flags=re.M)[-1]
     new_node = wf.cluster_state(cluster_dir)["services"][replacement]["node_id"]
     survivor = (nodes - {workers[victim]}).pop()
     moved = wf.wait_for(

@@ -2,8 +2,9 @@
 them: a shell with the cluster's environment, the cluster's state, its job server, its MLflow server, its bucket.
 
 ``COMMANDS`` is the single copy of those lines: ``tests/test_readme.py`` checks that README's section shows
-exactly these, and ``tests/cluster/test_workflow.py`` runs them. Where a line names a job (``$JOB``) or a
-run (``$RUN``), the test sets that variable; nothing else is substituted.
+exactly these, and ``tests/cluster/test_workflow.py`` runs them. Where a line names a job (``$JOB``), a run
+(``$RUN``) or a node (``$NODE``), the test sets that variable (README sets them with ``export``); nothing
+else is substituted.
 """
 
 from __future__ import annotations
@@ -43,12 +44,17 @@ REMOTE_ADD = ".venv/bin/dvc remote add --local -d laptop s3://$SSD_S3_BUCKET/dvc
 REMOTE_ENDPOINT = ".venv/bin/dvc remote modify --local laptop endpointurl $AWS_ENDPOINT_URL"
 PUSH = ".venv/bin/dvc push shard"
 COMMIT = 'git add dvc.lock && git commit -m "shards for the cluster"'
+RM_SHARDS = "rm -rf shards"
 JOB_STOP = ".venv/bin/ray job stop $JOB"
 JOB_LOGS = ".venv/bin/ray job logs $JOB"
+KILL_NODE = ".venv/bin/python infra/local/cluster.py kill $NODE"
+ADD_NODE = ".venv/bin/python infra/local/cluster.py add-node"
+KILL_MLFLOW = ".venv/bin/python infra/local/cluster.py kill mlflow"
+REVIVE_MLFLOW = ".venv/bin/python infra/local/cluster.py revive mlflow"
 PULL = ".venv/bin/dvc pull shard"
 STOP = "infra/local/stop"
-COMMANDS = (START, LOAD_ENV, REPRO, UPLOAD, REMOTE_ADD, REMOTE_ENDPOINT, PUSH, COMMIT)
-COMMANDS += (SUBMIT, JOB_LOGS, JOB_STOP, PULL, STOP)
+COMMANDS = (START, LOAD_ENV, REPRO, UPLOAD, REMOTE_ADD, REMOTE_ENDPOINT, PUSH, COMMIT, RM_SHARDS, SUBMIT, JOB_LOGS)
+COMMANDS += (KILL_NODE, ADD_NODE, KILL_MLFLOW, REVIVE_MLFLOW, JOB_STOP, PULL, STOP)
 
 
 def fresh_clone(source: Path, target: Path) -> Path:
@@ -116,14 +122,6 @@ class Shell:
 # ------------------------------------------------------------------------------------------ the cluster
 def cluster_state(cluster_dir: Path) -> dict[str, Any]:
     return json.loads((cluster_dir / "state.json").read_text())
-
-
-def cluster_cli(cluster_dir: Path, *args: str) -> str:
-    """``infra/local/cluster.py`` (kill, add-node, revive); returns its output."""
-    cmd = [sys.executable, str(REPO / "infra" / "local" / "cluster.py"), *args, "--dir", str(cluster_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout.strip()
 
 
 class JobServer:

@@ -185,8 +185,9 @@ class Cluster:
             try:
                 return self._add_node()
             except RuntimeError:
-                failed = f"ray-worker-{self.state['next_worker'] - 1}"
-                svc.kill_group(self.state["services"][failed]["pid"], grace_s=0)
+                failed = self.state["services"].pop(f"ray-worker-{self.state['next_worker'] - 1}")
+                self.save()
+                svc.kill_group(failed["pid"], grace_s=0)
                 if attempt == attempts:
                     raise
         raise AssertionError("unreachable")

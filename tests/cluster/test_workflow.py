@@ -127,7 +127,9 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
 
 def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> None:
     jobs, mlflow = wf.JobServer(env), wf.Mlflow(env)
-    workers = {name: s["node_id"] for name, s in wf.cluster_state(cluster_dir)["services"].items() if "worker" in name}
+    services = wf.cluster_state(cluster_dir)["services"]
+    workers = {name: s["node_id"] for name, s in services.items() if name.startswith("ray-worker") and "node_id" in s}
+    assert len(workers) == 2, services
     shell.run(wf.SUBMIT, owner, JOB="laptop-1", RUN="laptop")
     wf.wait_for(lambda: _checkpoints(env, "laptop"), "the first checkpoint", JOB_TIMEOUT_S, every_s=0.5)
     nodes = jobs.training_nodes("laptop-1")

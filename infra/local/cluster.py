@@ -126,7 +126,11 @@ class Cluster:
         try:
             self._start_s3()
             head, mlflow = self._spawn_ray_head(), self._spawn_mlflow()  # both take a while: side by side
-            head()
+            try:
+                head()
+            except RuntimeError:  # Ray's fixed 30 s for a raylet to register ran out (a loaded machine): again
+                svc.kill_group(self.state["services"].pop("ray-head")["pid"], grace_s=0)
+                self._spawn_ray_head()()
             mlflow()
             self._create_train_user()
             for _ in range(workers):

@@ -18,10 +18,8 @@ temporary folder and stopped at the end. Writes ``benchmarks/results/bench_clust
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -33,15 +31,6 @@ RESULTS = REPO / "benchmarks" / "results" / "bench_cluster_recovery.json"
 sys.path[:0] = [str(REPO)]
 
 from tests.cluster import workflow as wf  # noqa: E402
-
-_STEP = re.compile(r"(\d\d:\d\d:\d\d) INFO pipeline.training.progress: step (\d+)/")
-_START = re.compile(r"(\d\d:\d\d:\d\d) INFO pipeline.training.loop: rank 0/\d+ on \w+: starting at step (\d+)")
-
-
-def _clock(hms: str, near: float) -> float:
-    """``HH:MM:SS`` of today (local time) as a timestamp, taken on the day of ``near``."""
-    day = datetime.datetime.fromtimestamp(near).date()
-    return datetime.datetime.combine(day, datetime.time.fromisoformat(hms)).timestamp()
 
 
 def main() -> None:
@@ -76,17 +65,11 @@ def main() -> None:
     finally:
         if args.cluster_dir is None:
             shell.run(wf.STOP, REPO, timeout=300)
-    starts = [(_clock(t, killed), int(s)) for t, s in _START.findall(logs)]
-    steps = [(_clock(t, killed), int(s)) for t, s in _STEP.findall(logs)]
-    restart_time, restart_step = next((t, s) for t, s in starts if t >= killed - 1)
-    next_step_time = next(t for t, s in steps if t >= restart_time and s == restart_step + 1)
-    before = [t for t, _ in steps if t < killed]
+    before = [t for t, _ in wf.step_times(logs) if t < killed]
     step_time = statistics.median(b - a for a, b in zip(before, before[1:], strict=False)) if len(before) > 2 else None
     record = {
         "replacement_joined_s": round(joined - killed, 1),
-        "group_restarted_s": round(restart_time - killed, 1),
-        "next_step_s": round(next_step_time - killed, 1),
-        "resumed_from_step": restart_step,
+        **wf.recovery(logs, killed),
         "step_time_before_kill_s": step_time,
         "resolution_s": 1.0,
         "load_average": os.getloadavg(),

@@ -181,10 +181,10 @@ class Cluster:
             timeout_s=STARTUP_TIMEOUT_S,
         )
 
-    def add_node(self, attempts: int = 2) -> str:
+    def add_node(self, attempts: int = 3) -> str:
         """Start one more worker node (as an autoscaler would) and wait until it has joined; returns its name.
         ``ray start`` gives up when its raylet has not registered within 30 s (a fixed limit in Ray); on a
-        loaded machine that happens, so a node that exits during start-up is started again, once."""
+        loaded machine that happens, so a node that exits during start-up is started again (twice)."""
         for attempt in range(1, attempts + 1):
             try:
                 return self._add_node()

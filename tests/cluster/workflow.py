@@ -10,8 +10,10 @@ else is substituted.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -220,3 +222,30 @@ def wait_for(predicate, what: str, timeout_s: float, every_s: float = 1.0):
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
         time.sleep(every_s)
     return value
+
+
+_STEP = re.compile(r"(\d\d:\d\d:\d\d) INFO pipeline.training.progress: step (\d+)/")
+_START = re.compile(r"(\d\d:\d\d:\d\d) INFO pipeline.training.loop: rank 0/\d+ on \w+: starting at step (\d+)")
+
+
+def step_times(logs: str) -> list[tuple[float, int]]:
+    """(time, step) of rank 0's progress lines in a job's log (today's date, whole seconds)."""
+    day = datetime.date.today()
+    return [
+        (datetime.datetime.combine(day, datetime.time.fromisoformat(t)).timestamp(), int(s))
+        for t, s in _STEP.findall(logs)
+    ]
+
+
+def recovery(logs: str, killed: float) -> dict[str, float | int]:
+    """From a job's log and the time a node was killed: when the new worker group's rank 0 started
+    (``group_restarted_s``), at which step (``resumed_from_step``), and when it completed its first step
+    (``next_step_s``), in seconds after the kill (the log has whole seconds)."""
+    day = datetime.datetime.fromtimestamp(killed).date()
+
+    def clock(hms: str) -> float:
+        return datetime.datetime.combine(day, datetime.time.fromisoformat(hms)).timestamp()
+
+    restarted, step = next((clock(t), int(s)) for t, s in _START.findall(logs) if clock(t) >= int(killed))
+    done = next(clock(t) for t, s in _STEP.findall(logs) if clock(t) >= restarted and int(s) == step + 1)
+    return {"group_restarted_s": restarted - killed, "resumed_from_step": step, "next_step_s": done - killed}

@@ -175,6 +175,9 @@ def two_node_cluster():
         # Cluster records its head as this machine's "current cluster", which a plain ray.init() elsewhere (other
         # test runs on this machine) would then join: keep it out of that file.
         mp.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+        # A driver turns 127.0.0.1 in a cluster address into this machine's network IP
+        # (services.resolve_ip_for_localhost), where nothing listens here; with "clusters off" it keeps loopback.
+        mp.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
         node = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
         cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 0, "temp_dir": temp})
         workers = [cluster.add_node(**node, num_cpus=1) for _ in range(2)]

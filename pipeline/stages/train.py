@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from pipeline.training.optim import check_schedule
 from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
+
+FINISH_WAIT_S = 120.0  # how long the end of a finished run waits for an MLflow server that is down
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
@@ -210,16 +213,27 @@ def _workers(worker_range: tuple[int, int]) -> int | str:
 
 
 def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
+    """Log the model file and end the MLflow run. The run exists and training is done: a server that is down
+    for a while (a restart) is waited for, up to ``FINISH_WAIT_S``, rather than failing the finished job."""
     if job.tracking_run_id is None:
         return
-    tracker = create_tracker(
-        job.params.tracking,
-        enabled_here=True,
-        run_id=job.tracking_run_id,
-        run_name=job.params.train.run_name,
-        repo_root=job.repo_root,
-        credentials=job.tracking_credentials,
-    )
+    deadline = time.monotonic() + FINISH_WAIT_S
+    while True:
+        try:
+            tracker = create_tracker(
+                job.params.tracking,
+                enabled_here=True,
+                run_id=job.tracking_run_id,
+                run_name=job.params.train.run_name,
+                repo_root=job.repo_root,
+                credentials=job.tracking_credentials,
+            )
+            break
+        except TrackingError as error:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("%s; retrying, to log the model of the finished run", error)
+            time.sleep(2.0)
     if model_out is not None:
         tracker.log_model_file(model_out)
     tracker.close(status=status)

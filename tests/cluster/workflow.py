@@ -32,7 +32,7 @@ SUBMIT = (
     "-- python -m pipeline train --shards s3://$SSD_S3_BUCKET/shards "
     "--model-out s3://$SSD_S3_BUCKET/models/$RUN.pt "
     "train.storage_path=s3://$SSD_S3_BUCKET/runs tracking.uri=$MLFLOW_TRACKING_URI "
-    f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=2 train.checkpoint_every_steps=10 "
+    f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=4 train.checkpoint_every_steps=10 "
     "train.log_every_steps=1 train.loader_workers=0 train.precision=fp32"
 )
 START = "infra/local/start"

@@ -3,7 +3,9 @@
 1. Resolve every location to an absolute path or URL here, on the driver: workers run in other working
    directories and on other machines.
 2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
-3. Join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start fresh).
+3. Take the run folder's lease (``training.lease``: one job at a time per folder; refused at once, or
+   ``--wait``), join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start
+   fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
 5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
    ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
@@ -35,6 +37,7 @@ from pipeline.tracking import (
 )
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
+from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
 from ssd_core.model import build_ssd
 
@@ -48,19 +51,30 @@ def main(args: argparse.Namespace, params: Params) -> int:
     except (ShardError, ValueError) as error:
         logger.error("train: %s", redact_uri(str(error)))
         return 2
+    try:  # one job at a time in a run folder: refuse (or wait) before Ray starts
+        lease = RunLease(job.run_uri).acquire(wait_s=args.wait_timeout if args.wait else 0.0)
+    except LeaseHeld as error:
+        logger.error("train: %s", error)
+        return 1
     from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
 
-    connected = connect_ray(job.params.train)
-    try:
-        train(job, params, Path(args.model_out).resolve())
-    except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
-        logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
-        return 1
-    finally:
-        if connected:
-            import ray
+    with lease:
+        connected = connect_ray(job.params.train)
+        try:
+            train(job, params, Path(args.model_out).resolve())
+        except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
+            logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
+            return 1
+        except KeyboardInterrupt:
+            if lease.lost is None:
+                raise
+            logger.error("train: %s", lease.lost)  # the heartbeat stopped this job: another one took its folder
+            return 1
+        finally:
+            if connected:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     return 0
 
 

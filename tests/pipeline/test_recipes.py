@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import load_params
+from pipeline.config import load_params, params_to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "params").glob("*.yaml")) + [REPO / "params.yaml"]
@@ -61,10 +62,18 @@ def test_every_recipe_is_an_experiment_option():
 def test_exp_run_with_a_recipe_runs_exactly_that_recipe(recipe, tmp_path, monkeypatch):
     for name in ("VOC_ROOT", "COCO_ROOT", "SSD_RACCOON_DIR", "SSD_VGG16_WEIGHTS", "SSD_STORAGE"):
         monkeypatch.delenv(name, raising=False)
-    assert _compose(tmp_path, [f"recipe={recipe.stem}"]) == load_params(recipe)
+    composed = _compose(tmp_path, [f"recipe={recipe.stem}"])
+    assert composed == load_params(recipe)
+    assert set(yaml.safe_load((tmp_path / "params.yaml").read_text())) == set(params_to_dict(composed))  # whole
 
 
 def test_exp_run_without_a_recipe_keeps_params_yaml_and_applies_overrides(tmp_path):
     assert _compose(tmp_path, []) == load_params(REPO / "params.yaml")
     changed = _compose(tmp_path, ["train.lr=0.0005", "recipe=raccoon_ssd300"])
     assert changed.train.lr == 0.0005 and changed.data.classes == ["raccoon"]
+
+
+def test_the_base_under_every_recipe_is_the_schema():
+    assert yaml.safe_load((CONF / "schema.yaml").read_text()) == params_to_dict(load_params(None)), (
+        "conf/schema.yaml is stale: python -m pipeline check-params --params /dev/null > conf/schema.yaml"
+    )

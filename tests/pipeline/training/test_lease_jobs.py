@@ -32,7 +32,7 @@ train: {num_workers: 1, threads_per_worker: 1, loader_workers: 0, batch_size: 4,
 tracking: {enabled: false}
 """
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """``python -m pipeline train``: distributed training with Ray Train, then the model file.
 
 1. Resolve every location to an absolute path or URL here, on the driver: workers run in other working
-   directories and on other machines.
+   directories and on other machines. Check that every object store among them answers with our
+   credentials (``pipeline.storage.check_all``, seconds), before anything else.
 2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
 3. Take the run folder's lease (``training.lease``: one job at a time per folder; refused at once, or
    ``--wait``), join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start
@@ -17,12 +18,14 @@ import argparse
 import dataclasses
 import hashlib
 import logging
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
-import fsspec
 from torch import nn
 
+from pipeline import storage
 from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
 from pipeline.shards.manifest import ShardError, load_manifest
@@ -43,12 +46,22 @@ from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
 
+FINISH_WAIT_S = 120.0  # how long the end of a finished run waits for an MLflow server that is down
+
 
 def main(args: argparse.Namespace, params: Params) -> int:
     repo_root = Path.cwd().resolve()
+    model_out = storage.absolute(args.model_out, repo_root)
     try:
+        storage.check_all(
+            [
+                (storage.absolute(args.shards, repo_root), "--shards"),
+                (storage.absolute(params.train.storage_path, repo_root), "train.storage_path"),
+                (model_out, "--model-out"),
+            ]
+        )
         job = build_job(str(args.shards), params, repo_root)
-    except (ShardError, ValueError) as error:
+    except (ShardError, ValueError) as error:  # StorageError is a ValueError
         logger.error("train: %s", redact_uri(str(error)))
         return 2
     try:  # one job at a time in a run folder: refuse (or wait) before Ray starts
@@ -56,19 +69,25 @@ def main(args: argparse.Namespace, params: Params) -> int:
     except LeaseHeld as error:
         logger.error("train: %s", error)
         return 1
-    from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
+    from pipeline.training.launcher import TrainingError, TrainingStopped, connect_ray  # imports Ray: only here
 
     with lease:
         connected = connect_ray(job.params.train)
         try:
-            train(job, params, Path(args.model_out).resolve())
+            train(job, params, model_out)
+        except TrainingStopped as error:
+            if lease.lost is not None:  # the heartbeat stopped this job: another one took its folder
+                logger.error("train: %s", lease.lost)
+                return 1
+            logger.warning("train: %s", redact_uri(str(error)))
+            return 128 + error.signum  # the shell's convention for a process ended by that signal
         except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
             logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
             return 1
         except KeyboardInterrupt:
             if lease.lost is None:
                 raise
-            logger.error("train: %s", lease.lost)  # the heartbeat stopped this job: another one took its folder
+            logger.error("train: %s", lease.lost)
             return 1
         finally:
             if connected:
@@ -89,17 +108,15 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, or a missing
             ``model.pretrained_backbone`` file.
     """
-    shards = shards if "://" in shards else str((repo_root / shards).resolve())
+    shards = storage.absolute(shards, repo_root)
     manifest = load_manifest(shards, verify=True)
     manifest.split_shards("train")  # ShardError when the split is empty
-    _check_last_batch(manifest.splits["train"].samples, params)
-    with fsspec.open(checkpoint.join(shards, "manifest.json"), "rb") as handle:
-        data_digest = hashlib.sha256(handle.read()).hexdigest()
+    _check_rank_share(params)
+    data_digest = hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()
     check_schedule(params.train)
     if params.train.precision == "fp16" and not params.train.use_gpu:
         raise ValueError("train.precision: fp16 needs train.use_gpu=true (CPU autocast: use bf16 or fp32)")
-    storage = params.train.storage_path
-    storage = storage if "://" in storage else str((repo_root / storage).resolve())
+    storage_path = storage.absolute(params.train.storage_path, repo_root)
     backbone = params.model.pretrained_backbone
     if backbone:
         backbone = str((repo_root / backbone).resolve())
@@ -109,10 +126,10 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     resolved = dataclasses.replace(
         params,
         model=dataclasses.replace(params.model, pretrained_backbone=backbone),
-        train=dataclasses.replace(params.train, storage_path=storage),
+        train=dataclasses.replace(params.train, storage_path=storage_path),
         tracking=dataclasses.replace(params.tracking, uri=split_credentials(tracking_uri)[0]),
     )
-    run_uri = checkpoint.join(storage, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
+    run_uri = storage.join(storage_path, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
     return TrainJob(
         params=resolved,
         shards=shards,
@@ -124,26 +141,26 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     )
 
 
-def _check_last_batch(samples: int, params: Params) -> None:
-    """Refuse a batch size that leaves each rank a last batch of one image when the model has batch norm
-    (``ssd_tiny``): training-mode batch norm cannot normalise a 1x1 map over a single image."""
+def _check_rank_share(params: Params) -> None:
+    """Refuse a global batch that leaves a rank one image per step when the model has batch norm (``ssd_tiny``):
+    training-mode batch norm cannot normalise a 1x1 map over a single image. A rank's share is at least
+    ``floor(batch_size / W)`` (``pipeline.shards.order``), smallest at the most workers."""
     cfg = params.train
-    per_rank = -(-samples // cfg.num_workers)  # the data loader pads every rank to ceil(N / W) samples
-    if per_rank % cfg.batch_size != 1 or per_rank == 1:
+    most = cfg.worker_range[1]
+    if cfg.batch_size >= 2 * most:
         return
     model = build_ssd(params.model.preset, 2)
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return
-    better = next(b for b in range(cfg.batch_size + 1, per_rank + 2) if per_rank % b != 1)
     raise ValueError(
-        f"train.batch_size: {samples} training images on {cfg.num_workers} workers leave every rank a last "
-        f"batch of 1 image per epoch, which {params.model.preset}'s batch norm cannot train on; use another "
-        f"batch size, e.g. {better}"
+        f"train.batch_size: a global batch of {cfg.batch_size} images on up to {most} workers leaves a worker 1 "
+        f"image per step, which {params.model.preset}'s batch norm cannot train on; use at least {2 * most}"
     )
 
 
-def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeout_s: int | None = None) -> None:
-    """Resume or start the run in ``job.run_uri``, train, write the model file; Ray must be connected.
+def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group_timeout_s: int | None = None) -> None:
+    """Resume or start the run in ``job.run_uri``, train, write the model file (a local path or a URL); Ray
+    must be connected.
 
     ``params`` are the parameters as given (recorded in MLflow and in the model file, URIs redacted);
     ``job.params`` are the same with absolute locations. ``process_group_timeout_s`` bounds
@@ -152,6 +169,7 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
     from pipeline.training.launcher import (
         DEFAULT_PROCESS_GROUP_TIMEOUT_S,
         TrainingError,
+        TrainingStopped,
         prepare_run_folder,
         run_training,
     )
@@ -163,7 +181,7 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
     if found:
         logger.info("resuming run %s from step %d of %d", run_folder, found[0].step, cfg.max_steps)
     else:
-        logger.info("starting run %s (%d steps, %d workers)", run_folder, cfg.max_steps, cfg.num_workers)
+        logger.info("starting run %s (%d steps, %s workers)", run_folder, cfg.max_steps, _workers(cfg.worker_range))
     tracker = create_tracker(
         job.params.tracking,
         enabled_here=True,
@@ -173,7 +191,7 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
         credentials=job.tracking_credentials,
     )
     tracker.log_run_metadata(
-        recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
+        recorded, world_size=_workers(cfg.worker_range), device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
     )
     tracker.set_tags({"run_folder": run_folder})
     tracker.close(status=None)  # rank 0 continues this run during training
@@ -183,31 +201,56 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
         model = build_ssd(final.state["preset"], job.num_classes)
         model.load_state_dict(final.state["model"])
-        save_model_file(model_out, model, classes=list(job.classes), params=recorded)
+    except TrainingStopped:
+        _finish_run(job, None, "KILLED")  # the same command resumes the run, and this MLflow run with it
+        raise
     except (TrainingError, checkpoint.CheckpointError):
         _finish_run(job, None, "FAILED")
         raise
-    logger.info(
-        "train: %d steps (%d skipped, %d corrupt samples); model written to %s",
-        final.meta.step,
-        outcome.metrics.get("skipped_steps", 0),
-        outcome.metrics.get("bad_samples", 0),
-        model_out,
-    )
-    _finish_run(job, model_out, "FINISHED")
+    with tempfile.TemporaryDirectory(prefix="ssd-model-") as scratch:
+        # MLflow logs a local file: a model going to an object store is written here first, then uploaded
+        local = Path(model_out) if not storage.is_url(model_out) else Path(scratch) / Path(str(model_out)).name
+        save_model_file(local, model, classes=list(job.classes), params=recorded)
+        if storage.is_url(model_out):
+            storage.put_file(local, model_out)
+        logger.info(
+            "train: %d steps (%d skipped, %d corrupt samples); model written to %s",
+            final.meta.step,
+            outcome.metrics.get("skipped_steps", 0),
+            outcome.metrics.get("bad_samples", 0),
+            model_out,
+        )
+        _finish_run(job, local, "FINISHED")
+
+
+def _workers(worker_range: tuple[int, int]) -> int | str:
+    """The worker count as a tag: ``4``, or ``"2-4"`` for an elastic run (``train/world_size`` has it by step)."""
+    low, high = worker_range
+    return low if low == high else f"{low}-{high}"
 
 
 def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
+    """Log the model file and end the MLflow run. The run exists and training is done: a server that is down
+    for a while (a restart) is waited for, up to ``FINISH_WAIT_S``, rather than failing the finished job."""
     if job.tracking_run_id is None:
         return
-    tracker = create_tracker(
-        job.params.tracking,
-        enabled_here=True,
-        run_id=job.tracking_run_id,
-        run_name=job.params.train.run_name,
-        repo_root=job.repo_root,
-        credentials=job.tracking_credentials,
-    )
+    deadline = time.monotonic() + FINISH_WAIT_S
+    while True:
+        try:
+            tracker = create_tracker(
+                job.params.tracking,
+                enabled_here=True,
+                run_id=job.tracking_run_id,
+                run_name=job.params.train.run_name,
+                repo_root=job.repo_root,
+                credentials=job.tracking_credentials,
+            )
+            break
+        except TrackingError as error:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("%s; retrying, to log the model of the finished run", error)
+            time.sleep(2.0)
     if model_out is not None:
         tracker.log_model_file(model_out)
     tracker.close(status=status)

@@ -13,8 +13,8 @@ The lease is one small JSON document beside the run folder, ``<run folder>.lease
   exactly one wins; the other is refused at once with who holds it and since when, or waits (``wait_s``).
 - **Holding it**: a daemon thread rewrites the heartbeat every ``heartbeat_s``, conditional on the version it
   wrote last. If that fails because the document changed, another job took the lease over (this one was
-  presumed dead): the holder is told (``on_lost``, by default a ``KeyboardInterrupt`` in the main thread) and
-  stops rather than write into a folder that is no longer its own.
+  presumed dead): the holder is told (``on_lost``, by default a ``KeyboardInterrupt`` raised in the main thread)
+  and stops at once rather than write into a folder that is no longer its own.
 - **Giving it back**: at exit, also on an error or Ctrl-C, the document is deleted, conditional on still being
   this job's. A killed job cannot give it back: its lease goes stale.
 - **Stale**: a heartbeat older than ``stale_after_s`` (default ``STALE_AFTER_S``). The next job takes it over
@@ -25,7 +25,7 @@ The lease is one small JSON document beside the run folder, ``<run folder>.lease
 
 from __future__ import annotations
 
-import _thread
+import ctypes
 import dataclasses
 import getpass
 import json
@@ -109,8 +109,12 @@ def _utc(seconds: float) -> str:
 
 
 def _interrupt_main(error: LeaseLost) -> None:
+    """Raise ``KeyboardInterrupt`` in the main thread at its next bytecode, past any signal handler: a
+    SIGINT would reach the driver's stop-with-a-checkpoint handler, which writes into the lost folder once more."""
     del error  # logged by the heartbeat
-    _thread.interrupt_main()
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(threading.main_thread().ident), ctypes.py_object(KeyboardInterrupt)
+    )
 
 
 class RunLease:

@@ -34,6 +34,8 @@ from typing import NamedTuple, Protocol
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import storage
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ class ConditionalStore(Protocol):
 
 def open_store(uri: str) -> ConditionalStore:
     """The conditional store for a local path, ``file://``, ``s3://`` or another fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True)  # the environment of now, not of an older instance
+    fs, path = storage.filesystem(uri)  # the one filesystem layer: endpoint and credentials from the environment
     if isinstance(fs, LocalFileSystem):
         return LocalStore(uri, path)
     if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):

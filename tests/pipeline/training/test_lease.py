@@ -172,3 +172,24 @@ def test_the_document_round_trips():
     assert Holder.from_bytes(holder.to_bytes()) == holder
     assert json.loads(holder.to_bytes())["owner"] == "ana@gpu-3"
     assert Holder.from_bytes(b'{"owner": "x"}') is None and Holder.from_bytes(b"\xff") is None
+
+
+def test_by_default_a_lost_lease_interrupts_the_main_thread_past_signal_handlers(tmp_path):
+    """The driver's SIGINT handler would stop after one more checkpoint; a lost lease must stop at once."""
+    import signal
+
+    run_uri = str(tmp_path / "runs" / "ssd-default-0badf00d")
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: handled.append(signum))
+    first = RunLease(run_uri, job_id="job-one", heartbeat_s=0.1).acquire()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _lease(run_uri, "job-two", clock=lambda: time.time() + 10).acquire()  # takes it over
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the driver's main thread, waiting on fit()
+                time.sleep(0.01)
+        assert isinstance(first.lost, LeaseLost) and handled == []
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        first.release()
+    assert _document(run_uri).job_id == "job-two"

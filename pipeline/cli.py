@@ -21,6 +21,7 @@ from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import detach_credentials
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+DEFAULT_WAIT_TIMEOUT_S = 24 * 3600.0  # train --wait: a day covers the longest recipe's run on a cluster
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,32 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--out", "shard", "shard folder (with manifest.json)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--shards", "train", "shard folder or fsspec URL (with manifest.json)", url=True)
     _path(p, "--model-out", "train", "final model file (path or URL)", url=True)
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another job is training in this run folder (same params, data and code), wait for it to "
+        "finish instead of refusing at once; logs while it waits",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=_seconds,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"with --wait: give up after this long (default {DEFAULT_WAIT_TIMEOUT_S:.0f} s)",
+    )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:

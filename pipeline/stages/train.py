@@ -4,7 +4,9 @@
    directories and on other machines. Check that every object store among them answers with our
    credentials (``pipeline.storage.check_all``, seconds), before anything else.
 2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
-3. Join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start fresh).
+3. Take the run folder's lease (``training.lease``: one job at a time per folder; refused at once, or
+   ``--wait``), join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start
+   fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
 5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
    ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
@@ -38,6 +40,7 @@ from pipeline.tracking import (
 )
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
+from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
 from ssd_core.model import build_ssd
 
@@ -61,22 +64,36 @@ def main(args: argparse.Namespace, params: Params) -> int:
     except (ShardError, ValueError) as error:  # StorageError is a ValueError
         logger.error("train: %s", redact_uri(str(error)))
         return 2
+    try:  # one job at a time in a run folder: refuse (or wait) before Ray starts
+        lease = RunLease(job.run_uri).acquire(wait_s=args.wait_timeout if args.wait else 0.0)
+    except LeaseHeld as error:
+        logger.error("train: %s", error)
+        return 1
     from pipeline.training.launcher import TrainingError, TrainingStopped, connect_ray  # imports Ray: only here
 
-    connected = connect_ray(job.params.train)
-    try:
-        train(job, params, model_out)
-    except TrainingStopped as error:
-        logger.warning("train: %s", redact_uri(str(error)))
-        return 128 + error.signum  # the shell's convention for a process ended by that signal
-    except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
-        logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
-        return 1
-    finally:
-        if connected:
-            import ray
+    with lease:
+        connected = connect_ray(job.params.train)
+        try:
+            train(job, params, model_out)
+        except TrainingStopped as error:
+            if lease.lost is not None:  # the heartbeat stopped this job: another one took its folder
+                logger.error("train: %s", lease.lost)
+                return 1
+            logger.warning("train: %s", redact_uri(str(error)))
+            return 128 + error.signum  # the shell's convention for a process ended by that signal
+        except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
+            logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
+            return 1
+        except KeyboardInterrupt:
+            if lease.lost is None:
+                raise
+            logger.error("train: %s", lease.lost)
+            return 1
+        finally:
+            if connected:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     return 0
 
 

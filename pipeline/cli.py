@@ -93,7 +93,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train (path or URL)", stage_flag="--model-out", url=True)
+    _path(
+        p,
+        "--model",
+        "train",
+        "model file from train (path or URL), or models:/NAME@ALIAS",
+        stage_flag="--model-out",
+        url=True,
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -107,7 +114,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
+    _path(p, "--model", "train", "model file from train, or models:/NAME@ALIAS", stage_flag="--model-out")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the model's path, suffix .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
@@ -116,6 +123,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores",
     )
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="the registered version to make the champion, NAME@VERSION (e.g. ssd@3)")
+    p.add_argument("--reason", required=True, help="why (recorded on the version as promoted_reason)")
+    p.add_argument("--user", default="", help="who (default: the login name), recorded as promoted_by")
 
 
 def _summary_args(p: argparse.ArgumentParser) -> None:
@@ -145,6 +158,12 @@ COMMANDS: tuple[Command, ...] = (
         takes_inputs=True,
     ),
     Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
+    Command(
+        "promote",
+        "pipeline.stages.promote",
+        "make a registered model version the champion, recording who and why",
+        _promote_args,
+    ),
     Command(
         "summary",
         "pipeline.stages.summary",
@@ -219,6 +238,8 @@ def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentPars
             )
         setattr(args, dest, value if url else Path(value))
     if command.name == "export" and args.out is None:
+        if str(args.model).startswith("models:/"):
+            parser.error(f"export: --out is required when --model is a registered model ({args.model})")
         args.out = Path(args.model).with_suffix(".onnx")
 
 

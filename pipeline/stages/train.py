@@ -9,7 +9,8 @@
    fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
 5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
-   ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
+   ``save_model_file`` (loadable without Ray), log it to the run, and log it as an MLflow model (pyfunc,
+   ONNX attached) registered as a new version with the alias ``challenger`` (``pipeline.serving.publish``).
 """
 
 from __future__ import annotations
@@ -221,6 +222,25 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
             model_out,
         )
         _finish_run(job, local, "FINISHED")
+        if job.tracking_run_id is not None:
+            _publish(job, local, recorded)
+
+
+def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
+    """The model file as an MLflow model of the run, registered with the alias challenger (pipeline.serving)."""
+    from pipeline.serving.publish import publish_model
+
+    published = publish_model(
+        job.params.tracking,
+        repo_root=Path(job.repo_root),
+        run_id=job.tracking_run_id,
+        model_file=model_file,
+        params=recorded,
+        data_digest=job.data_digest,
+        credentials=job.tracking_credentials,
+    )
+    where = f"{job.params.tracking.model_name} version {published.version}" if published.version else "unregistered"
+    logger.info("train: MLflow model models:/%s (%s)", published.model_id, where)
 
 
 def _workers(worker_range: tuple[int, int]) -> int | str:
@@ -252,5 +272,5 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
             logger.warning("%s; retrying, to log the model of the finished run", error)
             time.sleep(2.0)
     if model_out is not None:
-        tracker.log_model_file(model_out)
+        tracker.log_model_file(model_out, register=False)  # the MLflow model is registered instead
     tracker.close(status=status)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -38,6 +39,7 @@ from pipeline.config_schema import (
     MAX_IMAGES,
     MAX_PROCESSES,
     MAX_STEPS,
+    MAX_WORKERS,
     RUN_NAME_PATTERN,
     SEED_MAX,
     AugmentConfig,
@@ -59,6 +61,7 @@ __all__ = [
     "MAX_IMAGES",
     "MAX_PROCESSES",
     "MAX_STEPS",
+    "MAX_WORKERS",
     "RUN_NAME_PATTERN",
     "SEED_MAX",
     "AugmentConfig",
@@ -253,6 +256,24 @@ def _range_problems(node: Any, prefix: str) -> Iterable[str]:
         root = node.root
         if not (isinstance(root, str) or (isinstance(root, list) and all(isinstance(r, str) for r in root))):
             yield f"{prefix}root: expected a path or a list of paths, got {root!r}"
+    if isinstance(node, TrainConfig):
+        problem = _workers_problem(node.num_workers)
+        if problem:
+            yield f"{prefix}num_workers: {problem}"
+
+
+def _workers_problem(value: Any) -> str | None:
+    """Why ``train.num_workers`` is neither a number of workers nor an elastic ``[min, max]``, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | list):
+        return f"expected a number of workers or [min, max], got {value!r}"
+    bounds = [value] if isinstance(value, int) else value
+    if isinstance(value, list) and (len(value) != 2 or not all(type(v) is int for v in value)):
+        return f"expected a number of workers or [min, max] (two integers), got {value!r}"
+    if not all(1 <= v <= MAX_WORKERS for v in bounds):
+        return f"must be in 1..{MAX_WORKERS}, got {value!r}"
+    if isinstance(value, list) and value[0] > value[1]:
+        return f"expected [min, max] with min <= max, got {value!r}"
+    return None
 
 
 def _section_problems(params: Params) -> Iterable[str]:
@@ -266,6 +287,37 @@ def _section_problems(params: Params) -> Iterable[str]:
     problem = milestones_problem(params.train)
     if problem:
         yield problem
+    train = params.train
+    if _workers_problem(train.num_workers) is None and train.batch_size < train.worker_range[1]:
+        yield (
+            f"train.batch_size: the global batch of {train.batch_size} images cannot give each of up to "
+            f"{train.worker_range[1]} workers (train.num_workers) an image; use at least {train.worker_range[1]}"
+        )
+    yield from _tracked_problems(params.data)
+
+
+def _tracked_problems(data: DataConfig) -> Iterable[str]:
+    """Every input prepare reads must lie inside ``data.tracked`` (when set), or DVC would not see it change."""
+    if not data.tracked or data.source == "synthetic":
+        return
+    coco = data.coco
+    inputs = (
+        data.roots if data.source == "voc" else [coco.train_json, coco.train_images, coco.val_json, coco.val_images]
+    )
+    outside = [path for path in inputs if path and not _inside(path, data.tracked)]
+    if outside:
+        yield (
+            f"data.tracked: prepare reads {outside}, outside data.tracked {data.tracked!r}, so DVC would not see "
+            f"them change; set data.tracked to the folder that holds the raw data (or '' when not using DVC)"
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it (local paths relative to the working directory, or URLs)."""
+    if "://" in path or "://" in folder:
+        return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def milestones_problem(train: TrainConfig) -> str | None:

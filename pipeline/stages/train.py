@@ -4,10 +4,13 @@
    directories and on other machines. Check that every object store among them answers with our
    credentials (``pipeline.storage.check_all``, seconds), before anything else.
 2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
-3. Join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start fresh).
+3. Take the run folder's lease (``training.lease``: one job at a time per folder; refused at once, or
+   ``--wait``), join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start
+   fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
 5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
-   ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
+   ``save_model_file`` (loadable without Ray), log it to the run, and log it as an MLflow model (pyfunc,
+   ONNX attached) registered as a new version with the alias ``challenger`` (``pipeline.serving.publish``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import hashlib
 import logging
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -37,10 +41,13 @@ from pipeline.tracking import (
 )
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
+from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
 from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
+
+FINISH_WAIT_S = 120.0  # how long the end of a finished run waits for an MLflow server that is down
 
 
 def main(args: argparse.Namespace, params: Params) -> int:
@@ -58,19 +65,36 @@ def main(args: argparse.Namespace, params: Params) -> int:
     except (ShardError, ValueError) as error:  # StorageError is a ValueError
         logger.error("train: %s", redact_uri(str(error)))
         return 2
-    from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
-
-    connected = connect_ray(job.params.train)
-    try:
-        train(job, params, model_out)
-    except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
-        logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
+    try:  # one job at a time in a run folder: refuse (or wait) before Ray starts
+        lease = RunLease(job.run_uri).acquire(wait_s=args.wait_timeout if args.wait else 0.0)
+    except LeaseHeld as error:
+        logger.error("train: %s", error)
         return 1
-    finally:
-        if connected:
-            import ray
+    from pipeline.training.launcher import TrainingError, TrainingStopped, connect_ray  # imports Ray: only here
 
-            ray.shutdown()
+    with lease:
+        connected = connect_ray(job.params.train)
+        try:
+            train(job, params, model_out)
+        except TrainingStopped as error:
+            if lease.lost is not None:  # the heartbeat stopped this job: another one took its folder
+                logger.error("train: %s", lease.lost)
+                return 1
+            logger.warning("train: %s", redact_uri(str(error)))
+            return 128 + error.signum  # the shell's convention for a process ended by that signal
+        except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
+            logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
+            return 1
+        except KeyboardInterrupt:
+            if lease.lost is None:
+                raise
+            logger.error("train: %s", lease.lost)
+            return 1
+        finally:
+            if connected:
+                import ray
+
+                ray.shutdown()
     return 0
 
 
@@ -88,7 +112,7 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     shards = storage.absolute(shards, repo_root)
     manifest = load_manifest(shards, verify=True)
     manifest.split_shards("train")  # ShardError when the split is empty
-    _check_last_batch(manifest.splits["train"].samples, params)
+    _check_rank_share(params)
     data_digest = hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()
     check_schedule(params.train)
     if params.train.precision == "fp16" and not params.train.use_gpu:
@@ -118,21 +142,20 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     )
 
 
-def _check_last_batch(samples: int, params: Params) -> None:
-    """Refuse a batch size that leaves each rank a last batch of one image when the model has batch norm
-    (``ssd_tiny``): training-mode batch norm cannot normalise a 1x1 map over a single image."""
+def _check_rank_share(params: Params) -> None:
+    """Refuse a global batch that leaves a rank one image per step when the model has batch norm (``ssd_tiny``):
+    training-mode batch norm cannot normalise a 1x1 map over a single image. A rank's share is at least
+    ``floor(batch_size / W)`` (``pipeline.shards.order``), smallest at the most workers."""
     cfg = params.train
-    per_rank = -(-samples // cfg.num_workers)  # the data loader pads every rank to ceil(N / W) samples
-    if per_rank % cfg.batch_size != 1 or per_rank == 1:
+    most = cfg.worker_range[1]
+    if cfg.batch_size >= 2 * most:
         return
     model = build_ssd(params.model.preset, 2)
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return
-    better = next(b for b in range(cfg.batch_size + 1, per_rank + 2) if per_rank % b != 1)
     raise ValueError(
-        f"train.batch_size: {samples} training images on {cfg.num_workers} workers leave every rank a last "
-        f"batch of 1 image per epoch, which {params.model.preset}'s batch norm cannot train on; use another "
-        f"batch size, e.g. {better}"
+        f"train.batch_size: a global batch of {cfg.batch_size} images on up to {most} workers leaves a worker 1 "
+        f"image per step, which {params.model.preset}'s batch norm cannot train on; use at least {2 * most}"
     )
 
 
@@ -147,6 +170,7 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
     from pipeline.training.launcher import (
         DEFAULT_PROCESS_GROUP_TIMEOUT_S,
         TrainingError,
+        TrainingStopped,
         prepare_run_folder,
         run_training,
     )
@@ -158,7 +182,7 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
     if found:
         logger.info("resuming run %s from step %d of %d", run_folder, found[0].step, cfg.max_steps)
     else:
-        logger.info("starting run %s (%d steps, %d workers)", run_folder, cfg.max_steps, cfg.num_workers)
+        logger.info("starting run %s (%d steps, %s workers)", run_folder, cfg.max_steps, _workers(cfg.worker_range))
     tracker = create_tracker(
         job.params.tracking,
         enabled_here=True,
@@ -168,7 +192,7 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         credentials=job.tracking_credentials,
     )
     tracker.log_run_metadata(
-        recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
+        recorded, world_size=_workers(cfg.worker_range), device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
     )
     tracker.set_tags({"run_folder": run_folder})
     tracker.close(status=None)  # rank 0 continues this run during training
@@ -178,6 +202,9 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
         model = build_ssd(final.state["preset"], job.num_classes)
         model.load_state_dict(final.state["model"])
+    except TrainingStopped:
+        _finish_run(job, None, "KILLED")  # the same command resumes the run, and this MLflow run with it
+        raise
     except (TrainingError, checkpoint.CheckpointError):
         _finish_run(job, None, "FAILED")
         raise
@@ -195,19 +222,55 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
             model_out,
         )
         _finish_run(job, local, "FINISHED")
+        if job.tracking_run_id is not None:
+            _publish(job, local, recorded)
+
+
+def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
+    """The model file as an MLflow model of the run, registered with the alias challenger (pipeline.serving)."""
+    from pipeline.serving.publish import publish_model
+
+    published = publish_model(
+        job.params.tracking,
+        repo_root=Path(job.repo_root),
+        run_id=job.tracking_run_id,
+        model_file=model_file,
+        params=recorded,
+        data_digest=job.data_digest,
+        credentials=job.tracking_credentials,
+    )
+    where = f"{job.params.tracking.model_name} version {published.version}" if published.version else "unregistered"
+    logger.info("train: MLflow model models:/%s (%s)", published.model_id, where)
+
+
+def _workers(worker_range: tuple[int, int]) -> int | str:
+    """The worker count as a tag: ``4``, or ``"2-4"`` for an elastic run (``train/world_size`` has it by step)."""
+    low, high = worker_range
+    return low if low == high else f"{low}-{high}"
 
 
 def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
+    """Log the model file and end the MLflow run. The run exists and training is done: a server that is down
+    for a while (a restart) is waited for, up to ``FINISH_WAIT_S``, rather than failing the finished job."""
     if job.tracking_run_id is None:
         return
-    tracker = create_tracker(
-        job.params.tracking,
-        enabled_here=True,
-        run_id=job.tracking_run_id,
-        run_name=job.params.train.run_name,
-        repo_root=job.repo_root,
-        credentials=job.tracking_credentials,
-    )
+    deadline = time.monotonic() + FINISH_WAIT_S
+    while True:
+        try:
+            tracker = create_tracker(
+                job.params.tracking,
+                enabled_here=True,
+                run_id=job.tracking_run_id,
+                run_name=job.params.train.run_name,
+                repo_root=job.repo_root,
+                credentials=job.tracking_credentials,
+            )
+            break
+        except TrackingError as error:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("%s; retrying, to log the model of the finished run", error)
+            time.sleep(2.0)
     if model_out is not None:
-        tracker.log_model_file(model_out)
+        tracker.log_model_file(model_out, register=False)  # the MLflow model is registered instead
     tracker.close(status=status)

@@ -40,7 +40,8 @@ def _code_lines() -> list[str]:
         "docker compose -f infra/mlflow/docker-compose.yaml",  # watch in MLflow
         "ray down -y infra/ray/cluster.yaml",  # tear down
         "kubectl delete -k infra/k8s",
-        "Nothing here has started a cluster",
+        "Nothing here has started a cloud cluster",
+        "infra/local/start",  # the same workflow, for real, on a loopback cluster
     ],
 )
 def test_readme_walks_from_zero_to_a_run(step):
@@ -62,7 +63,7 @@ def _number(text: str) -> float:
 
 def test_gpu_hour_arithmetic_follows_from_the_recipe():
     params = load_params(REPO / "params" / "voc_ssd300.yaml")
-    steps, batch = params.train.max_steps, params.train.num_workers * params.train.batch_size
+    steps, batch = params.train.max_steps, params.train.batch_size  # the global batch
     match = re.search(r"([\d,]+) steps x (\d+) images = ([\d,]+) images", README)
     assert match, "the work must be shown as steps x batch = images"
     assert (_number(match[1]), _number(match[2]), _number(match[3])) == (steps, batch, steps * batch)

@@ -135,12 +135,12 @@ class _TrainBatches(IterableDataset):
         positions = list(enumerate(indices.tolist()))  # (position in the batch, sample index)
         outcomes: dict[int, Sample | CorruptSample] = {}  # by position
         readable, members, generators = [], [], []
-        read = self.reader.read_many([index for _, index in positions])  # one round trip on an object store
-        for (position, index), member in zip(positions, read, strict=True):
-            if isinstance(member, CorruptSample):
-                outcomes[position] = member
+        for position, index in positions:
+            try:
+                members.append(self.reader.read(index))
+            except CorruptSample as error:
+                outcomes[position] = error
                 continue
-            members.append(member)
             readable.append(position)
             key = self.reader.locations[index][1].key
             generators.append(torch.Generator().manual_seed(sample_seed(self.seed, epoch, key)))

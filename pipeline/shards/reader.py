@@ -64,16 +64,6 @@ class ShardReader:
             raise CorruptSample(f"cannot read ({type(error).__name__}: {error})") from None
         return self._split(index, data)
 
-    def read_many(self, indices: list[int]) -> list[tuple[bytes, bytes] | CorruptSample]:
-        """``read`` of every index, a ``CorruptSample`` in place of each that fails."""
-        return [self._read_or_error(index) for index in indices]
-
-    def _read_or_error(self, index: int) -> tuple[bytes, bytes] | CorruptSample:
-        try:
-            return self.read(index)
-        except CorruptSample as error:
-            return error
-
     def _span(self, index: int) -> tuple[ShardInfo, int, int]:
         """(shard, first byte, end byte) of the range holding both members of sample ``index``."""
         shard, loc = self.locations[index]

@@ -47,6 +47,7 @@ from pipeline.config_schema import (
     ModelConfig,
     Params,
     PrepareConfig,
+    PriorSpecConfig,
     ShardConfig,
     SyntheticConfig,
     TrackingConfig,
@@ -69,6 +70,7 @@ __all__ = [
     "ModelConfig",
     "Params",
     "PrepareConfig",
+    "PriorSpecConfig",
     "ShardConfig",
     "SyntheticConfig",
     "TrackingConfig",
@@ -121,6 +123,10 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     problems = [*_range_problems(params, ""), *_section_problems(params)]
     if not any(problem.startswith("augment.") for problem in problems):
         problems += _augment_problems(params.augment)
+    if not any(problem.startswith("model.") for problem in problems):
+        from pipeline.model_builder import model_problems  # imports torch: only when validating
+
+        problems += model_problems(params.model)
     if problems:
         raise ConfigError("; ".join(problems))
     return params

@@ -107,12 +107,32 @@ class ShardConfig:
 
 # -------------------------------------------------------------------------------------------- model
 @dataclass
+class PriorSpecConfig:
+    """``model.priors: custom``: the default boxes per source level, in pixels at the model's input side.
+
+    The levels' count and feature maps are the network's (``pipeline.model_builder`` checks them); steps
+    default to the preset's."""
+
+    min_sizes: list[float] = _p([], help="per level: side of the small square box, input pixels")
+    max_sizes: list[float] = _p([], help="per level: the extra square is sqrt(min * max), input pixels")
+    aspect_ratios: list[Any] = _p([], help="per level: a list of ratios > 1, each added with its flip")
+    steps: list[float] = _p([], help="per level: stride of the box centres, input pixels (empty: the preset's)")
+    clip: bool = _p(False, help="clamp the priors to the image (the Caffe models do not)")
+
+
+@dataclass
 class ModelConfig:
     preset: str = _p("ssd_tiny", choices=("ssd_tiny", "ssd300_vgg16", "ssd512_vgg16"), help="architecture and priors")
     priors: str = _p(
-        "voc", choices=("voc", "coco"), help="VGG presets: default-box sizes of the Caffe VOC or COCO model"
+        "voc",
+        choices=("voc", "coco", "custom"),
+        help="default boxes: the Caffe VOC or COCO model's (ssd_tiny: voc is its own), or custom: model.prior_spec",
     )
+    prior_spec: PriorSpecConfig = field(default_factory=PriorSpecConfig)
     pretrained_backbone: str = _p("", help="path to an ImageNet VGG16 state dict (empty: random init)")
+    init_from: str = _p(
+        "", help="fine-tune: start from a model file or a checkpoint folder; class rows matched by name (empty: off)"
+    )
 
 
 @dataclass

@@ -19,10 +19,12 @@ import uuid
 from pathlib import Path
 
 import fsspec
+import torch
 from torch import nn
 
 from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
+from pipeline.model_builder import build_model, build_recorded
 from pipeline.shards.manifest import ShardError, load_manifest
 from pipeline.tracking import (
     TrackingError,
@@ -36,7 +38,6 @@ from pipeline.tracking import (
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.optim import check_schedule
-from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def _check_last_batch(samples: int, params: Params) -> None:
     per_rank = -(-samples // cfg.num_workers)  # the data loader pads every rank to ceil(N / W) samples
     if per_rank % cfg.batch_size != 1 or per_rank == 1:
         return
-    model = build_ssd(params.model.preset, 2)
+    with torch.device("meta"):  # the layers only
+        model = build_model(params.model, ["object"])
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return
     better = next(b for b in range(cfg.batch_size + 1, per_rank + 2) if per_rank % b != 1)
@@ -167,7 +169,7 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
     try:
         outcome = run_training(job, process_group_timeout_s=process_group_timeout_s or DEFAULT_PROCESS_GROUP_TIMEOUT_S)
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
-        model = build_ssd(final.state["preset"], job.num_classes)
+        model = build_recorded(final.state["preset"], job.num_classes, final.state["prior_spec"])
         model.load_state_dict(final.state["model"])
         save_model_file(model_out, model, classes=list(job.classes), params=recorded)
     except (TrainingError, checkpoint.CheckpointError):

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.config import params_to_dict
+from pipeline.model_builder import build_model as build_configured
+from pipeline.model_builder import prior_spec_for
 from pipeline.tracking import redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import rng_state, set_rng_state
@@ -21,7 +23,7 @@ from pipeline.training.guard import SkipGuard
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
 from ssd_core.backbone import load_vgg16_backbone
-from ssd_core.model import SSD, build_ssd
+from ssd_core.model import SSD
 
 if TYPE_CHECKING:
     import ray.train
@@ -69,6 +71,7 @@ class TrainState:
             "bad_samples": bad_samples,
             "rng": rng_state(),
             "preset": self.model.preset,
+            "prior_spec": self.model.prior_spec.to_dict(),  # what the weights were trained with
             "classes": list(job.classes),
             "params": params,
             "tracking_run_id": tracking_run_id,
@@ -89,7 +92,7 @@ def build_model(job: TrainJob, resumed: checkpoint.LoadedCheckpoint | None) -> S
     the checkpoint's weights when resuming; channels-last if configured."""
     params = job.params
     torch.manual_seed(params.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_ssd(params.model.preset, job.num_classes)
+    model = build_configured(params.model, job.classes)
     if resumed is not None:
         model.load_state_dict(resumed.state["model"])
     elif params.model.pretrained_backbone:
@@ -146,6 +149,12 @@ def find_resume_checkpoint(
                 f"{redact_uri(uri)}: checkpoint of preset {loaded.state['preset']} with classes "
                 f"{loaded.state['classes']}, but this run is {job.params.model.preset} with "
                 f"{list(job.classes)}"
+            )
+        wanted = prior_spec_for(job.params.model).to_dict()
+        if loaded.state.get("prior_spec") != wanted:
+            raise ValueError(
+                f"{redact_uri(uri)}: checkpoint trained with priors {loaded.state.get('prior_spec')}, but this run "
+                f"builds {wanted}"
             )
         logger.info("resuming from %s (step %d)", redact_uri(uri), loaded.meta.step)
         if loaded.meta.world_size != world:

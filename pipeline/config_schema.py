@@ -105,6 +105,20 @@ class ShardConfig:
     jpeg_quality: int = _p(95, ge=1, le=100, help="quality of re-encoded images")
 
 
+@dataclass
+class BoxesConfig:
+    min_prior_recall: float = _p(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        help="warn, by class and size, when fewer boxes than this reach train.iou_threshold with their best prior",
+    )
+    fit_trials: int = _p(400, ge=1, le=1_000_000, help="fit-priors: candidate changes scored by the search")
+    fit_max_boxes: int = _p(
+        20_000, ge=1, le=MAX_IMAGES, help="fit-priors: boxes the search scores (an even sample of larger sets)"
+    )
+
+
 # -------------------------------------------------------------------------------------------- model
 @dataclass
 class PriorSpecConfig:
@@ -225,6 +239,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    boxes: BoxesConfig = field(default_factory=BoxesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -28,6 +28,7 @@ LAYERS = (
         "pipeline.sources",
         "pipeline.report",
         "pipeline.tracking",
+        "pipeline.storage",
     ),
     ("pipeline.training",),
     ("pipeline.stages",),

@@ -126,9 +126,9 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if not any(problem.startswith("augment.") for problem in problems):
         problems += _augment_problems(params.augment)
     if not any(problem.startswith("model.") for problem in problems):
-        from pipeline.model_builder import model_problems  # imports torch: only when validating
+        from pipeline.model_builder import freeze_problems, model_problems  # imports torch: only when validating
 
-        problems += model_problems(params.model)
+        problems += model_problems(params.model) or freeze_problems(params.model, params.train)
     if problems:
         raise ConfigError("; ".join(problems))
     return params

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config_schema import ModelConfig, PriorSpecConfig
+from pipeline.config_schema import ModelConfig, PriorSpecConfig, TrainConfig
 from ssd_core.model import PRESET_PRIORS, SSD, build_ssd
 from ssd_core.priors import SSD300_COCO, SSD300_VOC, SSD512_COCO, SSD512_VOC, PriorSpec
 
@@ -86,6 +86,19 @@ def model_problems(model: ModelConfig) -> list[str]:
     except ValueError as error:
         return [f"model.prior_spec: {error}"]
     return []
+
+
+def freeze_problems(model: ModelConfig, train: TrainConfig) -> list[str]:
+    """``train.freeze`` prefixes that name no parameter of the model (a typo would freeze nothing, silently)."""
+    if not train.freeze:
+        return []
+    with torch.device("meta"):
+        names = [name for name, _ in build_ssd(model.preset, 2, prior_spec=_spec(model)).named_parameters()]
+    unknown = [prefix for prefix in train.freeze if not prefix or not any(n.startswith(prefix) for n in names)]
+    if not unknown:
+        return []
+    tops = sorted({n.split(".")[0] + "." for n in names})
+    return [f"train.freeze: {unknown} match no parameter of {model.preset}; its parameters start with {tops}"]
 
 
 def _spec(model: ModelConfig) -> PriorSpec:

@@ -38,6 +38,7 @@ from pipeline.tracking import (
     tracking_credentials,
 )
 from pipeline.training import checkpoint
+from pipeline.training.init_from import read_source, source_digest
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.optim import check_schedule
 
@@ -83,8 +84,8 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
 
     Raises:
         ShardError: the manifest or a shard is missing, truncated or tampered with.
-        ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, or a missing
-            ``model.pretrained_backbone`` file.
+        ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, a missing
+            ``model.pretrained_backbone`` file, or a ``model.init_from`` that is no model of this preset.
     """
     shards = storage.absolute(shards, repo_root)
     manifest = load_manifest(shards, verify=True)
@@ -100,14 +101,16 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         backbone = str((repo_root / backbone).resolve())
         if not Path(backbone).is_file():
             raise ValueError(f"model.pretrained_backbone: no file at {backbone}")
+    init_from, init_digest = _check_init_from(params, repo_root, manifest.classes)
     tracking_uri = default_tracking_uri(repo_root, params.tracking.uri)
     resolved = dataclasses.replace(
         params,
-        model=dataclasses.replace(params.model, pretrained_backbone=backbone),
+        model=dataclasses.replace(params.model, pretrained_backbone=backbone, init_from=init_from),
         train=dataclasses.replace(params.train, storage_path=storage_path),
         tracking=dataclasses.replace(params.tracking, uri=split_credentials(tracking_uri)[0]),
     )
-    run_uri = storage.join(storage_path, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
+    digest = identity_digest(params, data_digest, init_digest=init_digest)
+    run_uri = storage.join(storage_path, f"{params.train.run_name}-{digest}")
     return TrainJob(
         params=resolved,
         shards=shards,
@@ -117,6 +120,30 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         data_digest=data_digest,
         tracking_credentials=tracking_credentials(tracking_uri),
     )
+
+
+def _check_init_from(params: Params, repo_root: Path, classes: list[str]) -> tuple[str, str]:
+    """``(absolute location, sha256)`` of the ``model.init_from`` source, read and checked here, before any
+    worker starts (``("", "")`` when not fine-tuning). Raises ``ValueError`` naming the key."""
+    if not params.model.init_from:
+        return "", ""
+    location = storage.absolute(params.model.init_from, repo_root)
+    source = read_source(location)
+    if source.preset != params.model.preset:
+        raise ValueError(
+            f"model.init_from: {storage.describe(location)} is a {source.preset} model, but model.preset is "
+            f"{params.model.preset}"
+        )
+    shared = sorted(set(source.classes) & set(classes))
+    logger.info(
+        "fine-tuning from %s (%s): %d of this run's %d classes by name (%s); the others start fresh",
+        storage.describe(location),
+        source.kind,
+        len(shared),
+        len(classes),
+        ", ".join(shared) or "none",
+    )
+    return location, source_digest(location)
 
 
 def _check_last_batch(samples: int, params: Params) -> None:

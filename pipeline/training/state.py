@@ -20,6 +20,7 @@ from pipeline.tracking import redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import rng_state, set_rng_state
 from pipeline.training.guard import SkipGuard
+from pipeline.training.init_from import read_source, transfer_table, transfer_weights
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
 from ssd_core.backbone import load_vgg16_backbone
@@ -88,15 +89,20 @@ class TrainState:
 
 
 def build_model(job: TrainJob, resumed: checkpoint.LoadedCheckpoint | None) -> SSD:
-    """The plain SSD with the same weights on every rank: seeded initialisation (or the VGG16 backbone), or
-    the checkpoint's weights when resuming; channels-last if configured."""
+    """The plain SSD with the same weights on every rank: seeded initialisation (then the VGG16 backbone and
+    the ``model.init_from`` source, if given), or the checkpoint's weights when resuming; channels-last if
+    configured."""
     params = job.params
     torch.manual_seed(params.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_configured(params.model, job.classes)
     if resumed is not None:
         model.load_state_dict(resumed.state["model"])
-    elif params.model.pretrained_backbone:
-        load_vgg16_backbone(model, params.model.pretrained_backbone)
+    else:
+        if params.model.pretrained_backbone:
+            load_vgg16_backbone(model, params.model.pretrained_backbone)
+        if params.model.init_from:  # fine-tuning: over the backbone, class rows by name
+            source = read_source(params.model.init_from)
+            logger.info("%s", transfer_table(transfer_weights(model, source, job.classes), source))
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -28,6 +28,7 @@ from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
 from pipeline.model_builder import build_model, build_recorded
 from pipeline.shards.manifest import ShardError, load_manifest
+from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import (
     TrackingError,
     create_tracker,
@@ -200,6 +201,8 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
     )
     tracker.set_tags({"run_folder": run_folder})
+    if not found:
+        _log_data_report(tracker, Path(job.repo_root))
     tracker.close(status=None)  # rank 0 continues this run during training
     job = dataclasses.replace(job, tracking_run_id=tracker.run_id, invocation=uuid.uuid4().hex)
     try:
@@ -224,6 +227,24 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
             model_out,
         )
         _finish_run(job, local, "FINISHED")
+
+
+def _log_data_report(tracker, repo_root: Path) -> None:
+    """The ``boxes`` stage's report and histograms (at ``dvc.yaml``'s paths), when that stage has run: MLflow
+    artifacts ``data_report/``, and its overall prior recall as ``data/prior_recall`` at step 0."""
+    import json
+
+    options = stage_options("boxes", repo_root / DVC_FILE)
+    report = repo_root / options.get("--report", "-")
+    if not report.is_file():
+        return
+    tracker.log_artifact(report, "data_report")
+    sizes = repo_root / options.get("--plots", "-") / "sizes.png"
+    if sizes.is_file():
+        tracker.log_artifact(sizes, "data_report")
+    recall = json.loads(report.read_text(encoding="utf-8")).get("prior_recall")
+    if isinstance(recall, float):
+        tracker.log_metrics({"data/prior_recall": recall}, step=0)
 
 
 def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:

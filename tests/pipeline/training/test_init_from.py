@@ -182,6 +182,7 @@ def _subset_index(source: Path, target: Path, keep: dict[str, str]) -> tuple[str
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # ~230 CPU training steps of ssd_tiny and two evaluations
 def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratch(tmp_path):
     """The embedded default's data and model (ssd_tiny, AdamW; shortened): a source trained on the five shapes,
     then the same number of steps on ellipses and rectangles renamed "box", from the source and from scratch.
@@ -194,9 +195,9 @@ def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratc
     base = {
         "data.synthetic.num_train": 160,
         "data.synthetic.num_val": 48,
-        "train.batch_size": 16,
+        "train.batch_size": 8,
         "train.lr": 2e-3,
-        "train.lr_reference_batch": 16,
+        "train.lr_reference_batch": 8,
         "train.optimizer": "adamw",
         "train.weight_decay": 0.05,
         "train.warmup_steps": 10,

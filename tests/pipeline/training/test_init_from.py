@@ -129,14 +129,12 @@ def _train(job, steps: int, shards: Path):
         str(shards),
         rank=0,
         world_size=1,
-        batch_size=cfg.batch_size,
+        global_batch=cfg.batch_size,
         image_size=model.image_size,
         augment=AugmentOptions(**dataclasses.asdict(job.params.augment)),
         seed=job.params.seed,
-        epoch=0,
         num_workers=0,
-        epochs=1000,
-        max_batches=steps,
+        num_steps=steps,
     )
     priors = model.priors()
     for batch in loader:

@@ -28,6 +28,7 @@ LAYERS = (
         "pipeline.sources",
         "pipeline.report",
         "pipeline.tracking",
+        "pipeline.serving",
         "pipeline.storage",
     ),
     ("pipeline.training",),

@@ -56,6 +56,22 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--out", "shard", "shard folder (with manifest.json)")
 
 
+def _boxes_args(p: argparse.ArgumentParser) -> None:
+    _path(p, "--index", "boxes", "prepared index folder (its training split is read)")
+    _path(p, "--report", "boxes", "prior recall and box sizes (DVC metric)")
+    _path(p, "--plots", "boxes", "folder for the DVC plot data and the size histograms")
+
+
+def _fit_priors_args(p: argparse.ArgumentParser) -> None:
+    _path(p, "--index", "boxes", "prepared index folder (its training split is read)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/fitted_priors.yaml"),
+        help="params snippet to write (model.priors: custom and model.prior_spec)",
+    )
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -148,6 +164,13 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: tuple[Command, ...] = (
     Command("prepare", "pipeline.stages.prepare", "validate a VOC/COCO/synthetic source into an index", _prepare_args),
     Command("shard", "pipeline.stages.shard", "write WebDataset shards and their manifest", _shard_args),
+    Command("boxes", "pipeline.stages.boxes", "box sizes and prior recall of the training boxes", _boxes_args),
+    Command(
+        "fit-priors",
+        "pipeline.stages.fit_priors",
+        "fit default-box sizes and ratios to the training boxes; writes a params snippet",
+        _fit_priors_args,
+    ),
     Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
     Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards", _evaluate_args),
     Command(

@@ -43,12 +43,14 @@ from pipeline.config_schema import (
     RUN_NAME_PATTERN,
     SEED_MAX,
     AugmentConfig,
+    BoxesConfig,
     CocoConfig,
     DataConfig,
     EvalConfig,
     ModelConfig,
     Params,
     PrepareConfig,
+    PriorSpecConfig,
     ShardConfig,
     SyntheticConfig,
     TrackingConfig,
@@ -65,6 +67,7 @@ __all__ = [
     "RUN_NAME_PATTERN",
     "SEED_MAX",
     "AugmentConfig",
+    "BoxesConfig",
     "CocoConfig",
     "ConfigError",
     "DataConfig",
@@ -72,6 +75,7 @@ __all__ = [
     "ModelConfig",
     "Params",
     "PrepareConfig",
+    "PriorSpecConfig",
     "ShardConfig",
     "SyntheticConfig",
     "TrackingConfig",
@@ -124,6 +128,10 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     problems = [*_range_problems(params, ""), *_section_problems(params)]
     if not any(problem.startswith("augment.") for problem in problems):
         problems += _augment_problems(params.augment)
+    if not any(problem.startswith("model.") for problem in problems):
+        from pipeline.model_builder import freeze_problems, model_problems  # imports torch: only when validating
+
+        problems += model_problems(params.model) or freeze_problems(params.model, params.train)
     if problems:
         raise ConfigError("; ".join(problems))
     return params

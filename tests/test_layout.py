@@ -21,6 +21,7 @@ LAYERS = (
         "pipeline.file_names",
         "pipeline.config",
         "pipeline.config_schema",
+        "pipeline.model_builder",
         "pipeline.stage_paths",
         "pipeline.artifacts",
         "pipeline.shards",

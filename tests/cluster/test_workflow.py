@@ -41,10 +41,19 @@ JOB_TIMEOUT_S = 420.0
 
 
 @pytest.fixture
-def cluster_dir():
+def cluster_dir(tmp_path):
     path = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
     yield path
+    # keep what explains a failure: the services' logs and the job drivers' logs, beside the commands' log
+    shutil.copytree(path / "logs", tmp_path / "cluster-logs", dirs_exist_ok=True)
+    for driver_log in (path / "ray").glob("session_*/logs/job-driver-*.log"):
+        shutil.copy(driver_log, tmp_path / "cluster-logs" / driver_log.name)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _driver_lines(logs: str) -> str:
+    """A job's log without the training ranks' lines (the driver's own, its errors, the controller's)."""
+    return "\n".join(line for line in logs.splitlines() if "(RayTrainWorker" not in line)[-4000:]
 
 
 def test_the_readme_cluster_workflow(tmp_path, cluster_dir):
@@ -113,7 +122,7 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
     time.sleep(OUTAGE_S)
     up = time.time()
     shell.run(wf.REVIVE_MLFLOW, owner)
-    assert jobs.wait("fault-free", JOB_TIMEOUT_S) == "SUCCEEDED", jobs.logs("fault-free")[-4000:]
+    assert jobs.wait("fault-free", JOB_TIMEOUT_S) == "SUCCEEDED", _driver_lines(jobs.logs("fault-free"))
 
     runs = mlflow.runs("fault-free")
     assert len(runs) == 1
@@ -161,7 +170,7 @@ def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> list[
     assert stopped_at < wf.MAX_STEPS
 
     shell.run(wf.SUBMIT, owner, JOB="laptop-2", RUN="laptop")  # the same command again
-    assert jobs.wait("laptop-2", JOB_TIMEOUT_S) == "SUCCEEDED", jobs.logs("laptop-2")[-4000:]
+    assert jobs.wait("laptop-2", JOB_TIMEOUT_S) == "SUCCEEDED", _driver_lines(jobs.logs("laptop-2"))
     logs = jobs.logs("laptop-2")
     assert "resuming from s3://" in logs and f"starting at step {stopped_at} of {wf.MAX_STEPS}" in logs, logs[-4000:]
     assert f"{wf.MAX_STEPS} steps" in shell.run(wf.JOB_LOGS, owner, JOB="laptop-2")

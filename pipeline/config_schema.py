@@ -214,7 +214,7 @@ class TrainConfig:
         pattern=RUN_NAME_PATTERN,
         help="Ray Train run name; with storage_path, the identity used to resume; a folder name, never a path",
     )
-    storage_path: str = _p("runs", help="checkpoints: local path or URL; the run folder is <run_name>-<digest>")
+    storage_path: str = _p("runs", help="checkpoints: local path or s3:// URL; the run folder is <run_name>-<digest>")
     log_every_steps: int = _p(10, ge=1, le=MAX_STEPS, help="progress line and step metrics interval")
     freeze: list[str] = _p([], help="parameter-name prefixes kept fixed (e.g. vgg.), fine-tuning; [] trains all")
     unfreeze_at_step: int = _p(0, ge=0, le=MAX_STEPS, help="train.freeze holds until this step (0: for the whole run)")

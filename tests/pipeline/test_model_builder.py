@@ -119,7 +119,7 @@ def test_a_coco_recipe_trained_one_step_records_coco_priors(tmp_path):
     file written from it as train does, and that file loaded back: COCO priors everywhere."""
     params = load_params(
         REPO / "params/coco_ssd300.yaml",
-        ["model.pretrained_backbone=", "train.batch_size=1", "train.precision=fp32", "train.channels_last=false"],
+        ["model.pretrained_backbone=", "train.batch_size=1", "train.num_workers=1", "train.precision=fp32"],
     )
     job = TrainJob(params, str(tmp_path / "shards"), ("a", "b", "c"), str(tmp_path / "run"), str(tmp_path), "0" * 64)
     model = build_training_model(job, None)

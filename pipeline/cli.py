@@ -21,6 +21,7 @@ from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import detach_credentials
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+DEFAULT_WAIT_TIMEOUT_S = 24 * 3600.0  # train --wait: a day covers the longest recipe's run on a cluster
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,48 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--out", "shard", "shard folder (with manifest.json)")
 
 
+def _boxes_args(p: argparse.ArgumentParser) -> None:
+    _path(p, "--index", "boxes", "prepared index folder (its training split is read)")
+    _path(p, "--report", "boxes", "prior recall and box sizes (DVC metric)")
+    _path(p, "--plots", "boxes", "folder for the DVC plot data and the size histograms")
+
+
+def _fit_priors_args(p: argparse.ArgumentParser) -> None:
+    _path(p, "--index", "boxes", "prepared index folder (its training split is read)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/fitted_priors.yaml"),
+        help="params snippet to write (model.priors: custom and model.prior_spec)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--shards", "train", "shard folder or fsspec URL (with manifest.json)", url=True)
     _path(p, "--model-out", "train", "final model file (path or URL)", url=True)
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another job is training in this run folder (same params, data and code), wait for it to "
+        "finish instead of refusing at once; logs while it waits",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=_seconds,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"with --wait: give up after this long (default {DEFAULT_WAIT_TIMEOUT_S:.0f} s)",
+    )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +164,13 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: tuple[Command, ...] = (
     Command("prepare", "pipeline.stages.prepare", "validate a VOC/COCO/synthetic source into an index", _prepare_args),
     Command("shard", "pipeline.stages.shard", "write WebDataset shards and their manifest", _shard_args),
+    Command("boxes", "pipeline.stages.boxes", "box sizes and prior recall of the training boxes", _boxes_args),
+    Command(
+        "fit-priors",
+        "pipeline.stages.fit_priors",
+        "fit default-box sizes and ratios to the training boxes; writes a params snippet",
+        _fit_priors_args,
+    ),
     Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
     Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards", _evaluate_args),
     Command(

@@ -82,13 +82,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_step(ddp, batch, priors, state.optimizer, cfg=cfg, scaler=state.scaler, observer=observer)
         lr, stop = state.end_step(stats.finite)  # the guard counts, the schedule advances, step += 1
         hooks.after_step(rank, state.step, model, stats)
-        log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop)
+        decision = watch.decide(state.step)  # stop or checkpoint now? the same on every rank
+        skipped = state.guard.skipped_total
+        log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=skipped, force=stop or decision.stop)
         if stop:
             status = STATUS_NONFINITE
             break
         if state.step % data.steps_per_epoch == 0:
             log.end_epoch(epoch)
-        decision = watch.decide(state.step)  # the same on every rank
         if decision.stop and state.step < cfg.max_steps:
             status = STATUS_STOPPED  # the final report below writes this step's checkpoint
             break

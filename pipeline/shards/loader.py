@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.shards.batch import TrainBatch, collate_train
 from pipeline.shards.manifest import ShardError, ShardManifest, load_manifest
 from pipeline.shards.order import batches_per_epoch, rank_batches, sample_seed
 from pipeline.shards.reader import CorruptSample, ShardReader
@@ -45,15 +46,6 @@ from pipeline.shards.samples import decode_sample, train_samples
 from ssd_core.augment import AugmentOptions, Sample, eval_transform
 
 logger = logging.getLogger(__name__)
-
-
-class TrainBatch(NamedTuple):
-    images: Tensor  # uint8 [B, 3, S, S]
-    boxes: Tensor  # float32 [B, G, 4] xyxy normalised; padding rows are 0
-    labels: Tensor  # int64 [B, G], 1..C-1; padding 0
-    difficult: Tensor  # bool [B, G]
-    mask: Tensor  # bool [B, G]: True for real boxes
-    num_bad: int  # corrupt samples skipped from this batch
 
 
 class EvalBatch(NamedTuple):
@@ -108,8 +100,9 @@ class _TrainBatches(IterableDataset):
         augment: AugmentOptions,
         seed: int,
         num_classes: int,
+        max_boxes: int | None,
     ) -> None:
-        self.reader, self.start, self.count = reader, start, count
+        self.reader, self.start, self.count, self.max_boxes = reader, start, count, max_boxes
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.image_size, self.augment, self.seed = image_size, augment, seed
         self.num_classes = num_classes
@@ -153,7 +146,12 @@ class _TrainBatches(IterableDataset):
             key = self.reader.locations[index][1].key
             generators.append(torch.Generator().manual_seed(sample_seed(self.seed, epoch, key)))
         made = train_samples(
-            members, self.num_classes, image_size=self.image_size, augment=self.augment, generators=generators
+            members,
+            self.num_classes,
+            image_size=self.image_size,
+            augment=self.augment,
+            generators=generators,
+            max_boxes=self.max_boxes,
         )
         outcomes.update(zip(readable, made, strict=True))
         samples, bad = [], 0
@@ -163,30 +161,7 @@ class _TrainBatches(IterableDataset):
                 logger.warning("skipped corrupt sample %s: %s", self.reader.describe(index), outcomes[position])
             else:
                 samples.append(outcomes[position])
-        return collate_train(samples, self.image_size, bad)
-
-
-def collate_train(samples: list[Any], image_size: int, num_bad: int = 0) -> TrainBatch:
-    """Stack ``Sample``s into a ``TrainBatch``, padding boxes to the batch's largest count G.
-
-    In a DataLoader worker the images are stacked straight into shared memory (as PyTorch's default collate
-    does), so handing the batch to the main process copies nothing.
-    """
-    b, g = len(samples), max((len(s.labels) for s in samples), default=0)
-    shape = (b, 3, image_size, image_size)
-    if get_worker_info() is not None and b:
-        images = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
-        torch.stack([s.image for s in samples], out=images)
-    else:
-        images = torch.stack([s.image for s in samples]) if samples else torch.empty(shape, dtype=torch.uint8)
-    boxes = torch.zeros(b, g, 4, dtype=torch.float32)
-    labels = torch.zeros(b, g, dtype=torch.int64)
-    difficult = torch.zeros(b, g, dtype=torch.bool)
-    mask = torch.zeros(b, g, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = len(s.labels)
-        boxes[i, :n], labels[i, :n], difficult[i, :n], mask[i, :n] = s.boxes, s.labels, s.difficult, True
-    return TrainBatch(images, boxes, labels, difficult, mask, num_bad)
+        return collate_train(samples, self.image_size, bad, max_boxes=self.max_boxes)
 
 
 class TrainLoader:
@@ -212,6 +187,7 @@ class TrainLoader:
         max_batches: int | None = None,
         multiprocessing_context: str | None = None,
         pin_memory: bool = False,
+        max_boxes: int | None = None,
     ) -> None:
         if not isinstance(augment, AugmentOptions):
             raise TypeError(f"train_loader: expected augment as an AugmentOptions, got {type(augment).__name__}")
@@ -247,6 +223,7 @@ class TrainLoader:
             augment=augment,
             seed=seed,
             num_classes=len(manifest.classes),
+            max_boxes=max_boxes,
         )
 
     def __len__(self) -> int:
@@ -274,13 +251,16 @@ def train_loader(
     verify: bool = False,
     multiprocessing_context: str | None = None,
     pin_memory: bool = False,
+    max_boxes: int | None = None,
 ) -> TrainLoader:
     """Training batches of one rank: one epoch, or ``epochs`` in one stream (see the module docstring and
     ``TrainLoader``).
 
     ``verify=True`` recomputes every shard's sha256 first (``load_manifest``); by default only the shard
     sizes are checked, as the driver is expected to have verified once before training.
-    ``multiprocessing_context`` and ``pin_memory`` (for GPU training) go to the DataLoader.
+    ``multiprocessing_context`` and ``pin_memory`` (for GPU training) go to the DataLoader. ``max_boxes``
+    (``train.max_boxes``): pad every batch's ground truth to this many boxes, skipping a sample whose record
+    holds more as corrupt (``pipeline.shards.batch``); None pads to each batch's largest count.
     """
     manifest = load_manifest(shards, verify=verify)
     return TrainLoader(
@@ -299,6 +279,7 @@ def train_loader(
         max_batches=max_batches,
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
+        max_boxes=max_boxes,
     )
 
 

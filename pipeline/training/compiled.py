@@ -1,0 +1,38 @@
+"""``train.compile`` and ``train.cuda_graphs``: the step's loss function (``step.step_loss``: normalisation,
+target assignment, the model's forward pass, the MultiBox loss) compiled with ``torch.compile`` (inductor).
+
+Under ``torch.compile`` target assignment and the loss take their static-shape forms
+(``ssd_core.static_matching``), so the whole function traces without a host read, and with ground truth
+padded to ``train.max_boxes`` its shapes are the same every step: one compilation serves the run (a
+batch made shorter by a corrupt sample compiles once more for its own shape). The backward pass is
+compiled with it (AOTAutograd). The optimiser step, the clip and the collective stay eager.
+
+``train.cuda_graphs`` compiles with ``mode="reduce-overhead"``: inductor records the forward and backward
+kernels into CUDA graphs and replays them, which removes the per-kernel launch cost that dominates small
+kernels at high step rates. CUDA graphs exist only on CUDA devices: it is refused at load time without
+``train.use_gpu`` and at training start on any other device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.training.step import StepLoss, step_loss
+
+
+def build_step_loss(cfg: TrainConfig, device: torch.device) -> StepLoss:
+    """``step_loss``, compiled when ``cfg.compile`` (with CUDA graphs when ``cfg.cuda_graphs``).
+
+    Raises:
+        RuntimeError: ``train.cuda_graphs`` on a device that is not CUDA.
+    """
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise RuntimeError(
+            f"train.cuda_graphs: true needs CUDA, but this rank trains on {device.type!r}: "
+            "set train.cuda_graphs: false (or train on GPUs with train.use_gpu: true)"
+        )
+    if not cfg.compile:
+        return step_loss
+    mode = "reduce-overhead" if cfg.cuda_graphs else None
+    return torch.compile(step_loss, mode=mode, dynamic=False)

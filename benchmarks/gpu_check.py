@@ -152,13 +152,14 @@ def measure_train(args, device: torch.device, batch: int, mode: str) -> dict:
 
 
 def measure_assign_loss(args, device: torch.device) -> float:
-    """ms per target assignment + loss forward + backward, batch 32, on random logits."""
+    """ms per target assignment + loss forward + backward, batch ``--loss-batch`` (32), on random logits."""
     model = build_ssd(args.preset, NUM_CLASSES)
     priors = model.priors().to(device)
     gen = torch.Generator().manual_seed(1)
-    _, boxes, labels, mask = _random_batch(32, 8, device, gen)
-    loc = torch.randn(32, len(priors), 4, generator=gen).to(device).requires_grad_()
-    logits = torch.randn(32, len(priors), NUM_CLASSES, generator=gen).to(device).requires_grad_()
+    batch = args.loss_batch
+    _, boxes, labels, mask = _random_batch(batch, 8, device, gen)
+    loc = torch.randn(batch, len(priors), 4, generator=gen).to(device).requires_grad_()
+    logits = torch.randn(batch, len(priors), NUM_CLASSES, generator=gen).to(device).requires_grad_()
 
     def once() -> None:
         with torch.no_grad():
@@ -183,7 +184,7 @@ def measure_eval(args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_ssd(args.preset, NUM_CLASSES).to(device).to(memory_format=torch.channels_last).eval()
     priors = model.priors().to(device)
-    batch = 32
+    batch = args.loss_batch
     gen = torch.Generator().manual_seed(2)
     images = _random_batch(batch, model.image_size, device, gen)[0]
     sizes = torch.tensor([[500.0, 375.0]] * batch, device=device)
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, CUDA graph capture)")
+    parser.add_argument("--loss-batch", type=int, default=32, help="batch of the loss and evaluation figures")
     parser.add_argument("--compile-backend", default="inductor", help="eager: dynamo only (the CPU smoke test)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu_check.json")
     args = parser.parse_args(argv)

@@ -14,7 +14,8 @@ which is all that compilation can speed up. ``eager step / (eager step - eager r
 what full fusion of everything but the convolutions could give at best.
 
 Run: ``.venv/bin/python benchmarks/bench_compile.py [--presets ssd_tiny ssd300_vgg16] [--rounds N]``. Writes
-``benchmarks/results/bench_compile.json``.
+``benchmarks/results/bench_compile.json``. ``--eager-profile-only`` skips compilation and measures only the
+eager step's convolution share (``bench_compile_profile.json``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,28 @@ def bench(preset: str, batch: int, rounds: int, warmup: int) -> dict:
     }
 
 
+def eager_profile(preset: str, batch: int) -> dict:
+    """Only the eager step's convolution share (no compilation): the bound on what compiling can give."""
+    cfg = TrainConfig(precision="bf16", channels_last=True, lr=1e-5, batch_size=batch)
+    torch.manual_seed(0)
+    model = build_ssd(preset, 21).to(memory_format=torch.channels_last).train()
+    optimizer, priors = build_optimizer(model, cfg, 1), model.priors()
+    data = _batch(batch, model.image_size, cfg.max_boxes)
+    train_step(model, data, priors, optimizer, cfg=cfg).read()  # warm-up
+    start = time.perf_counter()
+    train_step(model, data, priors, optimizer, cfg=cfg).read()
+    step_s = time.perf_counter() - start
+    conv, total = _conv_split(lambda: train_step(model, data, priors, optimizer, cfg=cfg).read())
+    return {
+        "preset": preset,
+        "batch": batch,
+        "eager_step_s": step_s,
+        "profile_s": {"conv": conv, "total": total},
+        "conv_fraction_eager": conv / total,
+        "bound_if_everything_but_convs_were_free": total / max(conv, 1e-9),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", nargs="+", default=["ssd_tiny", "ssd300_vgg16"])
@@ -120,12 +143,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eager-profile-only", action="store_true", help="no compilation: the convolution share")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = [round(x, 2) for x in os.getloadavg()]
     results = []
     for preset, batch in zip(args.presets, args.batch, strict=False):
-        result = bench(preset, batch, args.rounds, args.warmup)
+        if args.eager_profile_only:
+            result = eager_profile(preset, batch)
+        else:
+            result = bench(preset, batch, args.rounds, args.warmup)
         print(json.dumps(result, indent=1), flush=True)
         results.append(result)
     report = {
@@ -135,7 +162,8 @@ def main() -> None:
         "results": results,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    out = RESULTS.with_name("bench_compile_profile.json") if args.eager_profile_only else RESULTS
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

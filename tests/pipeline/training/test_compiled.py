@@ -35,7 +35,7 @@ def _run(job, state: TrainState, until: int, loss_fn) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_compiled_steps_match_eager_and_resume_exactly(tmp_path):
     job = _job(tmp_path)
     cfg = dataclasses.replace(job.params.train, compile=True, max_steps=STEPS)

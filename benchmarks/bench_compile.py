@@ -37,9 +37,9 @@ import torch  # noqa: E402
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.shards.batch import TrainBatch  # noqa: E402
-from pipeline.training.compiled import build_step_loss  # noqa: E402
+from pipeline.training.compiled import build_step_functions  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
-from pipeline.training.step import step_loss, train_step  # noqa: E402
+from pipeline.training.step import StepFunctions, train_step  # noqa: E402
 from ssd_core.model import build_ssd  # noqa: E402
 
 CONV_OPS = ("mkldnn_convolution", "convolution_backward", "aten::convolution", "aten::_convolution")
@@ -69,26 +69,26 @@ def bench(preset: str, batch: int, rounds: int, warmup: int) -> dict:
     cfg = TrainConfig(precision="bf16", channels_last=True, lr=1e-5, batch_size=batch, compile=True)
     data = _batch(batch, build_ssd(preset, 21).image_size, cfg.max_boxes)
     sides = {}
-    for name, loss_fn in (("eager", step_loss), ("compiled", build_step_loss(cfg, torch.device("cpu")))):
+    for name, loss_fn in (("eager", StepFunctions()), ("compiled", build_step_functions(cfg, torch.device("cpu")))):
         torch.manual_seed(0)
         model = build_ssd(preset, 21).to(memory_format=torch.channels_last).train()
-        sides[name] = (model, build_optimizer(model, cfg, 1), loss_fn, model.priors())
+        sides[name] = (model, build_optimizer(model, cfg), loss_fn, model.priors())
     warm = {}
     for name, (model, optimizer, loss_fn, priors) in sides.items():
         start = time.perf_counter()
         for _ in range(warmup):
-            train_step(model, data, priors, optimizer, cfg=cfg, loss_fn=loss_fn).read()
+            train_step(model, data, priors, optimizer, cfg=cfg, functions=loss_fn).read()
         warm[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in sides}
     losses: dict[str, float] = {}
     for _ in range(rounds):
         for name, (model, optimizer, loss_fn, priors) in sides.items():
             start = time.perf_counter()
-            losses[name] = train_step(model, data, priors, optimizer, cfg=cfg, loss_fn=loss_fn).read().loss
+            losses[name] = train_step(model, data, priors, optimizer, cfg=cfg, functions=loss_fn).read().loss
             times[name].append(time.perf_counter() - start)
     split = {
         name: _conv_split(
-            lambda m=model, o=optimizer, f=loss_fn, p=priors: train_step(m, data, p, o, cfg=cfg, loss_fn=f)
+            lambda m=model, o=optimizer, f=loss_fn, p=priors: train_step(m, data, p, o, cfg=cfg, functions=f)
         )
         for name, (model, optimizer, loss_fn, priors) in sides.items()
     }
@@ -119,7 +119,7 @@ def eager_profile(preset: str, batch: int) -> dict:
     cfg = TrainConfig(precision="bf16", channels_last=True, lr=1e-5, batch_size=batch)
     torch.manual_seed(0)
     model = build_ssd(preset, 21).to(memory_format=torch.channels_last).train()
-    optimizer, priors = build_optimizer(model, cfg, 1), model.priors()
+    optimizer, priors = build_optimizer(model, cfg), model.priors()
     data = _batch(batch, model.image_size, cfg.max_boxes)
     train_step(model, data, priors, optimizer, cfg=cfg).read()  # warm-up
     start = time.perf_counter()

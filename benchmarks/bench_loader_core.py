@@ -44,7 +44,7 @@ TARGET_IMAGES_PER_S, HOST_CORES = 2000, 16
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="of the 180 training photos")
     args = parser.parse_args()
     raccoon = Path(os.environ.get("SSD_RACCOON_DIR") or REPO.parent / "shared" / "datasets" / "raccoon")
     if not raccoon.is_dir():
@@ -62,12 +62,11 @@ def main() -> int:
             str(work / "shards"),
             rank=0,
             world_size=1,
-            batch_size=32,
+            global_batch=32,
             image_size=300,
             augment=AugmentOptions(),
             seed=0,
-            epoch=0,
-            epochs=args.epochs,
+            num_steps=args.epochs * 180 // 32,
             num_workers=0,
             max_boxes=params.train.max_boxes,
         )

@@ -27,6 +27,7 @@ class TrainBatch(NamedTuple):
     difficult: Tensor  # bool [B, G]
     mask: Tensor  # bool [B, G]: True for real boxes
     num_bad: int  # corrupt samples skipped from this batch
+    sample_ids: Tensor | None = None  # int64 [B]: the samples' indices in the split (manifest order)
 
 
 def collate_train(samples: list[Any], image_size: int, num_bad: int = 0, *, max_boxes: int | None = None) -> TrainBatch:

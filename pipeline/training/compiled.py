@@ -1,5 +1,6 @@
-"""``train.compile`` and ``train.cuda_graphs``: the step's loss function (``step.step_loss``: normalisation,
-target assignment, the model's forward pass, the MultiBox loss) compiled with ``torch.compile`` (inductor).
+"""``train.compile`` and ``train.cuda_graphs``: the step's target assignment (``step.step_targets``) and its loss
+function (``step.step_loss``: normalisation, the model's forward pass, the MultiBox loss) compiled with
+``torch.compile`` (inductor). The all-reduce of the loss normaliser runs eagerly between the two.
 
 Under ``torch.compile`` target assignment and the loss take their static-shape forms
 (``ssd_core.static_matching``), so the whole function traces without a host read, and with ground truth
@@ -18,11 +19,13 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training.step import StepLoss, step_loss
+from pipeline.training.step import StepFunctions, step_loss, step_targets
 
 
-def build_step_loss(cfg: TrainConfig, device: torch.device) -> StepLoss:
-    """``step_loss``, compiled when ``cfg.compile`` (with CUDA graphs when ``cfg.cuda_graphs``).
+def build_step_functions(cfg: TrainConfig, device: torch.device, *, backend: str = "inductor") -> StepFunctions:
+    """``step_targets`` and ``step_loss``, compiled when ``cfg.compile`` (with CUDA graphs when
+    ``cfg.cuda_graphs``). ``backend``: ``torch.compile``'s (tests use ``aot_eager``: the same tracing of forward
+    and backward, without generating code).
 
     Raises:
         RuntimeError: ``train.cuda_graphs`` on a device that is not CUDA.
@@ -33,6 +36,9 @@ def build_step_loss(cfg: TrainConfig, device: torch.device) -> StepLoss:
             "set train.cuda_graphs: false (or train on GPUs with train.use_gpu: true)"
         )
     if not cfg.compile:
-        return step_loss
-    mode = "reduce-overhead" if cfg.cuda_graphs else None
-    return torch.compile(step_loss, mode=mode, dynamic=False)
+        return StepFunctions()
+    options = {"mode": "reduce-overhead"} if cfg.cuda_graphs else {}
+    return StepFunctions(
+        targets=torch.compile(step_targets, backend=backend, dynamic=False, **options),
+        loss=torch.compile(step_loss, backend=backend, dynamic=False, **options),
+    )

@@ -6,21 +6,26 @@ ends, and are then read in one transfer (``_Pending``); the guard counts them at
 Step accounting: ``step`` counts optimiser steps *attempted*. A step that the joint guard skips (a
 non-finite loss or gradient on any rank) still counts, and the learning-rate schedule still advances, so
 a run always ends after exactly ``train.max_steps`` steps, whatever was skipped and however often it was
-restarted. A checkpoint taken after ``step`` steps resumes at batch ``step`` of the data order, which is
-a function of (seed, epoch, rank, world size, batch index) only; with the per-step seeds of
-``determinism`` and deterministic CPU kernels a resumed run ends with bit-identical weights.
+restarted. A checkpoint taken after ``step`` steps resumes at global batch ``step`` of the data order,
+which is a function of (seed, step) only (``pipeline.shards.order``); each rank trains on its share of it.
+With the per-step seeds of ``determinism`` and deterministic CPU kernels a run resumed on the same number
+of workers ends with bit-identical weights; on another number it continues the same sample sequence with
+the same learning rate and loss normaliser (``train.num_workers: [min, max]`` lets Ray Train change it).
 
-The Ray calls, all in ``train_loop_per_worker``: ``ray.train.get_context``, ``ray.train.get_checkpoint``,
-``ray.train.torch.get_device``, ``ray.train.torch.prepare_model`` (DDP) and ``ray.train.report``, which
-every rank calls at the same steps, rank 0 alone attaching the checkpoint it has just written
-(``_Checkpoints.staged``).
+Stopping: after every step the ranks agree (``preemption.StopWatch``) whether a signal asked the driver to
+stop, and rank 0 then writes the checkpoint of that step before the run ends; a preemption notice from Ray
+gets a checkpoint without the stop.
+
+The Ray calls, all in ``train_loop_per_worker`` (and ``preemption``): ``ray.train.get_context``,
+``ray.train.get_checkpoint``, ``ray.train.torch.get_device``, ``ray.train.torch.prepare_model`` (DDP) and
+``ray.train.report``, which every rank calls at the same steps, rank 0 alone attaching the checkpoint it has
+just written (``_Checkpoints.staged``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -35,11 +40,12 @@ import torch
 
 from pipeline.shards.loader import TrainBatch, train_loader
 from pipeline.training import checkpoint
-from pipeline.training.compiled import build_step_loss
+from pipeline.training.compiled import build_step_functions
 from pipeline.training.determinism import configure_determinism, seed_step
 from pipeline.training.faults import TrainHooks, hooks_from_env
 from pipeline.training.guard import StepResult, read_results
 from pipeline.training.job import TrainJob
+from pipeline.training.preemption import StopWatch
 from pipeline.training.state import TrainState, build_model, build_state, find_resume_checkpoint
 from pipeline.training.step import train_step
 from pipeline.training.step_log import StepLog
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_COMPLETED = "completed"
 STATUS_NONFINITE = "nonfinite"
+STATUS_STOPPED = "stopped"  # a stop was requested (SIGTERM / SIGINT); checkpointed at the step it stopped
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -56,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job: TrainJob = config["job"]
     cfg = job.params.train
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = context.get_world_rank(), context.get_world_size()  # may differ between restarts (elastic)
     _setup_worker(rank, cfg.threads_per_worker)
     device = ray.train.torch.get_device()
     configure_determinism(device)
@@ -64,17 +71,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(job, resumed)  # the plain SSD, identical on every rank
     ddp = ray.train.torch.prepare_model(model)  # moved to the device, wrapped in DDP when world > 1
     state = build_state(job, model, world, resumed)  # optimiser, schedule, scaler, guard, step; RNG restored
-    log = StepLog.start(job, rank, model, state.step, resumed)  # tracker, progress, gradient statistics
+    log = StepLog.start(job, rank, world, model, state.step, resumed)  # tracker, progress, gradient statistics
     priors = model.priors().to(device)  # [P, 4] cxcywh
     data = _RankData.create(job, rank, world, model.image_size)
     hooks = hooks_from_env()  # test-only faults; does nothing in production
+    watch = StopWatch(config.get("stop_requests"))  # the driver's stop request, Ray's preemption notice
     saver, status = _Checkpoints(job, rank, world, data.steps_per_epoch, hooks, state.step), STATUS_COMPLETED
     logger.info("rank %d/%d on %s: starting at step %d of %d", rank, world, device, state.step, cfg.max_steps)
-    skips, loss_fn, pending = state.device_skips(), build_step_loss(cfg, device), _Pending()
+    skips, functions, pending = state.device_skips(), build_step_functions(cfg, device), _Pending()
     for batch in data.batches(first_step=state.step):
         epoch = state.step // data.steps_per_epoch
         seed_step(job.params.seed, epoch, state.step)
         hooks.before_step(rank, state.step, model)
+        hooks.on_batch(rank, world, state.step, batch)
         observer = log.update_observer(state.step + 1)  # gradient statistics, when due
         result = train_step(
             ddp,
@@ -85,20 +94,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler=state.scaler,
             observer=observer,
             skips=skips,
-            loss_fn=loss_fn,
+            functions=functions,
         )
         pending.add(state.step + 1, result, state.advance(), epoch)  # the schedule advances, step += 1
-        checkpoint_due = state.step % cfg.checkpoint_every_steps == 0 and state.step < cfg.max_steps
-        if hooks.reads_every_step or checkpoint_due or state.step % cfg.log_every_steps == 0:
+        decision = watch.decide(state.step)  # the same on every rank
+        stopping = decision.stop and state.step < cfg.max_steps
+        due = (state.step % cfg.checkpoint_every_steps == 0 or decision.checkpoint) and state.step < cfg.max_steps
+        if hooks.reads_every_step or due or stopping or state.step % cfg.log_every_steps == 0:
             if pending.read(state, log, hooks, rank, model):  # the guard tripped: stop
                 status = STATUS_NONFINITE
                 break
         if state.step % data.steps_per_epoch == 0:
             log.end_epoch(epoch)
-        if checkpoint_due:
+        if stopping:
+            status = STATUS_STOPPED  # the final report below writes this step's checkpoint
+            break
+        if due:
             with saver.staged(state, log, status) as staged:
                 ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
-    if status == STATUS_COMPLETED and pending.read(state, log, hooks, rank, model):
+    if status != STATUS_NONFINITE and pending.read(state, log, hooks, rank, model):
         status = STATUS_NONFINITE
     with saver.staged(state, log, status, final=True) as staged:  # a checkpoint if completed and not yet saved
         ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
@@ -134,8 +148,9 @@ class _Pending:
 
 @dataclass(frozen=True)
 class _RankData:
-    """This rank's batches for the whole run (``pipeline.shards.loader``): the order is a function of (seed, epoch,
-    rank, world size, batch index) only, so a run resumed at step k reads exactly the batches it would have."""
+    """This rank's share of the global batches of the whole run (``pipeline.shards.loader``): the global batch of
+    a step is a function of (seed, step) only, so a run resumed at step k, on any number of workers, reads
+    exactly the samples an uninterrupted run would have."""
 
     loader_args: dict[str, Any]  # train_loader's arguments that no step changes
     steps_per_epoch: int
@@ -148,26 +163,18 @@ class _RankData:
             shards=job.shards,
             rank=rank,
             world_size=world,
-            batch_size=cfg.batch_size,
+            global_batch=cfg.batch_size,
             image_size=image_size,
             augment=AugmentOptions(**dataclasses.asdict(params.augment)),
             seed=params.seed,
             num_workers=cfg.loader_workers,
             max_boxes=cfg.max_boxes,
         )
-        return cls(args, len(train_loader(**args, epoch=0)), cfg.max_steps)
+        return cls(args, len(train_loader(**args, num_steps=0)), cfg.max_steps)
 
     def batches(self, first_step: int) -> Iterable[TrainBatch]:
-        """Batches ``first_step`` .. ``max_steps - 1`` from one loader, whose workers run on across epochs."""
-        first_epoch, first_batch = divmod(first_step, self.steps_per_epoch)
-        epochs = math.ceil(self.max_steps / self.steps_per_epoch) - first_epoch
-        return train_loader(
-            **self.loader_args,
-            epoch=first_epoch,
-            skip_batches=first_batch,
-            epochs=max(epochs, 1),
-            max_batches=self.max_steps - first_step,
-        )
+        """Steps ``first_step`` .. ``max_steps - 1`` from one loader, whose workers run on across epochs."""
+        return train_loader(**self.loader_args, start_step=first_step, num_steps=self.max_steps - first_step)
 
 
 class _Staged(NamedTuple):
@@ -192,10 +199,10 @@ class _Checkpoints:
         """The arguments of the report after ``state.step`` steps, with rank 0's checkpoint of ``state`` in a
         local folder that lives until the report (which uploads it) returns.
 
-        ``final``: the report at the end of the run, with a checkpoint only if the run completed and its
-        last step is not saved yet (a run stopped by the guard keeps its last good checkpoint).
+        ``final``: the report at the end of the run, with a checkpoint only if the run completed or was asked
+        to stop, and its last step is not saved yet (a run stopped by the guard keeps its last good checkpoint).
         """
-        write = not final or (status == STATUS_COMPLETED and self.last_step != state.step)
+        write = not final or (status in (STATUS_COMPLETED, STATUS_STOPPED) and self.last_step != state.step)
         metrics = {
             "step": state.step,
             "status": status,

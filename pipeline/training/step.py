@@ -19,7 +19,7 @@ reads results when it logs. The one exception: a step with an ``observer`` (grad
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from pipeline.config import TrainConfig
 from pipeline.shards.loader import TrainBatch
 from pipeline.training.guard import DeviceSkips, StepResult, SumOverRanks, reduce_step, sum_over_ranks
+from pipeline.training.normalizer import global_denominator
 from ssd_core.augment import normalize_images
 from ssd_core.loss import LossTerms, multibox_loss
-from ssd_core.matching import assign_targets
+from ssd_core.matching import Targets, assign_targets
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``train.precision`` -> the autocast dtype of the forward pass (None: autocast off)."""
@@ -45,26 +46,24 @@ class UpdateObserver(Protocol):
         """The weights are updated."""
 
 
-def step_loss(
-    model: nn.Module,
-    images: Tensor,
-    boxes: Tensor,
-    labels: Tensor,
-    mask: Tensor,
-    difficult: Tensor,
-    priors: Tensor,
-    cfg: TrainConfig,
-) -> LossTerms:
-    """Images uint8 ``[B, 3, S, S]`` and padded ground truth ``[B, G, ...]`` -> the MultiBox loss terms:
-    normalisation, target assignment (no gradient), the forward pass under autocast, the loss. What
-    ``train.compile`` compiles (``pipeline.training.compiled``), one function so that inductor fuses across it."""
+def step_targets(
+    boxes: Tensor, labels: Tensor, mask: Tensor, difficult: Tensor, priors: Tensor, cfg: TrainConfig
+) -> Targets:
+    """Padded ground truth ``[B, G, ...]`` -> the targets of every prior (no gradient). Compiled by
+    ``train.compile`` (``pipeline.training.compiled``) in the static-shape form."""
+    with torch.no_grad():
+        return assign_targets(boxes, labels, mask, priors, iou_threshold=cfg.iou_threshold, gt_difficult=difficult)
+
+
+def step_loss(model: nn.Module, images: Tensor, targets: Targets, denominator: Tensor, cfg: TrainConfig) -> LossTerms:
+    """uint8 images ``[B, 3, S, S]`` and their targets -> the MultiBox loss terms: normalisation, the forward
+    pass under autocast, the loss divided by ``denominator`` (``normalizer.global_denominator``). What
+    ``train.compile`` compiles with the model, one function so that inductor fuses across it."""
     images = normalize_images(images)  # [B, 3, S, S] float
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        targets = assign_targets(boxes, labels, mask, priors, iou_threshold=cfg.iou_threshold, gt_difficult=difficult)
     amp_dtype = AMP_DTYPES[cfg.precision]
-    with torch.autocast(priors.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(images)  # loc [B, P, 4], cls_logits [B, P, C], float32
     return multibox_loss(
         out.loc,
@@ -73,11 +72,19 @@ def step_loss(
         targets.cls_targets,
         neg_pos_ratio=cfg.neg_pos_ratio,
         normalize=cfg.loss_normalize,
+        denominator=denominator,  # the global batch's N over W: every world size trains on the same gradient
     )
 
 
-StepLoss = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, TrainConfig], LossTerms]
-"""``step_loss`` or its compiled form."""
+class StepFunctions(NamedTuple):
+    """The step's two compilable parts (eager by default; ``compiled.build_step_functions``). The all-reduce of
+    the loss normaliser runs between them, eagerly: a collective inside a compiled graph would break it."""
+
+    targets: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, TrainConfig], Targets] = step_targets
+    loss: Callable[[nn.Module, Tensor, Targets, Tensor, TrainConfig], LossTerms] = step_loss
+
+
+EAGER = StepFunctions()
 
 
 def train_step(
@@ -91,7 +98,8 @@ def train_step(
     sum_ranks: SumOverRanks = sum_over_ranks,
     observer: UpdateObserver | None = None,
     skips: DeviceSkips | None = None,
-    loss_fn: StepLoss = step_loss,
+    functions: StepFunctions = EAGER,
+    sum_counts: SumOverRanks = sum_over_ranks,
 ) -> StepResult:
     """Train ``model`` on one batch; returns the step's values over all ranks, on the device.
 
@@ -108,16 +116,16 @@ def train_step(
         sum_ranks: the step's collective (see ``guard.reduce_step``); every rank calls it exactly once.
         observer: called around the update, only when the step is not skipped (reads the decision).
         skips: the run's device-side skip count (``guard.DeviceSkips``), or None to decide on this step alone.
-        loss_fn: ``step_loss`` or its compiled form.
+        functions: target assignment and loss, eager or compiled (``compiled.build_step_functions``).
+        sum_counts: the collective that adds up the loss normaliser over the ranks before the backward pass
+            (``normalizer.global_denominator``); every rank calls it exactly once.
 
     Returns:
         ``StepResult``: ``.read().finite`` is False when the step was skipped on every rank.
     """
     device = priors.device
     scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
-    terms = loss_fn(
-        model,
-        batch.images.to(device, non_blocking=True),
+    targets = functions.targets(
         batch.boxes.to(device, non_blocking=True),
         batch.labels.to(device, non_blocking=True),
         batch.mask.to(device, non_blocking=True),
@@ -125,6 +133,8 @@ def train_step(
         priors,
         cfg,
     )
+    denominator = global_denominator(targets.cls_targets, normalize=cfg.loss_normalize, sum_counts=sum_counts)
+    terms = functions.loss(model, batch.images.to(device, non_blocking=True), targets, denominator, cfg)
     scaler.scale(terms.total).backward()  # DDP all-reduces the gradients here
     scaler.unscale_(optimizer)  # no-op unless fp16
     grad_norm = _clip_grad_norm(optimizer, cfg.grad_clip_norm)

@@ -119,3 +119,18 @@ def test_the_packed_forms_break_the_graph():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="(?i)graph break|data.dependent|unsupported|nonzero"):
         torch.compile(packed, fullgraph=True, backend="aot_eager")(boxes, labels, mask)
+
+
+@pytest.mark.parametrize("normalize", ["batch", "per_image"])
+def test_static_loss_takes_the_global_denominator_like_the_sparse_loss(normalize):
+    gen = torch.Generator().manual_seed(4)
+    boxes, labels, mask, _ = random_batch(gen, 3, 5)
+    targets = assign_targets(boxes, labels, mask, SMALL_PRIORS)
+    loc = torch.randn(3, len(SMALL_PRIORS), 4, generator=gen)
+    logits = torch.randn(3, len(SMALL_PRIORS), 21, generator=gen)
+    denominator = torch.tensor(7.5)
+    sparse = multibox_loss(loc, logits, *targets, normalize=normalize, denominator=denominator, static_shapes=False)
+    dense = multibox_loss(loc, logits, *targets, normalize=normalize, denominator=denominator, static_shapes=True)
+    own = multibox_loss(loc, logits, *targets, normalize=normalize, static_shapes=True)
+    torch.testing.assert_close(dense.total, sparse.total, rtol=2e-6, atol=0)
+    assert not torch.isclose(dense.total, own.total)  # the denominator is used

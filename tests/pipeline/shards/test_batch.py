@@ -56,7 +56,7 @@ def test_records_with_more_boxes_than_max_boxes_are_skipped_as_bad_samples(shard
     limit = sorted(counts)[len(counts) // 2]  # some records above it, some not
     over = sum(c > limit for c in counts)
     assert 0 < over < len(counts)
-    args = dict(rank=0, world_size=1, batch_size=4, image_size=32, augment=NONE, seed=0, epoch=0, num_workers=0)
+    args = dict(rank=0, world_size=1, global_batch=4, image_size=32, augment=NONE, seed=0, num_workers=0)
     batches = list(train_loader(str(shards), max_boxes=limit, **args))
     assert all(b.boxes.shape[1] == limit for b in batches)  # the same G every step
     assert sum(b.num_bad for b in batches) == over

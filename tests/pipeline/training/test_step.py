@@ -64,7 +64,7 @@ def test_the_step_equals_the_plain_computation_and_the_loss_falls():
     model = _model()
     reference = copy.deepcopy(model)
     batch, priors = tiny_batch(model.image_size), model.priors()  # priors [P, 4] cxcywh
-    optimizer, reference_optimizer = build_optimizer(model, CFG, 1), build_optimizer(reference, CFG, 1)
+    optimizer, reference_optimizer = build_optimizer(model, CFG), build_optimizer(reference, CFG)
     losses = []
     for _ in range(8):
         stats = train_step(model, batch, priors, optimizer, cfg=CFG).read()
@@ -82,7 +82,7 @@ def test_the_step_equals_the_plain_computation_and_the_loss_falls():
 def test_a_nan_on_this_rank_skips_the_update():
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer = build_optimizer(model, CFG, 1)
+    optimizer = build_optimizer(model, CFG)
     train_step(model, batch, priors, optimizer, cfg=CFG)  # momentum buffers exist from here on
     weights, momentum = _parameters(model), copy.deepcopy(optimizer.state_dict()["state"])
     Faults(nan=({"rank": 0, "steps": [1]},)).before_step(0, 1, model)  # the next forward returns NaN
@@ -101,7 +101,7 @@ def test_a_nan_on_another_rank_skips_the_update_here_too():
     """The collective is injected: a second rank whose values say "not finite" makes this rank skip."""
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer = build_optimizer(model, CFG, 1)
+    optimizer = build_optimizer(model, CFG)
     weights = _parameters(model)
     # The other rank's [7] values: not-finite flag, loss, loc, conf, positives, images, bad samples.
     other = torch.tensor([1.0, float("nan"), float("nan"), float("nan"), 3.0, 2.0, 0.0], dtype=torch.float64)
@@ -115,10 +115,10 @@ def test_the_collective_averages_losses_and_sums_counts():
     model = _model()
     alone = copy.deepcopy(model)
     batch, priors = tiny_batch(model.image_size), model.priors()
-    local = train_step(alone, batch, priors, build_optimizer(alone, CFG, 1), cfg=CFG).read()
+    local = train_step(alone, batch, priors, build_optimizer(alone, CFG), cfg=CFG).read()
     other = torch.tensor([0.0, 2.0, 0.5, 1.5, 3.0, 2.0, 4.0], dtype=torch.float64)  # as above, finite
     both = train_step(
-        model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG, sum_ranks=lambda v: (v + other, 2)
+        model, batch, priors, build_optimizer(model, CFG), cfg=CFG, sum_ranks=lambda v: (v + other, 2)
     ).read()
     assert both.finite and _same(_parameters(model), _parameters(alone))  # the update uses the local gradients
     assert both.loss == pytest.approx((local.loss + 2.0) / 2)
@@ -147,7 +147,7 @@ def test_the_observer_sees_the_weights_before_and_after_the_update():
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
     recorder, initial = _Recorder(model), _first_weight(model)
-    train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG, observer=recorder)
+    train_step(model, batch, priors, build_optimizer(model, CFG), cfg=CFG, observer=recorder)
     calls = recorder.calls
     assert [name for name, _ in calls] == ["before", "after"]
     assert torch.equal(calls[0][1], initial) and not torch.equal(calls[1][1], initial)
@@ -160,10 +160,10 @@ def test_the_default_hooks_do_nothing():
     batch, priors = tiny_batch(model.image_size), model.priors()
     hooks = TrainHooks()
     hooks.before_step(0, 0, model)
-    stats = train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG).read()
+    stats = train_step(model, batch, priors, build_optimizer(model, CFG), cfg=CFG).read()
     hooks.after_step(0, 1, model, stats)
     assert hooks.before_checkpoint_rename(0, 1) is None
-    expected = train_step(reference, batch, priors, build_optimizer(reference, CFG, 1), cfg=CFG).read()
+    expected = train_step(reference, batch, priors, build_optimizer(reference, CFG), cfg=CFG).read()
     assert stats == expected and _same(_parameters(model), _parameters(reference))
 
 
@@ -172,7 +172,7 @@ def test_the_first_step_equals_torchs_own_momentum_initialisation():
     them uninitialised); 0 * momentum + g == g, so the updates are bit-identical to torch's lazy start."""
     model, reference = _model(), _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer, lazy = build_optimizer(model, CFG, 1), build_optimizer(reference, CFG, 1)
+    optimizer, lazy = build_optimizer(model, CFG), build_optimizer(reference, CFG)
     assert all(torch.equal(s["momentum_buffer"], torch.zeros_like(p)) for p, s in optimizer.state.items())
     lazy.state.clear()  # what torch.optim.SGD starts with
     for _ in range(3):
@@ -184,7 +184,7 @@ def test_the_first_step_equals_torchs_own_momentum_initialisation():
 def test_a_nan_at_the_very_first_step_leaves_weights_and_zero_momentum():
     model, reference = _model(), _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer, lazy = build_optimizer(model, CFG, 1), build_optimizer(reference, CFG, 1)
+    optimizer, lazy = build_optimizer(model, CFG), build_optimizer(reference, CFG)
     lazy.state.clear()
     weights = _parameters(model)
     Faults(nan=({"rank": 0, "steps": [0]},)).before_step(0, 0, model)
@@ -201,7 +201,7 @@ def test_a_skipped_step_leaves_the_loss_scale_alone():
     scale, nor counts towards growth; a finite one counts."""
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer, scaler = build_optimizer(model, CFG, 1), torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+    optimizer, scaler = build_optimizer(model, CFG), torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
     train_step(model, batch, priors, optimizer, cfg=CFG, scaler=scaler)
     assert (scaler.get_scale(), scaler._growth_tracker.item()) == (256.0, 1)
     Faults(nan=({"rank": 0, "steps": [1]},)).before_step(0, 1, model)
@@ -234,7 +234,7 @@ def test_the_step_reads_nothing_back_from_the_device(monkeypatch):
 
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer, weights = build_optimizer(model, CFG, 1), _parameters(model)
+    optimizer, weights = build_optimizer(model, CFG), _parameters(model)
     skips = DeviceSkips(max_consecutive=3, consecutive=0, device=torch.device("cpu"))
     monkeypatch.setattr(ssd_core.matching, "wants_static_shapes", lambda tensor, static: True)
     monkeypatch.setattr(ssd_core.loss, "wants_static_shapes", lambda tensor, static: True)

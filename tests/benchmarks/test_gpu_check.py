@@ -37,7 +37,7 @@ def test_gpu_check_imports_only_torch_numpy_ssd_core_and_the_standard_library():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3000)
 def test_gpu_check_runs_on_cpu_with_the_tiny_preset(tmp_path):
     out = tmp_path / "gpu_check.json"
     args = [
@@ -54,9 +54,9 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_preset(tmp_path):
         "--loss-batch",
         "2",
     ]
-    args += ["--compile-backend", "eager", "--out", str(out)]
+    args += ["--compile-backend", "eager", "--budget-s", "3600", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, "-c", BLOCK % str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=1400
+        [sys.executable, "-c", BLOCK % str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=2900
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -42,12 +43,14 @@ from pipeline.config_schema import (
     RUN_NAME_PATTERN,
     SEED_MAX,
     AugmentConfig,
+    BoxesConfig,
     CocoConfig,
     DataConfig,
     EvalConfig,
     ModelConfig,
     Params,
     PrepareConfig,
+    PriorSpecConfig,
     ShardConfig,
     SyntheticConfig,
     TrackingConfig,
@@ -64,6 +67,7 @@ __all__ = [
     "RUN_NAME_PATTERN",
     "SEED_MAX",
     "AugmentConfig",
+    "BoxesConfig",
     "CocoConfig",
     "ConfigError",
     "DataConfig",
@@ -71,6 +75,7 @@ __all__ = [
     "ModelConfig",
     "Params",
     "PrepareConfig",
+    "PriorSpecConfig",
     "ShardConfig",
     "SyntheticConfig",
     "TrackingConfig",
@@ -123,6 +128,10 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     problems = [*_range_problems(params, ""), *_section_problems(params)]
     if not any(problem.startswith("augment.") for problem in problems):
         problems += _augment_problems(params.augment)
+    if not any(problem.startswith("model.") for problem in problems):
+        from pipeline.model_builder import freeze_problems, model_problems  # imports torch: only when validating
+
+        problems += model_problems(params.model) or freeze_problems(params.model, params.train)
     if problems:
         raise ConfigError("; ".join(problems))
     return params
@@ -294,6 +303,31 @@ def _section_problems(params: Params) -> Iterable[str]:
             f"train.batch_size: the global batch of {train.batch_size} images cannot give each of up to "
             f"{train.worker_range[1]} workers (train.num_workers) an image; use at least {train.worker_range[1]}"
         )
+    yield from _tracked_problems(params.data)
+
+
+def _tracked_problems(data: DataConfig) -> Iterable[str]:
+    """Every input prepare reads must lie inside ``data.tracked`` (when set), or DVC would not see it change."""
+    if not data.tracked or data.source == "synthetic":
+        return
+    coco = data.coco
+    inputs = (
+        data.roots if data.source == "voc" else [coco.train_json, coco.train_images, coco.val_json, coco.val_images]
+    )
+    outside = [path for path in inputs if path and not _inside(path, data.tracked)]
+    if outside:
+        yield (
+            f"data.tracked: prepare reads {outside}, outside data.tracked {data.tracked!r}, so DVC would not see "
+            f"them change; set data.tracked to the folder that holds the raw data (or '' when not using DVC)"
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it (local paths relative to the working directory, or URLs)."""
+    if "://" in path or "://" in folder:
+        return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def milestones_problem(train: TrainConfig) -> str | None:

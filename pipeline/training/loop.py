@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stopping = decision.stop and state.step < cfg.max_steps
         due = (state.step % cfg.checkpoint_every_steps == 0 or decision.checkpoint) and state.step < cfg.max_steps
         if hooks.reads_every_step or due or stopping or state.step % cfg.log_every_steps == 0:
-            if pending.read(state, log, hooks, rank, model):  # the guard tripped: stop
+            if pending.read(state, log, hooks, rank, model, force=stopping):  # the guard tripped: stop
                 status = STATUS_NONFINITE
                 break
         if state.step % data.steps_per_epoch == 0:
@@ -132,14 +132,18 @@ class _Pending:
     def add(self, step: int, result: StepResult, lr: float, epoch: int) -> None:
         self.steps.append((step, result, lr, epoch))
 
-    def read(self, state: TrainState, log: StepLog, hooks: TrainHooks, rank: int, model: torch.nn.Module) -> bool:
-        """Count, log and hand to the hooks every pending step; True if the guard says stop."""
+    def read(
+        self, state: TrainState, log: StepLog, hooks: TrainHooks, rank: int, model: torch.nn.Module, force: bool = False
+    ) -> bool:
+        """Count, log and hand to the hooks every pending step (the last one's metrics logged when ``force``: the
+        run stops there); True if the guard says stop."""
         values = read_results([result for _, result, _, _ in self.steps])
         stop = False
         for (step, _, lr, epoch), stats in zip(self.steps, values, strict=True):
             stop = state.guard.record(stats.finite)
             hooks.after_step(rank, step, model, stats)
-            log.step(step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop)
+            last = force and step == self.steps[-1][0]
+            log.step(step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop or last)
             if stop:
                 break
         self.steps.clear()

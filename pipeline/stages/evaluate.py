@@ -27,7 +27,7 @@ With ``tracking.enabled`` the ``val/...`` metrics, the per-class table and the P
 that logged this model file (found by the file's sha256; a new run if none did), and the registered model
 version of that run is tagged with the metrics.
 
-Inference and scoring are in ``pipeline.stages.evaluate_scoring``, the files in
+Inference and scoring are in ``pipeline.report.scoring``, the files in
 ``pipeline.stages.evaluate_outputs``; this module reports to MLflow and runs the steps in order.
 """
 
@@ -45,7 +45,7 @@ import torch
 from pipeline.artifacts.output_folder import check_output_folder
 from pipeline.config import Params
 from pipeline.stages.evaluate_outputs import EVALUATE_STAGE, write_outputs
-from pipeline.stages.evaluate_scoring import EvalResult, run_inference, score_detections
+from pipeline.report.scoring import EvalResult, run_inference, score_detections
 
 if TYPE_CHECKING:
     from pipeline.tracking import Tracker

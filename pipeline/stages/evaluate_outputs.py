@@ -1,7 +1,7 @@
 """Evaluate's files: metrics, PR curves and per-class AP for DVC, the PNGs, and the COCO JSON.
 
 ``write_outputs`` writes every file the ``pipeline.stages.evaluate`` docstring lists, each atomically, from
-the ``EvalResult`` and ``Collected`` of ``pipeline.stages.evaluate_scoring``. ``--plots`` and ``--out`` must
+the ``EvalResult`` and ``Collected`` of ``pipeline.report.scoring``. ``--plots`` and ``--out`` must
 be new, empty, or folders this stage made (``pipeline.artifacts.output_folder``); only there are stale
 PR-curve CSVs deleted. eval.json is written last.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.artifacts.atomic_write import write_csv_atomic, write_text_atomic
 from pipeline.artifacts.output_folder import claim_output_folder
-from pipeline.stages.evaluate_scoring import GRID_SCORE_THRESHOLD, Collected, EvalResult
+from pipeline.report.scoring import GRID_SCORE_THRESHOLD, Collected, EvalResult
 from ssd_core.metrics import PRCurve
 
 logger = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from pipeline.config_schema import (
     MAX_STEPS,
     RUN_NAME_PATTERN,
     SEED_MAX,
+    SELECT_METRICS,
     AugmentConfig,
     CocoConfig,
     DataConfig,
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_STEPS",
     "RUN_NAME_PATTERN",
     "SEED_MAX",
+    "SELECT_METRICS",
     "AugmentConfig",
     "CocoConfig",
     "ConfigError",
@@ -121,6 +123,8 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     problems = [*_range_problems(params, ""), *_section_problems(params)]
     if not any(problem.startswith("augment.") for problem in problems):
         problems += _augment_problems(params.augment)
+    if not any(problem.startswith("train.") for problem in problems):
+        problems += list(selection_problems(params.train))
     if problems:
         raise ConfigError("; ".join(problems))
     return params
@@ -266,6 +270,17 @@ def _section_problems(params: Params) -> Iterable[str]:
     problem = milestones_problem(params.train)
     if problem:
         yield problem
+
+
+def selection_problems(train: TrainConfig) -> Iterable[str]:
+    """Keys that ask for what the others switch off: best weights or patience without validation, EMA weights
+    without an EMA."""
+    if train.final_weights == "best" and not train.val_every_steps:
+        yield "train.final_weights: 'best' needs validation (train.val_every_steps > 0), got val_every_steps=0"
+    if train.final_weights == "ema" and not train.ema_decay:
+        yield "train.final_weights: 'ema' needs an EMA (train.ema_decay > 0), got ema_decay=0"
+    if train.patience and not train.val_every_steps:
+        yield f"train.patience: {train.patience} needs validation (train.val_every_steps > 0), got val_every_steps=0"
 
 
 def milestones_problem(train: TrainConfig) -> str | None:

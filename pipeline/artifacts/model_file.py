@@ -7,6 +7,8 @@ The file is ``torch.save`` of a plain dict of tensors, strings, numbers and list
      "classes": ["circle", "square", "triangle"], "state_dict": {...}, "params": {...}}
 
 ``classes[i]`` is the name of label ``i + 1``; label 0 is background, so ``num_classes == len(classes) + 1``.
+An optional ``"selection"`` dict (JSON values) says which weights these are: ``final_weights`` (best, last
+or ema), ``weights_step`` and, when training validated, ``best_step`` with the best and last scores.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ class LoadedModel(NamedTuple):
     classes: list[str]  # label i + 1 is classes[i]
     params: dict[str, Any]  # params_to_dict(Params) of the training run
     preset: str
+    selection: dict[str, Any] | None = None  # which weights these are (module docstring); None: not recorded
 
 
-def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params: dict[str, Any]) -> None:
+def save_model_file(
+    path: str | Path, model: SSD, *, classes: list[str], params: dict[str, Any], selection: dict | None = None
+) -> None:
     """Write ``model`` with its class map and training params to ``path``, atomically.
 
     Unwrap DDP before calling (``model.module``). The file appears complete or not at all: the bytes go
@@ -61,6 +66,7 @@ def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params:
         "classes": classes,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "params": params,
+        **({"selection": selection} if selection is not None else {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -98,7 +104,14 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as error:  # shapes agree (checked above); what is left, e.g. an uncastable dtype
         raise ValueError(f"{path}: the weights do not fit preset {preset!r}: {error}") from error
     model.to(map_location).eval()
-    return LoadedModel(model, list(payload["classes"]), dict(payload["params"]), preset)
+    selection = payload.get("selection")
+    return LoadedModel(
+        model,
+        list(payload["classes"]),
+        dict(payload["params"]),
+        preset,
+        selection if isinstance(selection, dict) else None,
+    )
 
 
 def check_payload(payload: Any, path: Path) -> None:

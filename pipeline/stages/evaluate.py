@@ -44,8 +44,8 @@ import torch
 
 from pipeline.artifacts.output_folder import check_output_folder
 from pipeline.config import Params
-from pipeline.stages.evaluate_outputs import EVALUATE_STAGE, write_outputs
 from pipeline.report.scoring import EvalResult, run_inference, score_detections
+from pipeline.stages.evaluate_outputs import EVALUATE_STAGE, write_outputs
 
 if TYPE_CHECKING:
     from pipeline.tracking import Tracker

@@ -36,6 +36,7 @@ from pipeline.tracking import (
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.optim import check_schedule
+from pipeline.training.watch import final_weights
 from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
@@ -168,22 +169,34 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
         outcome = run_training(job, process_group_timeout_s=process_group_timeout_s or DEFAULT_PROCESS_GROUP_TIMEOUT_S)
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
         model = build_ssd(final.state["preset"], job.num_classes)
-        model.load_state_dict(final.state["model"])
-        save_model_file(model_out, model, classes=list(job.classes), params=recorded)
-    except (TrainingError, checkpoint.CheckpointError):
+        weights, weights_step = final_weights(final.state, cfg.final_weights)
+        model.load_state_dict(weights)
+        selection = _selection_record(final.state, cfg.final_weights, weights_step, outcome.metrics["status"])
+        save_model_file(model_out, model, classes=list(job.classes), params=recorded, selection=selection)
+    except (TrainingError, checkpoint.CheckpointError, ValueError):
         _finish_run(job, None, "FAILED")
         raise
     logger.info(
-        "train: %d steps (%d skipped, %d corrupt samples); model written to %s",
+        "train: %d steps (%s; %d skipped, %d corrupt samples); %s weights of step %d written to %s",
         final.meta.step,
+        outcome.metrics["status"],
         outcome.metrics.get("skipped_steps", 0),
         outcome.metrics.get("bad_samples", 0),
+        cfg.final_weights,
+        weights_step,
         model_out,
     )
-    _finish_run(job, model_out, "FINISHED")
+    _finish_run(job, model_out, "FINISHED", selection)
 
 
-def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
+def _selection_record(state: dict, choice: str, weights_step: int, status: str) -> dict:
+    """What the model file and MLflow record about its weights: which ones, of which step, how the run ended,
+    and (with validation) the best and the last validation's scores."""
+    summary = {k: v for k, v in (state.get("selection") or {}).items() if k != "best_weights"}
+    return {"final_weights": choice, "weights_step": weights_step, "status": status, **summary}
+
+
+def _finish_run(job: TrainJob, model_out: Path | None, status: str, selection: dict | None = None) -> None:
     if job.tracking_run_id is None:
         return
     tracker = create_tracker(
@@ -194,6 +207,12 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
         repo_root=job.repo_root,
         credentials=job.tracking_credentials,
     )
+    if selection is not None:
+        tracker.set_tags({"final_weights": selection["final_weights"], "weights_step": selection["weights_step"]})
+        if selection.get("best_step") is not None:
+            scores = {f"best/{k}": v for k, v in selection["best"].items()}
+            scores |= {f"last/{k}": v for k, v in selection["last"].items()}
+            tracker.log_metrics({**scores, "best/step": float(selection["best_step"])}, selection["last_step"])
     if model_out is not None:
         tracker.log_model_file(model_out)
     tracker.close(status=status)

@@ -39,9 +39,12 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
         "run_name",
         "storage_path",
         "log_every_steps",
+        "final_weights",  # every checkpoint holds the last, EMA and best weights: only the copy out differs
     }
 )
 IDENTITY_SECTIONS = ("seed", "model", "augment", "train")
+# With validation on, the post-processing that scores it picks the best step and decides early stopping.
+VALIDATION_EVAL_KEYS = ("eval.score_threshold", "eval.nms_iou", "eval.top_k", "eval.max_detections")
 # The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser):
 # every project file that importing the worker's loop runs, so a new module is never left out of the digest.
 # ``TRAINING_CODE`` (module attribute) is that closure, worked out on first use: the driver needs it for the
@@ -94,11 +97,15 @@ def code_digest() -> str:
 
 
 def identity(params: Params, data_digest: str, code: str) -> dict[str, Any]:
-    """What a run computes: the flattened params that matter, the data digest and the code digest."""
+    """What a run computes: the flattened params that matter (with validation on, the eval keys that score it),
+    the data digest and the code digest."""
     flat = flatten({k: v for k, v in params_to_dict(params).items() if k in IDENTITY_SECTIONS})
     kept = {
         k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in OPERATIONAL_TRAIN_KEYS)
     }
+    if params.train.val_every_steps:
+        evaluation = flatten({"eval": params_to_dict(params)["eval"]})
+        kept.update({k: evaluation[k] for k in VALIDATION_EVAL_KEYS})
     return {**kept, "data.manifest_sha256": data_digest, "code.sha256": code}
 
 

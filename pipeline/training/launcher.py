@@ -38,7 +38,7 @@ from pipeline.tracking import redact_uri
 from pipeline.training import checkpoint, faults
 from pipeline.training.checkpoint import SNAPSHOT_FILE
 from pipeline.training.job import TrainJob
-from pipeline.training.loop import STATUS_COMPLETED, STATUS_NONFINITE, train_loop_per_worker
+from pipeline.training.loop import STATUS_COMPLETED, STATUS_NONFINITE, STATUS_STOPPED_EARLY, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TrainingError(RuntimeError):
 
 
 class TrainOutcome(NamedTuple):
-    checkpoint_uri: str  # the final checkpoint (step train.max_steps)
+    checkpoint_uri: str  # the final checkpoint (step train.max_steps, or where patience stopped the run)
     metrics: dict[str, Any]  # outcome.json: status, step, skipped_steps, bad_samples...
 
 
@@ -198,8 +198,9 @@ def run_training(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCES
             f"row (train.max_consecutive_skips={cfg.max_consecutive_skips}); the last good checkpoint (step "
             f"{outcome['last_checkpoint_step']}) is kept in {run_folder}. Lower train.lr or check the data."
         )
-    if outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps:
+    early = outcome["status"] == STATUS_STOPPED_EARLY and outcome["last_checkpoint_step"] == outcome["step"]
+    if not early and (outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps):
         raise TrainingError(f"training run {run_folder} ended as {outcome['status']!r} at step {outcome['step']}")
-    final = checkpoint.dir_name(cfg.max_steps)
+    final = checkpoint.dir_name(outcome["step"])
     checkpoint.prune(job.run_uri, protect=frozenset({final}))  # Ray is done: drop what faults left unregistered
     return TrainOutcome(checkpoint.join(job.run_uri, final), outcome)

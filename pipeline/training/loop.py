@@ -38,12 +38,14 @@ from pipeline.training.job import TrainJob
 from pipeline.training.state import TrainState, build_model, build_state, find_resume_checkpoint
 from pipeline.training.step import train_step
 from pipeline.training.step_log import StepLog
+from pipeline.training.watch import Watch
 from ssd_core.augment import AugmentOptions
 
 logger = logging.getLogger(__name__)
 
 STATUS_COMPLETED = "completed"
 STATUS_NONFINITE = "nonfinite"
+STATUS_STOPPED_EARLY = "stopped_early"  # train.patience validations without improvement
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -64,14 +66,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = _RankData.create(job, rank, world, model.image_size)
     hooks = hooks_from_env()  # test-only faults; does nothing in production
     saver, status = _Checkpoints(job, rank, world, data.steps_per_epoch, hooks, state.step), STATUS_COMPLETED
+    watch = Watch.create(job, rank, world, model, device, resumed)  # EMA, validation, best step: when switched on
+    status = STATUS_STOPPED_EARLY if watch.stopped else status  # a run that stopped early, started again
     logger.info("rank %d/%d on %s: starting at step %d of %d", rank, world, device, state.step, cfg.max_steps)
-    for batch in data.batches(first_step=state.step):
+    for batch in data.batches(first_step=state.step) if not watch.stopped else ():
         epoch = state.step // data.steps_per_epoch
         seed_step(job.params.seed, epoch, state.step)
         hooks.before_step(rank, state.step, model)
         observer = log.update_observer(state.step + 1)  # gradient statistics, when due
         stats = train_step(ddp, batch, priors, state.optimizer, cfg=cfg, scaler=state.scaler, observer=observer)
         lr, stop = state.end_step(stats.finite)  # the guard counts, the schedule advances, step += 1
+        watch.after_update(model, stats.finite)  # the EMA, when on
         hooks.after_step(rank, state.step, model, stats)
         log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop)
         if stop:
@@ -79,10 +84,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         if state.step % data.steps_per_epoch == 0:
             log.end_epoch(epoch)
+        if watch.validate_if_due(state.step, model, log.tracker):  # every rank; True: patience ran out
+            status = STATUS_STOPPED_EARLY
+            break
         if state.step % cfg.checkpoint_every_steps == 0 and state.step < cfg.max_steps:
-            with saver.staged(state, log, status) as staged:
+            with saver.staged(state, log, status, watch) as staged:
                 ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
-    with saver.staged(state, log, status, final=True) as staged:  # a checkpoint if completed and not yet saved
+    with saver.staged(state, log, status, watch, final=True) as staged:  # a checkpoint if completed and not yet saved
         ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
     saver.write_outcome(state, log, status)  # rank 0
     log.close()
@@ -143,14 +151,17 @@ class _Checkpoints:
         self.last_step = last_step  # step of the newest checkpoint in the run folder
 
     @contextmanager
-    def staged(self, state: TrainState, log: StepLog, status: str, *, final: bool = False) -> Iterator[_Staged]:
+    def staged(
+        self, state: TrainState, log: StepLog, status: str, watch: Watch, *, final: bool = False
+    ) -> Iterator[_Staged]:
         """The arguments of the report after ``state.step`` steps, with rank 0's checkpoint of ``state`` in a
         local folder that lives until the report (which uploads it) returns.
 
-        ``final``: the report at the end of the run, with a checkpoint only if the run completed and its
-        last step is not saved yet (a run stopped by the guard keeps its last good checkpoint).
+        ``final``: the report at the end of the run, with a checkpoint only if the run completed (or stopped
+        early) and its last step is not saved yet (a run stopped by the guard keeps its last good checkpoint).
         """
-        write = not final or (status == STATUS_COMPLETED and self.last_step != state.step)
+        ended = status in (STATUS_COMPLETED, STATUS_STOPPED_EARLY)
+        write = not final or (ended and self.last_step != state.step)
         metrics = {
             "step": state.step,
             "status": status,
@@ -169,6 +180,7 @@ class _Checkpoints:
                 bad_samples=log.bad_samples,
                 tracking_run_id=log.tracker.run_id,
             )
+            contents.update(watch.checkpoint_state())  # EMA and best step (None when off)
             local = Path(tempfile.mkdtemp(prefix="ssd-checkpoint-"))
             try:
                 hook = self.hooks.before_checkpoint_rename(self.rank, state.step)

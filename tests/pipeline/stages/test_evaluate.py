@@ -18,8 +18,8 @@ from pipeline.artifacts.model_file import save_model_file
 from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
-from pipeline.shards.eval_loader import eval_loader
 from pipeline.report.scoring import SUMMARY_KEYS
+from pipeline.shards.eval_loader import eval_loader
 from pipeline.tracking import create_tracker
 from ssd_core.model import build_ssd
 from tests.pipeline.fixtures import make_params

@@ -72,13 +72,16 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     MLflow's credential variables) are in ``job.tracking_credentials``.
 
     Raises:
-        ShardError: the manifest or a shard is missing, truncated or tampered with.
+        ShardError: the manifest or a shard is missing, truncated or tampered with; no training images, or
+            no validation images while ``train.val_every_steps`` asks for validation.
         ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, or a missing
             ``model.pretrained_backbone`` file.
     """
     shards = shards if "://" in shards else str((repo_root / shards).resolve())
     manifest = load_manifest(shards, verify=True)
     manifest.split_shards("train")  # ShardError when the split is empty
+    if params.train.val_every_steps:
+        manifest.split_shards("val")  # validation during training needs validation images
     _check_last_batch(manifest.splits["train"].samples, params)
     with fsspec.open(checkpoint.join(shards, "manifest.json"), "rb") as handle:
         data_digest = hashlib.sha256(handle.read()).hexdigest()

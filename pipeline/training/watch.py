@@ -78,7 +78,8 @@ class Watch:
         keep = (lambda: self.scored_weights(model)) if self.rank == 0 else None  # rank 0 writes checkpoints
         improved = self.best.record(step, scores, keep)
         if self.rank == 0:
-            tracker.log_metrics({**scores, "val/best_step": float(self.best.best_step or 0)}, step)
+            extra = {"val/best_step": float(self.best.best_step or 0), "val/seconds": seconds}
+            tracker.log_metrics({**scores, **extra}, step)
             logger.info(
                 "validation at step %d: %s %.4f%s (best %.4f at step %d) in %.1f s",
                 step,

@@ -57,11 +57,11 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--shards", "train", "shard folder or fsspec URL (with manifest.json)", url=True)
-    _path(p, "--model-out", "train", "final model file")
+    _path(p, "--model-out", "train", "final model file (path or URL)", url=True)
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "evaluate", "model file from train")
+    _path(p, "--model", "evaluate", "model file from train (path or URL)", url=True)
     _path(p, "--shards", "evaluate", "shard folder or URL (validation split is used)", url=True)
     _path(p, "--metrics", "evaluate", "DVC metrics file")
     _path(p, "--plots", "evaluate", "PR-curve data (DVC plots)")
@@ -69,7 +69,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
+    _path(p, "--model", "train", "model file from train (path or URL)", stage_flag="--model-out", url=True)
     p.add_argument(
         "--out",
         type=Path,
@@ -98,6 +98,12 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--metrics", "evaluate", "eval.json of the run")
 
 
+def _upload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=("shards",), help="what to upload: a shard folder with its manifest")
+    p.add_argument("source", help="local shard folder (with manifest.json)")
+    p.add_argument("destination", help="URL to upload to, e.g. s3://bucket/voc/shards")
+
+
 def _no_args(p: argparse.ArgumentParser) -> None:
     del p
 
@@ -121,6 +127,7 @@ COMMANDS: tuple[Command, ...] = (
         "headline metrics of the last run and the MLflow UI command",
         _summary_args,
     ),
+    Command("upload", "pipeline.stages.upload", "upload shards to an object store, sha256-verified", _upload_args),
     Command("check-params", "pipeline.stages.check_params", "validate params and print them resolved", _no_args),
 )
 

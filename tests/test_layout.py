@@ -27,6 +27,7 @@ LAYERS = (
         "pipeline.sources",
         "pipeline.report",
         "pipeline.tracking",
+        "pipeline.storage",
     ),
     ("pipeline.training",),
     ("pipeline.stages",),

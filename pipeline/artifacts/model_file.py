@@ -9,6 +9,8 @@ The file is ``torch.save`` of a plain dict of tensors, strings, numbers and list
 ``classes[i]`` is the name of label ``i + 1``; label 0 is background, so ``num_classes == len(classes) + 1``.
 An optional ``"selection"`` dict (JSON values) says which weights these are: ``final_weights`` (best, last
 or ema), ``weights_step`` and, when training validated, ``best_step`` with the best and last scores.
+
+The file may live in a local folder or at a ``pipeline.storage`` URL (``s3://bucket/models/ssd.pt``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pipeline.artifacts.atomic_write import write_bytes_atomic
+from pipeline import storage
 from ssd_core.model import PRESETS, SSD, build_ssd
 
 MODEL_FORMAT = "ssd-pipeline-model"
@@ -41,10 +43,12 @@ class LoadedModel(NamedTuple):
 def save_model_file(
     path: str | Path, model: SSD, *, classes: list[str], params: dict[str, Any], selection: dict | None = None
 ) -> None:
-    """Write ``model`` with its class map and training params to ``path``, atomically.
+    """Write ``model`` with its class map, training params and ``selection`` record to ``path`` (a local path or
+    a URL), atomically.
 
-    Unwrap DDP before calling (``model.module``). The file appears complete or not at all: the bytes go
-    to a temporary file in the same folder, which is fsynced and then renamed over ``path``.
+    Unwrap DDP before calling (``model.module``). The file appears complete or not at all: locally the bytes
+    go to a temporary file in the same folder, which is fsynced and then renamed over ``path``; an object
+    store gets them as one object (``storage.put_bytes``).
 
     Raises:
         TypeError: ``model`` is not an ``SSD`` (e.g. still wrapped in DistributedDataParallel).
@@ -70,11 +74,12 @@ def save_model_file(
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    write_bytes_atomic(Path(path), buffer.getvalue())
+    storage.put_bytes(path, buffer.getvalue())
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Read a file written by ``save_model_file``; the model comes back in eval mode on ``map_location``.
+    """Read a file written by ``save_model_file`` (local path or URL); the model comes back in eval mode on
+    ``map_location``.
 
     A model file is input: nothing is built from it before it is checked. The fields are validated first
     (``check_payload``), then the model is built on PyTorch's ``meta`` device (shapes only, no memory) and
@@ -83,12 +88,14 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        pipeline.storage.StorageError: ``path`` is a URL with credentials in it, or of an unknown protocol.
         ValueError: the file is not a model file of this format, a field is malformed, or a weight is
             missing, unexpected or of another shape than its preset and class count need (key named).
     """
-    path = Path(path)
+    source: Any = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+    path = Path(path) if not storage.is_url(path) else storage.describe(str(path))
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(source, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # a torn or foreign file: say which file, keep the cause
@@ -114,7 +121,7 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def check_payload(payload: Any, path: Path) -> None:
+def check_payload(payload: Any, path: Path | str) -> None:
     """Check what ``torch.load`` gave against the format in the module docstring (all but the tensor shapes).
 
     Raises:

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
-import fsspec
-
 from pipeline.file_names import plain_name_problem
+from pipeline.storage.filesystem import filesystem
 
 FORMAT = "ssd-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -157,7 +156,7 @@ def parse_manifest(data: Any, root: str) -> ShardManifest:
 
 
 def load_manifest(shards: str, *, verify: bool = True) -> ShardManifest:
-    """Read ``<shards>/manifest.json`` (a local folder or an fsspec URL) and check the shards against it.
+    """Read ``<shards>/manifest.json`` (a local folder or a ``pipeline.storage`` URL) and check the shards against it.
 
     Every shard must exist with the recorded size (always checked: a cheap stat). With ``verify`` the
     sha256 of every shard is recomputed and its tar members are counted against the manifest.
@@ -166,7 +165,7 @@ def load_manifest(shards: str, *, verify: bool = True) -> ShardManifest:
         ShardError: naming the missing, truncated or tampered shard (or the unreadable manifest).
     """
     root = str(shards)
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = filesystem(root)
     where = join(root, MANIFEST_NAME)
     try:
         with fs.open(join(path, MANIFEST_NAME), "rb") as f:

@@ -2,7 +2,7 @@
 
 A sample is two tar members, ``<key>.jpg`` and ``<key>.json``, stored next to each other; the manifest
 records where their data starts and how long it is (``pipeline.shards.manifest.SampleLoc``), so one sample
-is one seek and one read of the byte range spanning both, from a local folder or any fsspec URL. This is
+is one seek and one read of the byte range spanning both, from a local folder or any ``pipeline.storage`` URL. This is
 what lets the loaders assign samples (not whole shards) to ranks and workers.
 
 Each DataLoader worker opens its own file handles lazily, on its first read, and keeps at most
@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import fsspec
-
 from pipeline.shards.manifest import ShardInfo, join
+from pipeline.storage.filesystem import filesystem
 
 OPEN_SHARDS_PER_WORKER = 16  # file handles a worker keeps open (least recently used closed first)
 
@@ -70,7 +69,7 @@ class ShardReader:
 
     def _handle(self, name: str) -> Any:
         if self._fs is None:
-            self._fs, self._base = fsspec.core.url_to_fs(self.root)
+            self._fs, self._base = filesystem(self.root)
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]

@@ -61,14 +61,15 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- tracking
-def open_tracker(params: Params, model_path: Path, repo_root: Path) -> tuple[Tracker, bool]:
+def open_tracker(params: Params, model_path: str | Path, repo_root: Path) -> tuple[Tracker, bool]:
     """The MLflow run to report to: the one that logged this model file, else a new one. A disabled
     tracking config gives a ``NullTracker``. Raises ``TrackingError`` early if the server is unreachable."""
-    from pipeline.tracking import MODEL_DIGEST_TAG, NullTracker, create_tracker, file_sha256, find_run_by_tag
+    from pipeline.storage import sha256_of
+    from pipeline.tracking import MODEL_DIGEST_TAG, NullTracker, create_tracker, find_run_by_tag
 
     if not params.tracking.enabled:
         return NullTracker(), False
-    digest = file_sha256(model_path)
+    digest = sha256_of(model_path)[0]
     run_id = find_run_by_tag(params.tracking, repo_root, MODEL_DIGEST_TAG, digest)
     tracker = create_tracker(
         params.tracking,
@@ -137,21 +138,23 @@ def _weights_record(selection: dict | None) -> dict:
 def main(args: argparse.Namespace, params: Params) -> int:
     from pipeline.artifacts.model_file import load_model_file
     from pipeline.shards.manifest import load_manifest
+    from pipeline.storage import check_all
     from pipeline.tracking import TrackingError, redact_uri
 
     started = time.perf_counter()
     repo_root = Path.cwd()
-    try:  # before any work: folders the stage may not write into
+    try:  # before any work: folders the stage may not write into, an object store that does not answer
         check_output_folder(args.plots, EVALUATE_STAGE, option="--plots")
         check_output_folder(args.out, EVALUATE_STAGE)
-    except ValueError as error:
+        check_all([(str(args.model), "--model"), (str(args.shards), "--shards")])
+    except ValueError as error:  # StorageError is a ValueError
         logger.error("evaluate: %s", error)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model_file(args.model, map_location=device)
     split = "test" if "test" in load_manifest(str(args.shards), verify=False).splits else "val"
     try:
-        tracker, new_run = open_tracker(params, Path(args.model), repo_root)
+        tracker, new_run = open_tracker(params, args.model, repo_root)
     except TrackingError as error:
         logger.error("%s", error)
         return 2

@@ -158,6 +158,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     from tqdm import tqdm
 
     from pipeline.artifacts.model_file import load_model_file
+    from pipeline.storage import check_reachable
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -169,6 +170,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
             raise InputError(f"predict: --min-score: expected a score in [0, 1], got {args.min_score}")
         if args.batch_size < 1:
             raise InputError(f"predict: --batch-size: expected a positive number, got {args.batch_size}")
+        check_reachable(str(args.model), "--model")  # an object store that does not answer: seconds, not minutes
         loaded = load_model_file(args.model, map_location=device)
     except InputError as error:
         logger.error("%s", error)

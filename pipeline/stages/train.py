@@ -1,7 +1,8 @@
 """``python -m pipeline train``: distributed training with Ray Train, then the model file.
 
 1. Resolve every location to an absolute path or URL here, on the driver: workers run in other working
-   directories and on other machines.
+   directories and on other machines. Check that every object store among them answers with our
+   credentials (``pipeline.storage.check_all``, seconds), before anything else.
 2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
 3. Join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
@@ -15,12 +16,13 @@ import argparse
 import dataclasses
 import hashlib
 import logging
+import tempfile
 import uuid
 from pathlib import Path
 
-import fsspec
 from torch import nn
 
+from pipeline import storage
 from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
 from pipeline.shards.manifest import ShardError, load_manifest
@@ -44,16 +46,24 @@ logger = logging.getLogger(__name__)
 
 def main(args: argparse.Namespace, params: Params) -> int:
     repo_root = Path.cwd().resolve()
+    model_out = storage.absolute(args.model_out, repo_root)
     try:
+        storage.check_all(
+            [
+                (storage.absolute(args.shards, repo_root), "--shards"),
+                (storage.absolute(params.train.storage_path, repo_root), "train.storage_path"),
+                (model_out, "--model-out"),
+            ]
+        )
         job = build_job(str(args.shards), params, repo_root)
-    except (ShardError, ValueError) as error:
+    except (ShardError, ValueError) as error:  # StorageError is a ValueError
         logger.error("train: %s", redact_uri(str(error)))
         return 2
     from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
 
     connected = connect_ray(job.params.train)
     try:
-        train(job, params, Path(args.model_out).resolve())
+        train(job, params, model_out)
     except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
         logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
         return 1
@@ -77,19 +87,17 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, or a missing
             ``model.pretrained_backbone`` file.
     """
-    shards = shards if "://" in shards else str((repo_root / shards).resolve())
+    shards = storage.absolute(shards, repo_root)
     manifest = load_manifest(shards, verify=True)
     manifest.split_shards("train")  # ShardError when the split is empty
     if params.train.val_every_steps:
         manifest.split_shards("val")  # validation during training needs validation images
     _check_last_batch(manifest.splits["train"].samples, params)
-    with fsspec.open(checkpoint.join(shards, "manifest.json"), "rb") as handle:
-        data_digest = hashlib.sha256(handle.read()).hexdigest()
+    data_digest = hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()
     check_schedule(params.train)
     if params.train.precision == "fp16" and not params.train.use_gpu:
         raise ValueError("train.precision: fp16 needs train.use_gpu=true (CPU autocast: use bf16 or fp32)")
-    storage = params.train.storage_path
-    storage = storage if "://" in storage else str((repo_root / storage).resolve())
+    storage_path = storage.absolute(params.train.storage_path, repo_root)
     backbone = params.model.pretrained_backbone
     if backbone:
         backbone = str((repo_root / backbone).resolve())
@@ -99,10 +107,10 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     resolved = dataclasses.replace(
         params,
         model=dataclasses.replace(params.model, pretrained_backbone=backbone),
-        train=dataclasses.replace(params.train, storage_path=storage),
+        train=dataclasses.replace(params.train, storage_path=storage_path),
         tracking=dataclasses.replace(params.tracking, uri=split_credentials(tracking_uri)[0]),
     )
-    run_uri = checkpoint.join(storage, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
+    run_uri = storage.join(storage_path, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
     return TrainJob(
         params=resolved,
         shards=shards,
@@ -132,8 +140,9 @@ def _check_last_batch(samples: int, params: Params) -> None:
     )
 
 
-def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeout_s: int | None = None) -> None:
-    """Resume or start the run in ``job.run_uri``, train, write the model file; Ray must be connected.
+def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group_timeout_s: int | None = None) -> None:
+    """Resume or start the run in ``job.run_uri``, train, write the model file (a local path or a URL); Ray
+    must be connected.
 
     ``params`` are the parameters as given (recorded in MLflow and in the model file, URIs redacted);
     ``job.params`` are the same with absolute locations. ``process_group_timeout_s`` bounds
@@ -175,21 +184,26 @@ def train(job: TrainJob, params: Params, model_out: Path, *, process_group_timeo
         weights, weights_step = final_weights(final.state, cfg.final_weights)
         model.load_state_dict(weights)
         selection = _selection_record(final.state, cfg.final_weights, weights_step, outcome.metrics["status"])
-        save_model_file(model_out, model, classes=list(job.classes), params=recorded, selection=selection)
     except (TrainingError, checkpoint.CheckpointError, ValueError):
         _finish_run(job, None, "FAILED")
         raise
-    logger.info(
-        "train: %d steps (%s; %d skipped, %d corrupt samples); %s weights of step %d written to %s",
-        final.meta.step,
-        outcome.metrics["status"],
-        outcome.metrics.get("skipped_steps", 0),
-        outcome.metrics.get("bad_samples", 0),
-        cfg.final_weights,
-        weights_step,
-        model_out,
-    )
-    _finish_run(job, model_out, "FINISHED", selection)
+    with tempfile.TemporaryDirectory(prefix="ssd-model-") as scratch:
+        # MLflow logs a local file: a model going to an object store is written here first, then uploaded
+        local = Path(model_out) if not storage.is_url(model_out) else Path(scratch) / Path(str(model_out)).name
+        save_model_file(local, model, classes=list(job.classes), params=recorded, selection=selection)
+        if storage.is_url(model_out):
+            storage.put_file(local, model_out)
+        logger.info(
+            "train: %d steps (%s; %d skipped, %d corrupt samples); %s weights of step %d written to %s",
+            final.meta.step,
+            outcome.metrics["status"],
+            outcome.metrics.get("skipped_steps", 0),
+            outcome.metrics.get("bad_samples", 0),
+            cfg.final_weights,
+            weights_step,
+            model_out,
+        )
+        _finish_run(job, local, "FINISHED", selection)
 
 
 def _selection_record(state: dict, choice: str, weights_step: int, status: str) -> dict:

@@ -64,13 +64,12 @@ def shard_dataset_profile(shards: str, repo_root: str | Path) -> dict[str, Any]:
     Raises:
         OSError: the manifest cannot be read.
     """
-    import fsspec
+    from pipeline.storage import read_bytes  # lazily: pipeline.storage imports this package's uris
 
     manifest_url = shards.rstrip("/") + "/manifest.json"
     if "://" not in shards:
         manifest_url = str((Path(repo_root) / manifest_url).resolve())
-    with fsspec.open(manifest_url, "rb") as handle:
-        raw = handle.read()
+    raw = read_bytes(manifest_url)
     profile: dict[str, Any] = {"manifest": manifest_url, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     try:
         manifest = json.loads(raw)

@@ -17,7 +17,8 @@ checkpoints it registered. A checkpoint can also reach storage without being reg
 after the upload, before the controller takes the report; or a torn upload): the driver's ``prune``
 deletes those when the run has finished, and never touches one that Ray's snapshot names.
 
-Storage is a local path or any URI pyarrow understands (``s3://``, ``gs://``, ``hdfs://``), as for Ray.
+Storage is a local path or a URL of ``pipeline.storage`` (``s3://`` through s3fs, or any fsspec URL); Ray
+writes there through the same filesystem (``pipeline.storage.arrow_filesystem``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import pyarrow.fs
 import torch
 
+from pipeline import storage
 from pipeline.artifacts.atomic_write import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,6 @@ def write_checkpoint(
     write_bytes_atomic(directory / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True).encode())
 
 
-def resolve(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """(filesystem, path) for a local absolute path or a storage URI."""
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
 def join(uri: str, name: str) -> str:
     return f"{uri.rstrip('/')}/{name}"
 
@@ -120,10 +116,8 @@ def read_meta(uri: str) -> CheckpointMeta:
     Raises:
         CheckpointError: missing, unparsable or of another format.
     """
-    fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(f"{path}/{META_FILE}") as handle:
-            raw = json.loads(handle.read().decode())
+        raw = json.loads(storage.read_bytes(join(uri, META_FILE)).decode())
     except (FileNotFoundError, OSError, ValueError) as error:
         raise CheckpointError(f"{uri}: no readable {META_FILE} ({error})") from error
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
@@ -151,10 +145,8 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> Loade
         CheckpointError: torn, foreign or unreadable; the message names the directory and the reason.
     """
     meta = read_meta(uri)
-    fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(f"{path}/{STATE_FILE}") as handle:
-            data = handle.read()
+        data = storage.read_bytes(join(uri, STATE_FILE))
     except (FileNotFoundError, OSError) as error:
         raise CheckpointError(f"{uri}: {STATE_FILE} unreadable ({error})") from error
     if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
@@ -172,13 +164,11 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> Loade
 
 def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     """``(step, uri)`` of every ``checkpoint_step_*`` directory in the run folder, newest first."""
-    fs, path = resolve(run_uri)
-    selector = pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=False)
     found = []
-    for info in fs.get_file_info(selector):
-        step = step_of(info.base_name)
-        if step is not None and info.type == pyarrow.fs.FileType.Directory:
-            found.append((step, join(run_uri, info.base_name)))
+    for entry in storage.list_folder(run_uri):
+        step = step_of(entry.name)
+        if step is not None and entry.is_dir:
+            found.append((step, join(run_uri, entry.name)))
     return sorted(found, reverse=True)
 
 
@@ -190,14 +180,8 @@ def find_latest_valid(run_uri: str) -> tuple[CheckpointMeta, str] | None:
     for _, uri in list_checkpoints(run_uri):
         try:
             meta = read_meta(uri)
-            fs, path = resolve(uri)
-            digest = hashlib.sha256()
-            size = 0
-            with fs.open_input_stream(f"{path}/{STATE_FILE}") as handle:
-                while chunk := handle.read(1 << 24):
-                    digest.update(chunk)
-                    size += len(chunk)
-            if size != meta.size or digest.hexdigest() != meta.sha256:
+            sha256, size = storage.sha256_of(join(uri, STATE_FILE))
+            if size != meta.size or sha256 != meta.sha256:
                 raise CheckpointError(f"{uri}: {STATE_FILE} does not match {META_FILE}: a torn write")
         except (CheckpointError, FileNotFoundError, OSError) as error:
             logger.warning("ignoring checkpoint %s: %s", uri, error)
@@ -210,23 +194,15 @@ def write_outcome(run_uri: str, outcome: dict[str, Any]) -> None:
     """Record how a training attempt ended in ``<run folder>/outcome.json`` (Ray's result carries only the
     metrics of the newest checkpoint, not those of a final report without one).
 
-    A local run folder gets the file atomically (``write_bytes_atomic``); an object store (``s3://``,
-    ``gs://``) makes an object visible only once its upload is complete."""
-    fs, path = resolve(run_uri)
-    data = json.dumps(outcome, sort_keys=True).encode()
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        write_bytes_atomic(Path(path) / OUTCOME_FILE, data)
-        return
-    with fs.open_output_stream(f"{path}/{OUTCOME_FILE}") as handle:
-        handle.write(data)
+    A local run folder gets the file atomically; an object store gets it as one object, visible only once
+    complete (``storage.put_bytes``)."""
+    storage.put_bytes(join(run_uri, OUTCOME_FILE), json.dumps(outcome, sort_keys=True).encode())
 
 
 def read_outcome(run_uri: str) -> dict[str, Any] | None:
     """The run folder's ``outcome.json``, or None when it is missing or unreadable."""
-    fs, path = resolve(run_uri)
     try:
-        with fs.open_input_stream(f"{path}/{OUTCOME_FILE}") as handle:
-            value = json.loads(handle.read().decode())
+        value = json.loads(storage.read_bytes(join(run_uri, OUTCOME_FILE)).decode())
     except (FileNotFoundError, OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -235,10 +211,8 @@ def read_outcome(run_uri: str) -> dict[str, Any] | None:
 def registered_names(run_uri: str) -> set[str] | None:
     """Checkpoint directory names that Ray's snapshot in the run folder records; None when there is no
     snapshot or it cannot be read (Ray rewrites it in place, so a read can catch it half-written)."""
-    fs, path = resolve(run_uri)
     try:
-        with fs.open_input_stream(f"{path}/{SNAPSHOT_FILE}") as handle:
-            state = json.loads(handle.read().decode())
+        state = json.loads(storage.read_bytes(join(run_uri, SNAPSHOT_FILE)).decode())
         names = {r["checkpoint_dir_name"] for r in state["checkpoint_results"]}
         latest = state.get("latest_checkpoint_result")
         return names | ({latest["checkpoint_dir_name"]} if latest else set())
@@ -256,15 +230,13 @@ def prune(run_uri: str, *, protect: frozenset[str] = frozenset()) -> list[str]:
     registered = registered_names(run_uri)
     if not registered:
         return []
-    fs, _ = resolve(run_uri)
     deleted = []
     for _, uri in list_checkpoints(run_uri):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         if name in registered or name in protect:
             continue
-        _, path = resolve(uri)
         try:
-            fs.delete_dir(path)
+            storage.delete_tree(uri)
         except (FileNotFoundError, OSError) as error:
             logger.warning("could not delete the stale checkpoint %s: %s", uri, error)
             continue

@@ -27,12 +27,12 @@ import os
 import time
 from typing import Any, NamedTuple
 
-import pyarrow.fs
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.tracking import redact_uri
 from pipeline.training import checkpoint, faults
@@ -95,22 +95,19 @@ def connect_ray(cfg: TrainConfig) -> bool:
 # ------------------------------------------------------------------------------------------ run folder
 def prepare_run_folder(run_uri: str, *, resume: bool) -> tuple[checkpoint.CheckpointMeta, str] | None:
     """Make the run folder usable and return its newest valid checkpoint ``(meta, uri)``, if resuming."""
-    fs, path = checkpoint.resolve(run_uri)
-    exists = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-    if not exists:
+    if not storage.exists(run_uri):
         return None
     if not resume:
-        _move_aside(fs, path, run_uri, "replaced")
+        _move_aside(run_uri, "replaced")
         return None
-    _check_snapshot(fs, path, run_uri)
+    _check_snapshot(run_uri)
     return checkpoint.find_latest_valid(run_uri)
 
 
-def _move_aside(fs: pyarrow.fs.FileSystem, path: str, uri: str, reason: str) -> None:
+def _move_aside(uri: str, reason: str) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = f"{path}.{reason}-{stamp}"
     try:
-        fs.move(path, target)
+        storage.move(uri, f"{uri}.{reason}-{stamp}")
     except (OSError, NotImplementedError) as error:
         raise TrainingError(
             redact_uri(
@@ -120,22 +117,21 @@ def _move_aside(fs: pyarrow.fs.FileSystem, path: str, uri: str, reason: str) -> 
     logger.warning("moved %s aside to %s", redact_uri(uri), redact_uri(f"{uri}.{reason}-{stamp}"))
 
 
-def _check_snapshot(fs: pyarrow.fs.FileSystem, path: str, run_uri: str) -> None:
+def _check_snapshot(run_uri: str) -> None:
     """Move Ray's checkpoint snapshot aside when Ray could not load it (it would refuse to start)."""
-    snapshot = f"{path}/{SNAPSHOT_FILE}"
-    if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.NotFound:
+    snapshot = checkpoint.join(run_uri, SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
         return
     problem = None
     try:
-        with fs.open_input_stream(snapshot) as handle:
-            state = json.loads(handle.read().decode())
+        state = json.loads(storage.read_bytes(snapshot).decode())
         if state.get("ray_version") != ray.__version__:
             problem = f"written by Ray {state.get('ray_version')}, this is Ray {ray.__version__}"
         else:
             names = [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
             latest = state.get("latest_checkpoint_result")
             names += [latest["checkpoint_dir_name"]] if latest else []
-            missing = [n for n in names if fs.get_file_info(f"{path}/{n}").type == pyarrow.fs.FileType.NotFound]
+            missing = [n for n in names if not storage.exists(checkpoint.join(run_uri, n))]
             if missing:
                 problem = f"names checkpoints that no longer exist: {missing}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -146,17 +142,18 @@ def _check_snapshot(fs: pyarrow.fs.FileSystem, path: str, run_uri: str) -> None:
             redact_uri(run_uri),
             redact_uri(problem),
         )
-        _move_aside(fs, snapshot, f"{run_uri}/{SNAPSHOT_FILE}", "invalid")
+        _move_aside(snapshot, "invalid")
 
 
 # ---------------------------------------------------------------------------------------------- trainer
 def build_trainer(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCESS_GROUP_TIMEOUT_S) -> TorchTrainer:
-    """The ``TorchTrainer`` of ``job``. Ray gets the storage as a filesystem and a path, never as a URL: a key
-    in ``s3://key:secret@bucket`` would otherwise be in Ray's logs and run state. The workers' environment
-    carries no credentials either (Ray logs runtime environments); those travel inside ``job``."""
+    """The ``TorchTrainer`` of ``job``. Ray gets the storage as a filesystem and a path, never as a URL
+    (``storage.arrow_filesystem``: the pipeline's own fsspec filesystem, wrapped for pyarrow). The workers'
+    environment carries no credentials either (Ray logs runtime environments): the MLflow ones travel
+    inside ``job``, the object store's come from each node's environment or AWS files."""
     cfg = job.params.train
-    storage, name = job.run_uri.rstrip("/").rsplit("/", 1)
-    filesystem, storage_path = checkpoint.resolve(storage)
+    storage_root, name = job.run_uri.rstrip("/").rsplit("/", 1)
+    filesystem, storage_path = storage.arrow_filesystem(storage_root)
     resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     env = {faults.ENV_VAR: os.environ[faults.ENV_VAR]} if os.environ.get(faults.ENV_VAR) else {}
     return TorchTrainer(

@@ -107,7 +107,7 @@ IN_PLACE = re.compile(
     r"\.write_text\(|\.write_bytes\(|open\(.*[\"'][wx]b?\+?[\"']|os\.replace\(|os\.rename\(|\.rename\("
     r"|\.savefig\((?!buffer)|(?<!torch)\.save\((?!buffer)"
 )
-WRITERS = {"artifacts/atomic_write.py", "artifacts/output_folder.py"}  # the modules that implement the writes
+WRITERS = {"artifacts/atomic_write.py", "artifacts/output_folder.py", "storage/objects.py"}  # implement the writes
 ALLOWED = {
     # Generated images go into the hidden build folder that replacing_folder fsyncs and swaps in whole.
     ("sources/synthetic.py", "sample.image.save(path"),

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -245,12 +246,11 @@ def main() -> int:
                 shards,
                 rank=0,
                 world_size=1,
-                batch_size=BATCH,
+                global_batch=BATCH,
                 image_size=SIZE,
                 augment=augment,
                 seed=SEED,
-                epoch=0,
-                epochs=epochs,
+                num_steps=epochs * math.ceil(len(records) / BATCH),
                 num_workers=WORKERS,
             )
 

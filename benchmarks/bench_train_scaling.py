@@ -120,7 +120,7 @@ def scaling(root: Path, shards: str, preset: str, steps: int, global_batch: int,
             f"model.preset={preset}",
             f"train.num_workers={workers}",
             f"train.threads_per_worker={threads}",
-            f"train.batch_size={global_batch // workers}",
+            f"train.batch_size={global_batch}",  # the global batch, split over the workers
             f"train.max_steps={steps}",
             f"train.checkpoint_every_steps={steps}",
             f"train.log_every_steps={log_every}",
@@ -154,7 +154,7 @@ def fault_overhead(root: Path, shards: str, steps: int) -> dict:
         "model.preset=ssd_tiny",
         "train.num_workers=2",
         "train.threads_per_worker=1",
-        "train.batch_size=8",
+        "train.batch_size=16",  # global: 8 per worker
         f"train.max_steps={steps}",
         "train.checkpoint_every_steps=4",
         f"train.log_every_steps={steps}",

@@ -38,6 +38,7 @@ from pipeline.config_schema import (
     MAX_IMAGES,
     MAX_PROCESSES,
     MAX_STEPS,
+    MAX_WORKERS,
     RUN_NAME_PATTERN,
     SEED_MAX,
     SELECT_METRICS,
@@ -60,6 +61,7 @@ __all__ = [
     "MAX_IMAGES",
     "MAX_PROCESSES",
     "MAX_STEPS",
+    "MAX_WORKERS",
     "RUN_NAME_PATTERN",
     "SEED_MAX",
     "SELECT_METRICS",
@@ -257,6 +259,24 @@ def _range_problems(node: Any, prefix: str) -> Iterable[str]:
         root = node.root
         if not (isinstance(root, str) or (isinstance(root, list) and all(isinstance(r, str) for r in root))):
             yield f"{prefix}root: expected a path or a list of paths, got {root!r}"
+    if isinstance(node, TrainConfig):
+        problem = _workers_problem(node.num_workers)
+        if problem:
+            yield f"{prefix}num_workers: {problem}"
+
+
+def _workers_problem(value: Any) -> str | None:
+    """Why ``train.num_workers`` is neither a number of workers nor an elastic ``[min, max]``, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | list):
+        return f"expected a number of workers or [min, max], got {value!r}"
+    bounds = [value] if isinstance(value, int) else value
+    if isinstance(value, list) and (len(value) != 2 or not all(type(v) is int for v in value)):
+        return f"expected a number of workers or [min, max] (two integers), got {value!r}"
+    if not all(1 <= v <= MAX_WORKERS for v in bounds):
+        return f"must be in 1..{MAX_WORKERS}, got {value!r}"
+    if isinstance(value, list) and value[0] > value[1]:
+        return f"expected [min, max] with min <= max, got {value!r}"
+    return None
 
 
 def _section_problems(params: Params) -> Iterable[str]:
@@ -270,6 +290,12 @@ def _section_problems(params: Params) -> Iterable[str]:
     problem = milestones_problem(params.train)
     if problem:
         yield problem
+    train = params.train
+    if _workers_problem(train.num_workers) is None and train.batch_size < train.worker_range[1]:
+        yield (
+            f"train.batch_size: the global batch of {train.batch_size} images cannot give each of up to "
+            f"{train.worker_range[1]} workers (train.num_workers) an image; use at least {train.worker_range[1]}"
+        )
 
 
 def selection_problems(train: TrainConfig) -> Iterable[str]:

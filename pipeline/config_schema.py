@@ -32,6 +32,7 @@ MAX_STEPS = 100_000_000  # optimiser steps: ~400x the longest recipe here (COCO,
 MAX_IMAGES = 100_000_000  # images in a split: ~50x Open Images (1.9 M)
 MAX_BATCH = 4096  # images per forward pass on one worker: beyond any accelerator's memory at SSD sizes
 MAX_PROCESSES = 256  # processes or threads on one machine (loader workers, intra-op threads)
+MAX_WORKERS = 1024  # Ray Train workers (DDP ranks): 1024 GPUs at most
 # A run folder name: starts with a letter or digit, at most 64 of [A-Za-z0-9._-], no "..": never a path.
 RUN_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Validation scores that can pick the best step: mAPs (higher is better) and the loss (lower is better).
@@ -139,11 +140,20 @@ class AugmentConfig:
 # -------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    num_workers: int = _p(2, ge=1, le=1024, help="Ray Train workers (DDP ranks); 1024 GPUs at most")
+    num_workers: Any = _p(
+        2,
+        help="Ray Train workers (DDP ranks), 1..1024: a number, or [min, max] for an elastic run that goes on "
+        "with as many as the cluster has (Ray Train restarts from the last checkpoint when that changes)",
+    )
     threads_per_worker: int = _p(1, ge=1, le=MAX_PROCESSES, help="torch intra-op threads per worker")
     use_gpu: bool = _p(False, help="one GPU per worker, NCCL backend")
     loader_workers: int = _p(1, ge=0, le=MAX_PROCESSES, help="DataLoader worker processes per rank")
-    batch_size: int = _p(32, ge=1, le=MAX_BATCH, help="images per step per worker")
+    batch_size: int = _p(
+        32,
+        ge=1,
+        le=MAX_WORKERS * MAX_BATCH,
+        help="images per optimiser step over all workers (the global batch); each worker trains on its share",
+    )
     lr: float = _p(1e-3, gt=0.0, help="learning rate at lr_reference_batch global images per step")
     lr_reference_batch: int = _p(32, ge=1, le=1024 * MAX_BATCH, help="lr scales linearly with global batch / this")
     optimizer: str = _p("sgd", choices=("sgd", "adamw"), help="sgd (paper) or adamw (decoupled weight decay)")
@@ -189,6 +199,14 @@ class TrainConfig:
     final_weights: str = _p(
         "last", choices=("best", "last", "ema"), help="what --model-out holds: best validated, last step's, or EMA"
     )
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """``num_workers`` as ``(min, max)``; equal for a fixed number of workers."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        low, high = self.num_workers
+        return int(low), int(high)
 
 
 # --------------------------------------------------------------------------------------- evaluate

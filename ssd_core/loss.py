@@ -14,7 +14,8 @@ nor negative: matched only to a difficult box).
   The ranking is a selection, so no gradient flows through it.
 - N: over the whole batch (``normalize="batch"``, the paper), or per image and then averaged over the
   images (``normalize="per_image"``, what the seed's code does). N = 0 gives 0, never NaN: with no
-  positive there is nothing to localise and no negative is mined.
+  positive there is nothing to localise and no negative is mined. A caller that trains on a share of a
+  larger batch passes that batch's divisor as ``denominator`` (a tensor: no host synchronisation).
 
 Speed: no ``[B, P, C]`` autograd graph is built. Mining needs the background cross-entropy of every
 prior, but only its order: :func:`background_rank_key` computes an order-preserving key once, without
@@ -175,6 +176,7 @@ def multibox_loss(
     neg_pos_ratio: float = 3,
     alpha: float = 1.0,
     normalize: str = "batch",
+    denominator: Tensor | None = None,
 ) -> LossTerms:
     """SSD's MultiBox loss (see the module docstring).
 
@@ -187,6 +189,10 @@ def multibox_loss(
         alpha: weight of the localisation term.
         normalize: ``"batch"`` divides both terms by N over the batch; ``"per_image"`` divides each image's
             terms by its own N (0 for an image without positives) and averages over the B images.
+        denominator: optional 0-d tensor (> 0) replacing the batch's own divisor: ``"batch"`` divides the summed
+            terms by it instead of by N, ``"per_image"`` the sum of the per-image normalised terms instead of
+            by B. Data-parallel training passes a global count here (N or B over every rank's share, over
+            the ranks), so the ranks' losses add up to the loss of the global batch.
 
     Returns:
         ``LossTerms(total, loc, conf, num_positives)``, 0-d tensors; ``total`` carries the gradient.
@@ -224,13 +230,18 @@ def multibox_loss(
 
     num_positives = num_pos_per_image.sum()
     if normalize == "batch":
-        denominator = num_positives.clamp(min=1).to(loc_per_row.dtype)
-        loc = loc_per_row.sum() / denominator
-        conf = conf_per_row.sum() / denominator
+        divisor = num_positives.clamp(min=1) if denominator is None else denominator
+        divisor = divisor.to(loc_per_row.dtype)
+        loc = loc_per_row.sum() / divisor
+        conf = conf_per_row.sum() / divisor
     else:
-        denominator = num_pos_per_image.clamp(min=1).to(loc_per_row.dtype)  # [B]
+        per_image_n = num_pos_per_image.clamp(min=1).to(loc_per_row.dtype)  # [B]
         loc_per_image = loc_per_row.new_zeros(batch).index_add(0, pos_rows // num_priors, loc_per_row)  # [B]
         conf_per_image = conf_per_row.new_zeros(batch).index_add(0, conf_rows // num_priors, conf_per_row)  # [B]
-        loc = (loc_per_image / denominator).mean()
-        conf = (conf_per_image / denominator).mean()
+        if denominator is None:
+            loc = (loc_per_image / per_image_n).mean()
+            conf = (conf_per_image / per_image_n).mean()
+        else:
+            loc = (loc_per_image / per_image_n).sum() / denominator.to(loc_per_row.dtype)
+            conf = (conf_per_image / per_image_n).sum() / denominator.to(loc_per_row.dtype)
     return LossTerms(total=conf + alpha * loc, loc=loc, conf=conf, num_positives=num_positives)

@@ -1,19 +1,17 @@
 """Streaming training loader over the shards of ``python -m pipeline shard`` (evaluation: ``eval_loader``).
 
-Training (``train_loader``): rank ``rank`` of ``world_size`` gets the batches ``pipeline.shards.order``
-deals it (the same count on every rank, every sample once per global epoch). Batch k goes to DataLoader
-worker ``k mod num_workers``, which reads exactly those samples with ranged reads
-(``pipeline.shards.reader``), plans their augmentation together and decodes them
-(``pipeline.shards.samples``); the DataLoader hands batches back in order 0, 1, 2, ... Each sample's
-augmentation is seeded by ``(seed, epoch, sample key)`` and every batch is computed on one intra-op thread,
-so a batch is a function of (shards, seed, epoch, rank, world_size, batch index) only: the worker count
-changes nothing, and ``skip_batches=k`` starts at batch k without reading or decoding batches 0..k-1.
+Training (``train_loader``): rank ``rank`` of ``world_size`` gets its share of each global step's batch
+as ``pipeline.shards.order`` plans it (the global batches depend on (seed, step) only, never on the world
+size). Step k's batch goes to DataLoader worker ``k mod num_workers``, which reads exactly those samples
+with ranged reads (``pipeline.shards.reader``), plans their augmentation together and decodes them
+(``pipeline.shards.samples``); the DataLoader hands batches back in step order. Each sample's augmentation
+is seeded by ``(seed, epoch, sample key)`` and every batch is computed on one intra-op thread, so a batch
+is a function of (shards, seed, step, rank, world_size) only: the worker count changes nothing, and
+``start_step=k`` starts at step k without reading or decoding the batches before it.
 
-One loader may run several epochs (``epochs=n``, optionally cut at ``max_batches``): batch positions then
-continue across epoch boundaries (position p is batch ``p mod len`` of epoch ``epoch + p // len``) and the
-same worker processes keep going, prefetching the next epoch's first batches while the last ones of this
-epoch train. A loader per epoch would start and stop its workers every epoch and let the pipeline run dry
-at each boundary. The batches are exactly those of the per-epoch loaders, concatenated.
+One loader streams any number of steps (``num_steps``) across epoch boundaries: the same worker processes
+keep going, prefetching the next epoch's first batches while the last ones of this epoch train. A loader
+per epoch would start and stop its workers every epoch and let the pipeline run dry at each boundary.
 
 A corrupt sample (unreadable bytes, bad JPEG, bad JSON, a record field out of bounds: ``CorruptSample``)
 is skipped and counted in ``TrainBatch.num_bad`` of the batch it belonged to; the batch is then smaller (in
@@ -39,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards.manifest import ShardManifest, load_manifest
-from pipeline.shards.order import batches_per_epoch, rank_batches, sample_seed
+from pipeline.shards.order import epoch_plan, rank_share, sample_seed, steps_per_epoch
 from pipeline.shards.reader import CorruptSample, ShardReader
 from pipeline.shards.samples import train_samples
 from ssd_core.augment import AugmentOptions, Sample
@@ -54,6 +52,7 @@ class TrainBatch(NamedTuple):
     difficult: Tensor  # bool [B, G]
     mask: Tensor  # bool [B, G]: True for real boxes
     num_bad: int  # corrupt samples skipped from this batch
+    sample_ids: Tensor | None = None  # int64 [B]: the samples' indices in the split (manifest order)
 
 
 @contextlib.contextmanager
@@ -84,7 +83,7 @@ def _worker_share(count: int) -> range:
 
 # --------------------------------------------------------------------------------------- training
 class _TrainBatches(IterableDataset):
-    """Batch positions ``start .. start + count - 1`` of one rank's endless epoch sequence (module docstring)."""
+    """This rank's batches of global steps ``start .. start + count - 1`` (module docstring)."""
 
     def __init__(
         self,
@@ -94,38 +93,31 @@ class _TrainBatches(IterableDataset):
         count: int,
         rank: int,
         world_size: int,
-        batch_size: int,
+        global_batch: int,
         image_size: int,
         augment: AugmentOptions,
         seed: int,
         num_classes: int,
     ) -> None:
         self.reader, self.start, self.count = reader, start, count
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.image_size, self.augment, self.seed = image_size, augment, seed
+        self.share = rank_share(global_batch, rank=rank, world_size=world_size)
+        self.global_batch, self.image_size, self.augment, self.seed = global_batch, image_size, augment, seed
         self.num_classes = num_classes
-        self._epoch_batches: tuple[int, list[np.ndarray]] | None = None  # the last epoch's batches, cached
+        self._plan: tuple[int, np.ndarray] | None = None  # the last epoch's plan [steps, global_batch], cached
 
-    def batches_of(self, epoch: int) -> list[np.ndarray]:
-        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            batches = rank_batches(
-                len(self.reader),
-                seed=self.seed,
-                epoch=epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                batch_size=self.batch_size,
-            )
-            self._epoch_batches = (epoch, batches)
-        return self._epoch_batches[1]
+    def plan_of(self, epoch: int) -> np.ndarray:
+        if self._plan is None or self._plan[0] != epoch:
+            plan = epoch_plan(len(self.reader), seed=self.seed, epoch=epoch, global_batch=self.global_batch)
+            self._plan = (epoch, plan)
+        return self._plan[1]
 
     def __iter__(self) -> Iterator[TrainBatch]:
-        per_epoch = batches_per_epoch(len(self.reader), world_size=self.world_size, batch_size=self.batch_size)
+        per_epoch = steps_per_epoch(len(self.reader), global_batch=self.global_batch)
         try:
             for position in _worker_share(self.count):
                 epoch, index = divmod(self.start + position, per_epoch)
                 with _one_thread():
-                    batch = self._batch(self.batches_of(epoch)[index], epoch)
+                    batch = self._batch(self.plan_of(epoch)[index][self.share], epoch)
                 yield batch
         finally:
             self.reader.close()
@@ -147,14 +139,15 @@ class _TrainBatches(IterableDataset):
             members, self.num_classes, image_size=self.image_size, augment=self.augment, generators=generators
         )
         outcomes.update(zip(readable, made, strict=True))
-        samples, bad = [], 0
+        samples, used, bad = [], [], 0
         for position, index in positions:
             if isinstance(outcomes[position], CorruptSample):
                 bad += 1
                 logger.warning("skipped corrupt sample %s: %s", self.reader.describe(index), outcomes[position])
             else:
                 samples.append(outcomes[position])
-        return collate_train(samples, self.image_size, bad)
+                used.append(index)
+        return collate_train(samples, self.image_size, bad)._replace(sample_ids=torch.tensor(used, dtype=torch.int64))
 
 
 def collate_train(samples: list[Any], image_size: int, num_bad: int = 0) -> TrainBatch:
@@ -181,9 +174,9 @@ def collate_train(samples: list[Any], image_size: int, num_bad: int = 0) -> Trai
 
 
 class TrainLoader:
-    """Training batches of one rank: ``epochs`` epochs from ``epoch``, starting at batch ``skip_batches`` of
-    the first, at most ``max_batches`` in all. ``len()`` is one epoch's batch count, the same on every rank
-    whatever the other arguments; ``remaining`` is how many batches iteration yields."""
+    """This rank's training batches of ``num_steps`` global steps from ``start_step`` (see the module docstring).
+    ``len()`` is the steps of one epoch, whatever the rank, world size or start; ``remaining`` is how many
+    batches iteration yields."""
 
     def __init__(
         self,
@@ -192,15 +185,13 @@ class TrainLoader:
         split: str,
         rank: int,
         world_size: int,
-        batch_size: int,
+        global_batch: int,
         image_size: int,
         augment: AugmentOptions,
         seed: int,
-        epoch: int,
         num_workers: int,
-        skip_batches: int = 0,
-        epochs: int = 1,
-        max_batches: int | None = None,
+        start_step: int = 0,
+        num_steps: int | None = None,
         multiprocessing_context: str | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -208,32 +199,25 @@ class TrainLoader:
             raise TypeError(f"train_loader: expected augment as an AugmentOptions, got {type(augment).__name__}")
         if num_workers < 0:
             raise ValueError(f"train_loader: expected num_workers >= 0, got {num_workers}")
-        if epoch < 0 or epochs < 1 or (max_batches is not None and max_batches < 0):
+        if start_step < 0 or (num_steps is not None and num_steps < 0):
             raise ValueError(
-                f"train_loader: expected epoch >= 0, epochs >= 1 and max_batches >= 0, got epoch {epoch}, "
-                f"epochs {epochs}, max_batches {max_batches}"
+                f"train_loader: expected start_step >= 0 and num_steps >= 0, got {start_step}, {num_steps}"
             )
-        self.manifest, self.epoch, self.num_workers = manifest, epoch, num_workers
+        self.manifest, self.num_workers = manifest, num_workers
         self.loader_options = {"multiprocessing_context": multiprocessing_context, "pin_memory": pin_memory}
         self.reader = ShardReader(manifest.root, manifest.split_shards(split))
-        self.batches = rank_batches(
-            len(self.reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size, batch_size=batch_size
-        )
-        if not 0 <= skip_batches <= len(self.batches):
-            raise ValueError(
-                f"train_loader: expected 0 <= skip_batches <= {len(self.batches)} (batches per "
-                f"epoch), got {skip_batches}"
-            )
-        self.skip_batches = skip_batches
-        count = epochs * len(self.batches) - skip_batches
-        self.remaining = count if max_batches is None else min(count, max_batches)
+        self.steps_per_epoch = steps_per_epoch(len(self.reader), global_batch=global_batch)
+        rank_share(global_batch, rank=rank, world_size=world_size)  # ValueError for a bad rank or world size
+        if num_steps is None:  # to the end of start_step's epoch
+            num_steps = self.steps_per_epoch - start_step % self.steps_per_epoch
+        self.remaining = num_steps
         self.dataset = _TrainBatches(
             self.reader,
-            start=epoch * len(self.batches) + skip_batches,
-            count=self.remaining,
+            start=start_step,
+            count=num_steps,
             rank=rank,
             world_size=world_size,
-            batch_size=batch_size,
+            global_batch=global_batch,
             image_size=image_size,
             augment=augment,
             seed=seed,
@@ -241,7 +225,7 @@ class TrainLoader:
         )
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[TrainBatch]:
         return _iterate(self.dataset, self.num_workers, **self.loader_options)
@@ -252,22 +236,20 @@ def train_loader(
     *,
     rank: int,
     world_size: int,
-    batch_size: int,
+    global_batch: int,
     image_size: int,
     augment: AugmentOptions,
     seed: int,
-    epoch: int,
     num_workers: int,
-    skip_batches: int = 0,
-    epochs: int = 1,
-    max_batches: int | None = None,
+    start_step: int = 0,
+    num_steps: int | None = None,
     split: str = "train",
     verify: bool = False,
     multiprocessing_context: str | None = None,
     pin_memory: bool = False,
 ) -> TrainLoader:
-    """Training batches of one rank: one epoch, or ``epochs`` in one stream (see the module docstring and
-    ``TrainLoader``).
+    """Rank ``rank``'s share of the global batches of steps ``start_step .. start_step + num_steps - 1``
+    (default: to the end of ``start_step``'s epoch), in one stream across epochs (see ``TrainLoader``).
 
     ``verify=True`` recomputes every shard's sha256 first (``load_manifest``); by default only the shard
     sizes are checked, as the driver is expected to have verified once before training.
@@ -279,15 +261,13 @@ def train_loader(
         split=split,
         rank=rank,
         world_size=world_size,
-        batch_size=batch_size,
+        global_batch=global_batch,
         image_size=image_size,
         augment=augment,
         seed=seed,
-        epoch=epoch,
         num_workers=num_workers,
-        skip_batches=skip_batches,
-        epochs=epochs,
-        max_batches=max_batches,
+        start_step=start_step,
+        num_steps=num_steps,
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
     )

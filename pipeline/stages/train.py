@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
 
+FINISH_WAIT_S = 120.0  # how long the end of a finished run waits for an MLflow server that is down
+
 
 def main(args: argparse.Namespace, params: Params) -> int:
     repo_root = Path.cwd().resolve()
@@ -59,11 +62,14 @@ def main(args: argparse.Namespace, params: Params) -> int:
     except (ShardError, ValueError) as error:  # StorageError is a ValueError
         logger.error("train: %s", redact_uri(str(error)))
         return 2
-    from pipeline.training.launcher import TrainingError, connect_ray  # imports Ray: only when training
+    from pipeline.training.launcher import TrainingError, TrainingStopped, connect_ray  # imports Ray: only here
 
     connected = connect_ray(job.params.train)
     try:
         train(job, params, model_out)
+    except TrainingStopped as error:
+        logger.warning("train: %s", redact_uri(str(error)))
+        return 128 + error.signum  # the shell's convention for a process ended by that signal
     except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
         logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
         return 1
@@ -92,7 +98,7 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     manifest.split_shards("train")  # ShardError when the split is empty
     if params.train.val_every_steps:
         manifest.split_shards("val")  # validation during training needs validation images
-    _check_last_batch(manifest.splits["train"].samples, params)
+    _check_rank_share(params)
     data_digest = hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()
     check_schedule(params.train)
     if params.train.precision == "fp16" and not params.train.use_gpu:
@@ -122,21 +128,20 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     )
 
 
-def _check_last_batch(samples: int, params: Params) -> None:
-    """Refuse a batch size that leaves each rank a last batch of one image when the model has batch norm
-    (``ssd_tiny``): training-mode batch norm cannot normalise a 1x1 map over a single image."""
+def _check_rank_share(params: Params) -> None:
+    """Refuse a global batch that leaves a rank one image per step when the model has batch norm (``ssd_tiny``):
+    training-mode batch norm cannot normalise a 1x1 map over a single image. A rank's share is at least
+    ``floor(batch_size / W)`` (``pipeline.shards.order``), smallest at the most workers."""
     cfg = params.train
-    per_rank = -(-samples // cfg.num_workers)  # the data loader pads every rank to ceil(N / W) samples
-    if per_rank % cfg.batch_size != 1 or per_rank == 1:
+    most = cfg.worker_range[1]
+    if cfg.batch_size >= 2 * most:
         return
     model = build_ssd(params.model.preset, 2)
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return
-    better = next(b for b in range(cfg.batch_size + 1, per_rank + 2) if per_rank % b != 1)
     raise ValueError(
-        f"train.batch_size: {samples} training images on {cfg.num_workers} workers leave every rank a last "
-        f"batch of 1 image per epoch, which {params.model.preset}'s batch norm cannot train on; use another "
-        f"batch size, e.g. {better}"
+        f"train.batch_size: a global batch of {cfg.batch_size} images on up to {most} workers leaves a worker 1 "
+        f"image per step, which {params.model.preset}'s batch norm cannot train on; use at least {2 * most}"
     )
 
 
@@ -151,6 +156,7 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
     from pipeline.training.launcher import (
         DEFAULT_PROCESS_GROUP_TIMEOUT_S,
         TrainingError,
+        TrainingStopped,
         prepare_run_folder,
         run_training,
     )
@@ -162,7 +168,7 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
     if found:
         logger.info("resuming run %s from step %d of %d", run_folder, found[0].step, cfg.max_steps)
     else:
-        logger.info("starting run %s (%d steps, %d workers)", run_folder, cfg.max_steps, cfg.num_workers)
+        logger.info("starting run %s (%d steps, %s workers)", run_folder, cfg.max_steps, _workers(cfg.worker_range))
     tracker = create_tracker(
         job.params.tracking,
         enabled_here=True,
@@ -172,7 +178,7 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         credentials=job.tracking_credentials,
     )
     tracker.log_run_metadata(
-        recorded, world_size=cfg.num_workers, device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
+        recorded, world_size=_workers(cfg.worker_range), device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
     )
     tracker.set_tags({"run_folder": run_folder})
     tracker.close(status=None)  # rank 0 continues this run during training
@@ -184,6 +190,9 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         weights, weights_step = final_weights(final.state, cfg.final_weights)
         model.load_state_dict(weights)
         selection = _selection_record(final.state, cfg.final_weights, weights_step, outcome.metrics["status"])
+    except TrainingStopped:
+        _finish_run(job, None, "KILLED")  # the same command resumes the run, and this MLflow run with it
+        raise
     except (TrainingError, checkpoint.CheckpointError, ValueError):
         _finish_run(job, None, "FAILED")
         raise
@@ -213,17 +222,35 @@ def _selection_record(state: dict, choice: str, weights_step: int, status: str) 
     return {"final_weights": choice, "weights_step": weights_step, "status": status, **summary}
 
 
+def _workers(worker_range: tuple[int, int]) -> int | str:
+    """The worker count as a tag: ``4``, or ``"2-4"`` for an elastic run (``train/world_size`` has it by step)."""
+    low, high = worker_range
+    return low if low == high else f"{low}-{high}"
+
+
 def _finish_run(job: TrainJob, model_out: Path | None, status: str, selection: dict | None = None) -> None:
+    """Log the model file and which weights it holds (``selection``), and end the MLflow run. The run exists and
+    training is done: a server that is down for a while (a restart) is waited for, up to ``FINISH_WAIT_S``,
+    rather than failing the finished job."""
     if job.tracking_run_id is None:
         return
-    tracker = create_tracker(
-        job.params.tracking,
-        enabled_here=True,
-        run_id=job.tracking_run_id,
-        run_name=job.params.train.run_name,
-        repo_root=job.repo_root,
-        credentials=job.tracking_credentials,
-    )
+    deadline = time.monotonic() + FINISH_WAIT_S
+    while True:
+        try:
+            tracker = create_tracker(
+                job.params.tracking,
+                enabled_here=True,
+                run_id=job.tracking_run_id,
+                run_name=job.params.train.run_name,
+                repo_root=job.repo_root,
+                credentials=job.tracking_credentials,
+            )
+            break
+        except TrackingError as error:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("%s; retrying, to log the model of the finished run", error)
+            time.sleep(2.0)
     if selection is not None:
         tracker.set_tags({"final_weights": selection["final_weights"], "weights_step": selection["weights_step"]})
         if selection.get("best_step") is not None:

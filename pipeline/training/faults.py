@@ -9,7 +9,8 @@ holds JSON; every entry is optional::
      "kill_in_checkpoint": {"step": 8, "marker": "/tmp/x/kill-ckpt"},  # rank 0 writing the step-8 checkpoint:
                                                                        # state.pt complete, not yet renamed
      "nan": [{"rank": 1, "steps": [3, 4]}],                          # the 4th and 5th updates' loss is NaN there
-     "digest_dir": "/tmp/x/digests"}                                 # per-rank records after every step
+     "digest_dir": "/tmp/x/digests",                                 # per-rank records after every step
+     "samples_dir": "/tmp/x/samples"}                                # the sample ids each rank trained on
 
 ``step`` counts completed optimiser steps: ``kill`` and ``nan`` act on the update that follows ``step``
 updates; the records in ``digest_dir`` carry the count after the update. A NaN is injected into the
@@ -45,6 +46,9 @@ class TrainHooks:
     def before_step(self, rank: int, step: int, model: nn.Module) -> None:
         """Before the update that follows ``step`` updates, ahead of its forward pass through ``model``."""
 
+    def on_batch(self, rank: int, world: int, step: int, batch: Any) -> None:
+        """The ``TrainBatch`` this rank (of ``world``) trains on in the update that follows ``step`` updates."""
+
     def after_step(self, rank: int, step: int, model: nn.Module, stats: StepStats) -> None:
         """After the update that made it ``step`` updates (``stats``: that step's values over all ranks)."""
 
@@ -66,6 +70,7 @@ class Faults(TrainHooks):
     kill_in_checkpoint: dict | None = None
     nan: tuple[dict, ...] = ()
     digest_dir: str | None = None
+    samples_dir: str | None = None
 
     @classmethod
     def from_env(cls) -> Faults | None:
@@ -73,7 +78,7 @@ class Faults(TrainHooks):
         if not raw:
             return None
         spec = json.loads(raw)
-        unknown = set(spec) - {"kill", "kill_in_checkpoint", "nan", "digest_dir"}
+        unknown = set(spec) - {"kill", "kill_in_checkpoint", "nan", "digest_dir", "samples_dir"}
         if unknown:
             raise ValueError(f"{ENV_VAR}: unknown keys {sorted(unknown)}")
         return cls(
@@ -81,6 +86,7 @@ class Faults(TrainHooks):
             spec.get("kill_in_checkpoint"),
             tuple(spec.get("nan", ())),
             spec.get("digest_dir"),
+            spec.get("samples_dir"),
         )
 
     def before_step(self, rank: int, step: int, model: nn.Module) -> None:
@@ -104,6 +110,15 @@ class Faults(TrainHooks):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return kill
+
+    def on_batch(self, rank: int, world: int, step: int, batch: Any) -> None:
+        """Append ``{"step", "world", "rank", "ids"}`` to ``<samples_dir>/<pid>.jsonl``: one file per worker
+        process, so the records of each worker-group start stay apart."""
+        if not self.samples_dir:
+            return
+        line = json.dumps({"step": step, "world": world, "rank": rank, "ids": batch.sample_ids.tolist()})
+        with open(Path(self.samples_dir) / f"{os.getpid()}.jsonl", "a") as handle:
+            handle.write(line + "\n")
 
     def after_step(self, rank: int, step: int, model: nn.Module, stats: StepStats) -> None:
         """Append ``{"step", "digest", "params_digest", "loss", "finite"}`` to ``<digest_dir>/rank<r>.jsonl``:

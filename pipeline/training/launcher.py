@@ -4,7 +4,7 @@ Resuming. The run folder is ``<train.storage_path>/<train.run_name>-<identity di
 the same command with the same training params, data and code always lands in the same folder, and a
 change to any of them in a new one, so a changed learning rate never continues an old run by accident
 (``train.num_workers`` and the other keys of ``job.OPERATIONAL_TRAIN_KEYS`` are not part of the identity:
-a run may resume on more or fewer workers, with a warning, as the data is then split differently). In that
+a run may resume on more or fewer workers and continues the same global batches). In that
 folder Ray Train V2 keeps ``checkpoint_manager_snapshot.json`` and restores its newest checkpoint into
 ``ray.train.get_checkpoint()`` on its own, both after a worker failure inside one ``fit()`` and when the
 whole command is run again. On top of that the driver
@@ -17,6 +17,12 @@ whole command is run again. On top of that the driver
   die after its checkpoint reached storage but before the controller took the report);
 - with ``train.resume=false`` moves an existing run folder aside (``<folder>.replaced-<UTC time>``) so the
   run starts from scratch and nothing is deleted.
+
+Elastic runs: ``train.num_workers: [min, max]`` becomes ``ScalingConfig(num_workers=(min, max))``; Ray Train
+then starts as many workers as the cluster can place, restarts the group from the newest checkpoint when a
+node is lost (on fewer workers, down to ``min``) or when more resources appear, and the workers read the
+world size from their context. Stopping: ``fit()`` runs under ``preemption.fit_until_signalled``, so a
+SIGTERM / SIGINT ends the run after the current step with a checkpoint (``TrainingStopped``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any, NamedTuple
 
@@ -38,7 +45,14 @@ from pipeline.tracking import redact_uri
 from pipeline.training import checkpoint, faults
 from pipeline.training.checkpoint import SNAPSHOT_FILE
 from pipeline.training.job import TrainJob
-from pipeline.training.loop import STATUS_COMPLETED, STATUS_NONFINITE, STATUS_STOPPED_EARLY, train_loop_per_worker
+from pipeline.training.loop import (
+    STATUS_COMPLETED,
+    STATUS_NONFINITE,
+    STATUS_STOPPED,
+    STATUS_STOPPED_EARLY,
+    train_loop_per_worker,
+)
+from pipeline.training.preemption import fit_until_signalled, start_stop_requests
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +61,14 @@ DEFAULT_PROCESS_GROUP_TIMEOUT_S = 1800  # torch.distributed collective timeout (
 
 class TrainingError(RuntimeError):
     """The run stopped without finishing (too many non-finite steps, or failures beyond max_failures)."""
+
+
+class TrainingStopped(TrainingError):
+    """A signal stopped the run after a step, which was checkpointed; the same command resumes there."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class TrainOutcome(NamedTuple):
@@ -59,7 +81,7 @@ def connect_ray(cfg: TrainConfig) -> bool:
     """Attach to Ray: an initialised one, ``RAY_ADDRESS``'s cluster, or a new local one on 127.0.0.1.
 
     Returns True when this call connected (the caller then calls ``ray.shutdown()`` at the end).
-    A local instance gets at least the CPUs the workers ask for (``num_workers * threads_per_worker``) so
+    A local instance gets at least the CPUs the workers ask for (most workers x ``threads_per_worker``) so
     that the trainer can always be scheduled; more than the machine has only oversubscribes it.
     """
     if ray.is_initialized():
@@ -69,12 +91,12 @@ def connect_ray(cfg: TrainConfig) -> bool:
         logger.info("joining the Ray cluster at %s", redact_uri(address))
         ray.init(address=address, logging_level=logging.WARNING)
         return True
-    needed = cfg.num_workers * cfg.threads_per_worker
+    needed = cfg.worker_range[1] * cfg.threads_per_worker
     cores = os.cpu_count() or 1
     if needed > cores:
         logger.warning(
             "train: %d workers x %d threads = %d CPUs requested on a %d-core machine (oversubscribed)",
-            cfg.num_workers,
+            cfg.worker_range[1],
             cfg.threads_per_worker,
             needed,
             cores,
@@ -83,6 +105,7 @@ def connect_ray(cfg: TrainConfig) -> bool:
     # The dashboard serves the State API that Ray Train V2's placement-group cleaner polls; without it
     # the cleaner logs a warning every second and cannot clean up after a crashed controller.
     ray.init(
+        address="local",  # a new instance: never join a `ray start` cluster that happens to run on this machine
         num_cpus=max(cores, needed),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -146,21 +169,29 @@ def _check_snapshot(run_uri: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def build_trainer(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCESS_GROUP_TIMEOUT_S) -> TorchTrainer:
+def build_trainer(
+    job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCESS_GROUP_TIMEOUT_S, stop_requests: Any = None
+) -> TorchTrainer:
     """The ``TorchTrainer`` of ``job``. Ray gets the storage as a filesystem and a path, never as a URL
     (``storage.arrow_filesystem``: the pipeline's own fsspec filesystem, wrapped for pyarrow). The workers'
     environment carries no credentials either (Ray logs runtime environments): the MLflow ones travel
-    inside ``job``, the object store's come from each node's environment or AWS files."""
+    inside ``job``, the object store's come from each node's environment or AWS files.
+    ``stop_requests``: the ``preemption.StopRequests`` actor the workers watch, or None."""
     cfg = job.params.train
     storage_root, name = job.run_uri.rstrip("/").rsplit("/", 1)
     filesystem, storage_path = storage.arrow_filesystem(storage_root)
     resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     env = {faults.ENV_VAR: os.environ[faults.ENV_VAR]} if os.environ.get(faults.ENV_VAR) else {}
+    low, high = cfg.worker_range
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "stop_requests": stop_requests},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=process_group_timeout_s),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=low if low == high else (low, high),  # a pair: Ray Train's elastic mode
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -176,14 +207,18 @@ def run_training(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCES
     """Run ``fit()`` and return the final checkpoint; Ray must be connected (``connect_ray``).
 
     Raises:
+        TrainingStopped: a SIGTERM / SIGINT stopped the run after a step, checkpointed.
         TrainingError: non-finite steps beyond ``train.max_consecutive_skips`` (the last good checkpoint
             is kept), or worker failures beyond ``train.max_failures``.
     """
-    trainer = build_trainer(job, process_group_timeout_s=process_group_timeout_s)
+    requests = start_stop_requests()
+    trainer = build_trainer(job, process_group_timeout_s=process_group_timeout_s, stop_requests=requests)
     try:
-        trainer.fit()
+        signalled = fit_until_signalled(trainer.fit, requests)
     except ray.train.TrainingFailedError as error:
         raise TrainingError(redact_uri(f"training run {job.run_uri} failed: {error}")) from error
+    finally:
+        ray.kill(requests)
     outcome = checkpoint.read_outcome(job.run_uri)
     run_folder = redact_uri(job.run_uri)
     if outcome is None or outcome.get("invocation") != job.invocation:
@@ -194,6 +229,12 @@ def run_training(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCES
             f"training stopped at step {outcome['step']}: {outcome['consecutive_skips']} non-finite steps in a "
             f"row (train.max_consecutive_skips={cfg.max_consecutive_skips}); the last good checkpoint (step "
             f"{outcome['last_checkpoint_step']}) is kept in {run_folder}. Lower train.lr or check the data."
+        )
+    if outcome["status"] == STATUS_STOPPED and signalled.signum is not None:
+        raise TrainingStopped(
+            f"stopped by {signal.Signals(signalled.signum).name} after step {outcome['step']} of {cfg.max_steps}; "
+            f"its checkpoint is in {run_folder}: run the same command again to resume from it",
+            signalled.signum,
         )
     early = outcome["status"] == STATUS_STOPPED_EARLY and outcome["last_checkpoint_step"] == outcome["step"]
     if not early and (outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps):

@@ -3,21 +3,26 @@
 Step accounting: ``step`` counts optimiser steps *attempted*. A step that the joint guard skips (a
 non-finite loss or gradient on any rank) still counts, and the learning-rate schedule still advances, so
 a run always ends after exactly ``train.max_steps`` steps, whatever was skipped and however often it was
-restarted. A checkpoint taken after ``step`` steps resumes at batch ``step`` of the data order, which is
-a function of (seed, epoch, rank, world size, batch index) only; with the per-step seeds of
-``determinism`` and deterministic CPU kernels a resumed run ends with bit-identical weights.
+restarted. A checkpoint taken after ``step`` steps resumes at global batch ``step`` of the data order,
+which is a function of (seed, step) only (``pipeline.shards.order``); each rank trains on its share of it.
+With the per-step seeds of ``determinism`` and deterministic CPU kernels a run resumed on the same number
+of workers ends with bit-identical weights; on another number it continues the same sample sequence with
+the same learning rate and loss normaliser (``train.num_workers: [min, max]`` lets Ray Train change it).
 
-The Ray calls, all in ``train_loop_per_worker``: ``ray.train.get_context``, ``ray.train.get_checkpoint``,
-``ray.train.torch.get_device``, ``ray.train.torch.prepare_model`` (DDP) and ``ray.train.report``, which
-every rank calls at the same steps, rank 0 alone attaching the checkpoint it has just written
-(``_Checkpoints.staged``).
+Stopping: after every step the ranks agree (``preemption.StopWatch``) whether a signal asked the driver to
+stop, and rank 0 then writes the checkpoint of that step before the run ends; a preemption notice from Ray
+gets a checkpoint without the stop.
+
+The Ray calls, all in ``train_loop_per_worker`` (and ``preemption``): ``ray.train.get_context``,
+``ray.train.get_checkpoint``, ``ray.train.torch.get_device``, ``ray.train.torch.prepare_model`` (DDP) and
+``ray.train.report``, which every rank calls at the same steps, rank 0 alone attaching the checkpoint it has
+just written (``_Checkpoints.staged``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -35,6 +40,7 @@ from pipeline.training import checkpoint
 from pipeline.training.determinism import configure_determinism, seed_step
 from pipeline.training.faults import TrainHooks, hooks_from_env
 from pipeline.training.job import TrainJob
+from pipeline.training.preemption import StopWatch
 from pipeline.training.state import TrainState, build_model, build_state, find_resume_checkpoint
 from pipeline.training.step import train_step
 from pipeline.training.step_log import StepLog
@@ -45,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_COMPLETED = "completed"
 STATUS_NONFINITE = "nonfinite"
+STATUS_STOPPED = "stopped"  # a stop was requested (SIGTERM / SIGINT); checkpointed at the step it stopped
 STATUS_STOPPED_EARLY = "stopped_early"  # train.patience validations without improvement
 
 
@@ -53,7 +60,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job: TrainJob = config["job"]
     cfg = job.params.train
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = context.get_world_rank(), context.get_world_size()  # may differ between restarts (elastic)
     _setup_worker(rank, cfg.threads_per_worker)
     device = ray.train.torch.get_device()
     configure_determinism(device)
@@ -61,22 +68,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(job, resumed)  # the plain SSD, identical on every rank
     ddp = ray.train.torch.prepare_model(model)  # moved to the device, wrapped in DDP when world > 1
     state = build_state(job, model, world, resumed)  # optimiser, schedule, scaler, guard, step; RNG restored
-    log = StepLog.start(job, rank, model, state.step, resumed)  # tracker, progress, gradient statistics
+    log = StepLog.start(job, rank, world, model, state.step, resumed)  # tracker, progress, gradient statistics
     priors = model.priors().to(device)  # [P, 4] cxcywh
     data = _RankData.create(job, rank, world, model.image_size)
     hooks = hooks_from_env()  # test-only faults; does nothing in production
+    watch = StopWatch(config.get("stop_requests"))  # the driver's stop request, Ray's preemption notice
     saver, status = _Checkpoints(job, rank, world, data.steps_per_epoch, hooks, state.step), STATUS_COMPLETED
-    watch = Watch.create(job, rank, world, model, device, resumed)  # EMA, validation, best step: when switched on
-    status = STATUS_STOPPED_EARLY if watch.stopped else status  # a run that stopped early, started again
+    selector = Watch.create(job, rank, world, model, device, resumed)  # EMA, validation, best step: when on
+    status = STATUS_STOPPED_EARLY if selector.stopped else status  # a run that stopped early, started again
     logger.info("rank %d/%d on %s: starting at step %d of %d", rank, world, device, state.step, cfg.max_steps)
-    for batch in data.batches(first_step=state.step) if not watch.stopped else ():
+    for batch in data.batches(first_step=state.step) if not selector.stopped else ():
         epoch = state.step // data.steps_per_epoch
         seed_step(job.params.seed, epoch, state.step)
         hooks.before_step(rank, state.step, model)
+        hooks.on_batch(rank, world, state.step, batch)
         observer = log.update_observer(state.step + 1)  # gradient statistics, when due
         stats = train_step(ddp, batch, priors, state.optimizer, cfg=cfg, scaler=state.scaler, observer=observer)
         lr, stop = state.end_step(stats.finite)  # the guard counts, the schedule advances, step += 1
-        watch.after_update(model, stats.finite)  # the EMA, when on
+        selector.after_update(model, stats.finite)  # the EMA, when on
         hooks.after_step(rank, state.step, model, stats)
         log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop)
         if stop:
@@ -84,13 +93,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         if state.step % data.steps_per_epoch == 0:
             log.end_epoch(epoch)
-        if watch.validate_if_due(state.step, model, log.tracker):  # every rank; True: patience ran out
+        if selector.validate_if_due(state.step, model, log.tracker):  # every rank; True: patience ran out
             status = STATUS_STOPPED_EARLY
             break
-        if state.step % cfg.checkpoint_every_steps == 0 and state.step < cfg.max_steps:
-            with saver.staged(state, log, status, watch) as staged:
+        decision = watch.decide(state.step)  # the same on every rank
+        if decision.stop and state.step < cfg.max_steps:
+            status = STATUS_STOPPED  # the final report below writes this step's checkpoint
+            break
+        due = state.step % cfg.checkpoint_every_steps == 0 or decision.checkpoint
+        if due and state.step < cfg.max_steps:
+            with saver.staged(state, log, status, selector) as staged:
                 ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
-    with saver.staged(state, log, status, watch, final=True) as staged:  # a checkpoint if completed and not yet saved
+    with saver.staged(
+        state, log, status, selector, final=True
+    ) as staged:  # a checkpoint if completed and not yet saved
         ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
     saver.write_outcome(state, log, status)  # rank 0
     log.close()
@@ -98,8 +114,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class _RankData:
-    """This rank's batches for the whole run (``pipeline.shards.loader``): the order is a function of (seed, epoch,
-    rank, world size, batch index) only, so a run resumed at step k reads exactly the batches it would have."""
+    """This rank's share of the global batches of the whole run (``pipeline.shards.loader``): the global batch of
+    a step is a function of (seed, step) only, so a run resumed at step k, on any number of workers, reads
+    exactly the samples an uninterrupted run would have."""
 
     loader_args: dict[str, Any]  # train_loader's arguments that no step changes
     steps_per_epoch: int
@@ -112,25 +129,17 @@ class _RankData:
             shards=job.shards,
             rank=rank,
             world_size=world,
-            batch_size=cfg.batch_size,
+            global_batch=cfg.batch_size,
             image_size=image_size,
             augment=AugmentOptions(**dataclasses.asdict(params.augment)),
             seed=params.seed,
             num_workers=cfg.loader_workers,
         )
-        return cls(args, len(train_loader(**args, epoch=0)), cfg.max_steps)
+        return cls(args, len(train_loader(**args, num_steps=0)), cfg.max_steps)
 
     def batches(self, first_step: int) -> Iterable[TrainBatch]:
-        """Batches ``first_step`` .. ``max_steps - 1`` from one loader, whose workers run on across epochs."""
-        first_epoch, first_batch = divmod(first_step, self.steps_per_epoch)
-        epochs = math.ceil(self.max_steps / self.steps_per_epoch) - first_epoch
-        return train_loader(
-            **self.loader_args,
-            epoch=first_epoch,
-            skip_batches=first_batch,
-            epochs=max(epochs, 1),
-            max_batches=self.max_steps - first_step,
-        )
+        """Steps ``first_step`` .. ``max_steps - 1`` from one loader, whose workers run on across epochs."""
+        return train_loader(**self.loader_args, start_step=first_step, num_steps=self.max_steps - first_step)
 
 
 class _Staged(NamedTuple):
@@ -152,15 +161,16 @@ class _Checkpoints:
 
     @contextmanager
     def staged(
-        self, state: TrainState, log: StepLog, status: str, watch: Watch, *, final: bool = False
+        self, state: TrainState, log: StepLog, status: str, selector: Watch, *, final: bool = False
     ) -> Iterator[_Staged]:
         """The arguments of the report after ``state.step`` steps, with rank 0's checkpoint of ``state`` in a
         local folder that lives until the report (which uploads it) returns.
 
-        ``final``: the report at the end of the run, with a checkpoint only if the run completed (or stopped
-        early) and its last step is not saved yet (a run stopped by the guard keeps its last good checkpoint).
+        ``final``: the report at the end of the run, with a checkpoint only if the run completed, was asked
+        to stop or stopped early, and its last step is not saved yet (a run stopped by the guard keeps its last
+        good checkpoint).
         """
-        ended = status in (STATUS_COMPLETED, STATUS_STOPPED_EARLY)
+        ended = status in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_STOPPED_EARLY)
         write = not final or (ended and self.last_step != state.step)
         metrics = {
             "step": state.step,
@@ -180,7 +190,7 @@ class _Checkpoints:
                 bad_samples=log.bad_samples,
                 tracking_run_id=log.tracker.run_id,
             )
-            contents.update(watch.checkpoint_state())  # EMA and best step (None when off)
+            contents.update(selector.checkpoint_state())  # EMA and best step (None when off)
             local = Path(tempfile.mkdtemp(prefix="ssd-checkpoint-"))
             try:
                 hook = self.hooks.before_checkpoint_rename(self.rank, state.step)

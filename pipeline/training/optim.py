@@ -43,8 +43,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over two groups: weights are decayed, biases and norm scales are not.
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over two groups: weights are decayed, biases and norm scales are not. The rate is
+    ``cfg.lr`` scaled from ``cfg.lr_reference_batch`` to the global batch ``cfg.batch_size``, whatever the
+    number of workers (which may change during an elastic run).
 
     - ``sgd``: momentum ``cfg.momentum`` and L2 decay ``cfg.weight_decay`` (the paper).
     - ``adamw``: betas ``(cfg.momentum, 0.999)`` and decoupled decay ``cfg.weight_decay`` (Loshchilov &
@@ -58,7 +60,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int) -> torc
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    lr = scaled_lr(cfg.lr, cfg.batch_size * world_size, cfg.lr_reference_batch)
+    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)  # batch_size is the global batch
     # One fused kernel per step instead of several passes over every tensor (benchmarks/README.md).
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999), fused=True)

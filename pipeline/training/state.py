@@ -100,11 +100,11 @@ def build_model(job: TrainJob, resumed: checkpoint.LoadedCheckpoint | None) -> S
 
 
 def build_state(job: TrainJob, model: SSD, world: int, resumed: checkpoint.LoadedCheckpoint | None) -> TrainState:
-    """Optimiser (learning rate scaled to ``world`` ranks), schedule, loss scaler and guard for ``model``,
+    """Optimiser (learning rate scaled to the global batch), schedule, loss scaler and guard for ``model``,
     whose parameters must already be on the training device; restored from ``resumed`` if given, the
     global RNG states included."""
     cfg = job.params.train
-    optimizer = build_optimizer(model, cfg, world)
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=cfg.precision == "fp16")
     guard = SkipGuard(cfg.max_consecutive_skips)
@@ -149,10 +149,11 @@ def find_resume_checkpoint(
             )
         logger.info("resuming from %s (step %d)", redact_uri(uri), loaded.meta.step)
         if loaded.meta.world_size != world:
-            logger.warning(
-                "resuming a run of %d workers on %d: the data split and gradient averages change, so "
-                "the result differs from an uninterrupted run",
+            logger.info(
+                "resuming a run of %d workers on %d: the same global batches follow, split %d ways (float sums "
+                "and per-rank batch norm make the weights differ from a fixed-size run by rounding and noise)",
                 loaded.meta.world_size,
+                world,
                 world,
             )
         return loaded

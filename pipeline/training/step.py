@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from pipeline.config import TrainConfig
 from pipeline.shards.loader import TrainBatch
 from pipeline.training.guard import StepStats, SumOverRanks, reduce_step, sum_over_ranks
+from pipeline.training.normalizer import global_denominator
 from ssd_core.augment import normalize_images
 from ssd_core.loss import multibox_loss
 from ssd_core.matching import assign_targets
@@ -47,6 +48,7 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     sum_ranks: SumOverRanks = sum_over_ranks,
     observer: UpdateObserver | None = None,
+    sum_counts: SumOverRanks = sum_over_ranks,
 ) -> StepStats:
     """Train ``model`` on one batch; returns the step's values over all ranks.
 
@@ -61,6 +63,8 @@ def train_step(
         scaler: the fp16 loss scaler; None or disabled for fp32/bf16.
         sum_ranks: the step's collective (see ``guard.reduce_step``); every rank calls it exactly once.
         observer: called around the update, only when the step is not skipped.
+        sum_counts: the collective that adds up the loss normaliser over the ranks before the backward pass
+            (``normalizer.global_denominator``); every rank calls it exactly once.
 
     Returns:
         ``StepStats``: ``finite`` is False when the step was skipped on every rank.
@@ -79,6 +83,7 @@ def train_step(
             iou_threshold=cfg.iou_threshold,
             gt_difficult=batch.difficult.to(device),
         )
+        denominator = global_denominator(targets.cls_targets, normalize=cfg.loss_normalize, sum_counts=sum_counts)
     amp_dtype = AMP_DTYPES[cfg.precision]
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(images)  # loc [B, P, 4], cls_logits [B, P, C], float32
@@ -89,6 +94,7 @@ def train_step(
         targets.cls_targets,
         neg_pos_ratio=cfg.neg_pos_ratio,
         normalize=cfg.loss_normalize,
+        denominator=denominator,  # the global batch's N over W: every world size trains on the same gradient
     )
     scaler.scale(terms.total).backward()  # DDP all-reduces the gradients here
     scaler.unscale_(optimizer)  # no-op unless fp16

@@ -30,17 +30,32 @@ class StepLog:
         progress: interval averages and run totals (``bad_samples`` is carried by checkpoints).
         grad_stats: per-layer gradient statistics (rank 0 only), or None.
         log_every: step-metrics interval (``train.log_every_steps``).
+        world: the number of ranks, logged with the step metrics as ``train/world_size`` (an elastic run's
+            changes with its restarts).
     """
 
     def __init__(
-        self, *, rank: int, tracker: Any, progress: Progress, grad_stats: GradStats | None, log_every: int
+        self,
+        *,
+        rank: int,
+        tracker: Any,
+        progress: Progress,
+        grad_stats: GradStats | None,
+        log_every: int,
+        world: int = 1,
     ) -> None:
         self.rank, self.tracker, self.progress, self.grad_stats = rank, tracker, progress, grad_stats
-        self.log_every = log_every
+        self.log_every, self.world = log_every, world
 
     @classmethod
     def start(
-        cls, job: TrainJob, rank: int, model: SSD, start_step: int, resumed: checkpoint.LoadedCheckpoint | None
+        cls,
+        job: TrainJob,
+        rank: int,
+        world: int,
+        model: SSD,
+        start_step: int,
+        resumed: checkpoint.LoadedCheckpoint | None,
     ) -> StepLog:
         """Continue the checkpoint's MLflow run (or the driver's) and its bad-sample count."""
         cfg = job.params.train
@@ -58,7 +73,14 @@ class StepLog:
         )
         every = job.params.tracking.grad_stats_every
         grad_stats = GradStats(model, every=every) if rank == 0 else None
-        return cls(rank=rank, tracker=tracker, progress=progress, grad_stats=grad_stats, log_every=cfg.log_every_steps)
+        return cls(
+            rank=rank,
+            tracker=tracker,
+            progress=progress,
+            grad_stats=grad_stats,
+            log_every=cfg.log_every_steps,
+            world=world,
+        )
 
     @property
     def bad_samples(self) -> int:
@@ -78,7 +100,8 @@ class StepLog:
             return
         self.progress.update(stats)
         if step % self.log_every == 0 or step == self.progress.max_steps or force:
-            self.tracker.log_metrics(self.progress.report(step, lr, skipped_total, epoch), step)
+            metrics = self.progress.report(step, lr, skipped_total, epoch)
+            self.tracker.log_metrics({**metrics, "train/world_size": float(self.world)}, step)
 
     def end_epoch(self, epoch: int) -> None:
         """Rank 0: log the per-layer gradient table and heatmap of the run so far as artifacts."""

@@ -296,7 +296,7 @@ def test_rayjob_entrypoint_is_a_real_cli_command_whose_params_validate(monkeypat
         for group in job["rayClusterSpec"]["workerGroupSpecs"]
         for c in group["template"]["spec"]["containers"]
     )
-    assert params.train.num_workers <= gpus, "the run's ranks must fit the worker group at its largest"
+    assert params.train.worker_range[1] <= gpus, "the run's ranks must fit the worker group at its largest"
 
     # Shards, checkpoints, weights and the model live on storage that the head and every worker mount.
     shared = None

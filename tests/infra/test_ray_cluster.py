@@ -97,7 +97,7 @@ def test_the_gpu_params_fit_one_scale_up(config, monkeypatch):
     assert params.train.use_gpu
     assert params.train.storage_path.startswith("s3://"), "checkpoints must be visible from every node"
     most_gpus = max(t["resources"].get("GPU", 0) * t["max_workers"] for t in config["available_node_types"].values())
-    assert params.train.num_workers <= most_gpus
+    assert params.train.worker_range[1] <= most_gpus
     gpu_nodes = [t["resources"] for t in config["available_node_types"].values() if t["resources"].get("GPU")]
     per_node, cpus = max(r["GPU"] for r in gpu_nodes), max(r["CPU"] for r in gpu_nodes)
     # Each rank's loader processes and torch threads must fit the node's CPUs.

@@ -62,7 +62,7 @@ def _number(text: str) -> float:
 
 def test_gpu_hour_arithmetic_follows_from_the_recipe():
     params = load_params(REPO / "params" / "voc_ssd300.yaml")
-    steps, batch = params.train.max_steps, params.train.num_workers * params.train.batch_size
+    steps, batch = params.train.max_steps, params.train.batch_size  # the global batch
     match = re.search(r"([\d,]+) steps x (\d+) images = ([\d,]+) images", README)
     assert match, "the work must be shown as steps x batch = images"
     assert (_number(match[1]), _number(match[2]), _number(match[3])) == (steps, batch, steps * batch)

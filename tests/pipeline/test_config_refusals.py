@@ -72,14 +72,41 @@ def test_every_int_refuses_an_absurd_value(key):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.batch_size=100000000000000000000", r"train\.batch_size: must be <= 4096"),
+        ("train.batch_size=100000000000000000000", r"train\.batch_size: must be <= 4194304"),  # 1024 x 4096
         ("eval.top_k=1000000000000", r"eval\.top_k: must be <= 32768"),
-        ("train.num_workers=100000", r"train\.num_workers: must be <= 1024"),
+        ("train.num_workers=100000", r"train\.num_workers: must be in 1\.\.1024"),
         ("prepare.max_image_pixels=1000000000000000", r"prepare\.max_image_pixels: must be <= 250000000"),
     ],
 )
 def test_the_reported_absurd_sizes(override, message):
     assert re.match(message, _refused(override))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", r"must be in 1\.\.1024, got 0"),
+        ("[0,2]", r"must be in 1\.\.1024, got \[0, 2\]"),
+        ("[1,2000]", r"must be in 1\.\.1024, got \[1, 2000\]"),
+        ("[3,1]", r"expected \[min, max\] with min <= max, got \[3, 1\]"),
+        ("[1,2,3]", r"expected a number of workers or \[min, max\] \(two integers\), got \[1, 2, 3\]"),
+        ("[1,x]", r"expected a number of workers or \[min, max\] \(two integers\), got \[1, .x.\]"),
+        ("true", r"expected a number of workers or \[min, max\], got True"),
+        ("two", r"expected a number of workers or \[min, max\], got 'two'"),
+    ],
+)
+def test_num_workers_is_a_count_or_an_elastic_min_max(value, message):
+    assert re.fullmatch(rf"train\.num_workers: {message}", _refused(f"train.num_workers={value}"))
+    assert load_params(None, ["train.num_workers=[1,4]"]).train.worker_range == (1, 4)
+    assert load_params(None, ["train.num_workers=3"]).train.worker_range == (3, 3)
+
+
+def test_the_global_batch_must_give_every_worker_an_image():
+    message = _refused("train.num_workers=[2,8]", "train.batch_size=6")
+    assert message == (
+        "train.batch_size: the global batch of 6 images cannot give each of up to 8 workers (train.num_workers) "
+        "an image; use at least 8"
+    )
 
 
 @pytest.mark.parametrize("key", SEED_KEYS)

@@ -1,4 +1,4 @@
-"""The streaming loaders: equal batch counts across ranks with uneven shards, determinism whatever the workers,
+"""The streaming loaders: global batches independent of the world size, determinism whatever the workers,
 resume, multi-epoch streams, corrupt members skipped and counted, evaluation order, shared-memory collation."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from pipeline.shards.eval_loader import EvalBatch, eval_loader
 from pipeline.shards.loader import TrainBatch, collate_train, train_loader
 from pipeline.shards.manifest import ShardError, load_manifest
+from pipeline.shards.order import rank_batch
 from ssd_core.augment import AugmentOptions
 
 FULL = AugmentOptions()
@@ -22,7 +23,7 @@ SIZE = 48  # the fixture's image side: without augmentation a batch image is the
 
 
 def _train(shards, **overrides):
-    kwargs = dict(rank=0, world_size=1, batch_size=4, image_size=SIZE, augment=FULL, seed=0, epoch=0, num_workers=0)
+    kwargs = dict(rank=0, world_size=1, global_batch=4, image_size=SIZE, augment=FULL, seed=0, num_workers=0)
     kwargs.update(overrides)
     return train_loader(str(shards), **kwargs)
 
@@ -33,6 +34,7 @@ def _same(a: list[TrainBatch], b: list[TrainBatch]) -> bool:
         and torch.equal(x.boxes, y.boxes)
         and torch.equal(x.labels, y.labels)
         and torch.equal(x.mask, y.mask)
+        and torch.equal(x.sample_ids, y.sample_ids)
         for x, y in zip(a, b, strict=True)
     )
 
@@ -45,7 +47,20 @@ def _keys_by_image(shards) -> dict[bytes, str]:
     return out
 
 
-def test_two_ranks_equal_batch_counts_with_uneven_shards(uneven_shards):
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_the_ranks_batches_make_up_the_one_worker_batch_bit_for_bit(uneven_shards, world):
+    """The global batch of a step is the same at every world size, augmentation included: rank r of W trains
+    on positions floor(r 4 / W) .. floor((r + 1) 4 / W) of it."""
+    alone = list(_train(uneven_shards, num_steps=6))  # 13 samples, global batch 4: 4 steps per epoch
+    shares = [list(_train(uneven_shards, rank=r, world_size=world, num_steps=6, num_workers=2)) for r in range(world)]
+    for step, whole in enumerate(alone):
+        parts = [share[step] for share in shares]
+        assert [len(p.images) for p in parts] == [(r + 1) * 4 // world - r * 4 // world for r in range(world)]
+        assert torch.equal(torch.cat([p.images for p in parts]), whole.images)
+        assert torch.equal(torch.cat([p.sample_ids for p in parts]), whole.sample_ids)
+
+
+def test_an_epoch_uses_every_sample_once_and_pads_the_last_batch_from_its_start(uneven_shards):
     manifest = load_manifest(str(uneven_shards))
     assert [s.count for s in manifest.split_shards("train")] == [5, 5, 3]
     keys = _keys_by_image(uneven_shards)
@@ -55,13 +70,14 @@ def test_two_ranks_equal_batch_counts_with_uneven_shards(uneven_shards):
         batches = list(loader)
         lengths.append((len(loader), len(batches), [len(b.images) for b in batches]))
         seen.update(keys[image.numpy().tobytes()] for b in batches for image in b.images)
-    # 13 samples over 2 ranks: ceil(13 / 2) = 7 each -> batches of 4 and 3 on both ranks.
-    assert lengths == [(2, 2, [4, 3]), (2, 2, [4, 3])]
-    assert set(seen) == set(keys.values()) and sum(seen.values()) == 14  # all 13, one used twice
+    # 13 samples in global batches of 4: 4 steps, 2 images per rank each; 16 - 13 = 3 samples used twice.
+    assert lengths == [(4, 4, [2, 2, 2, 2]), (4, 4, [2, 2, 2, 2])]
+    assert set(seen) == set(keys.values()) and sum(seen.values()) == 16
+    assert sorted(seen.values()) == [1] * 10 + [2] * 3
 
 
 def test_batches_are_padded_uint8_with_a_mask(uneven_shards):
-    batch = next(iter(_train(uneven_shards, batch_size=5)))
+    batch = next(iter(_train(uneven_shards, global_batch=5)))
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (5, 3, SIZE, SIZE)
     b, g = batch.labels.shape
     assert batch.boxes.shape == (b, g, 4) and batch.boxes.dtype == torch.float32
@@ -70,45 +86,48 @@ def test_batches_are_padded_uint8_with_a_mask(uneven_shards):
     real = batch.boxes[batch.mask]
     assert ((real >= 0) & (real <= 1)).all() and (real[:, 2:] > real[:, :2]).all()
     assert (batch.boxes[~batch.mask] == 0).all() and (batch.labels[batch.mask] <= 5).all()
+    expected = rank_batch(13, seed=0, step=0, global_batch=5, rank=0, world_size=1)
+    assert batch.sample_ids.dtype == torch.int64 and batch.sample_ids.tolist() == expected.tolist()
 
 
-def test_same_seed_and_epoch_same_batches_whatever_the_workers(uneven_shards):
+def test_same_seed_and_step_same_batches_whatever_the_workers(uneven_shards):
     reference = list(_train(uneven_shards, num_workers=0))
-    assert len(reference) == 4  # 13 samples in batches of 4: 4, 4, 4, 1
+    assert len(reference) == 4 and [len(b.images) for b in reference] == [4, 4, 4, 4]  # 13 samples padded to 16
     assert _same(reference, list(_train(uneven_shards, num_workers=2)))
     assert _same(reference, list(_train(uneven_shards, num_workers=0)))
-    other_epoch = list(_train(uneven_shards, epoch=1))
+    other_epoch = list(_train(uneven_shards, start_step=4))
     assert not any(torch.equal(a.images, b.images) for a, b in zip(reference, other_epoch, strict=True))
 
 
-def test_skip_batches_equals_the_tail_of_a_full_run(uneven_shards):
-    full = list(_train(uneven_shards, rank=1, world_size=2, batch_size=2, epoch=3))
-    resumed = _train(uneven_shards, rank=1, world_size=2, batch_size=2, epoch=3, skip_batches=2, num_workers=2)
+def test_start_step_equals_the_tail_of_a_full_run(uneven_shards):
+    full = list(_train(uneven_shards, rank=1, world_size=2, start_step=12))  # epoch 3
+    resumed = _train(uneven_shards, rank=1, world_size=2, start_step=14, num_workers=2)
     assert (len(resumed), resumed.remaining) == (len(full), len(full) - 2)
     assert _same(full[2:], list(resumed))
-    with pytest.raises(ValueError, match="skip_batches"):
-        _train(uneven_shards, skip_batches=5)
+    with pytest.raises(ValueError, match="start_step >= 0"):
+        _train(uneven_shards, start_step=-1)
     with pytest.raises(ValueError, match="rank"):
         _train(uneven_shards, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="cannot give each of 5 ranks a sample"):
+        _train(uneven_shards, rank=0, world_size=5)
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_a_multi_epoch_stream_is_the_per_epoch_loaders_concatenated(uneven_shards, workers):
-    # rank 1 of 2, batches of 3: 7 samples per rank -> 3 batches per epoch (3, 3, 1).
-    args = dict(rank=1, world_size=2, batch_size=3)
-    per_epoch = [list(_train(uneven_shards, **args, epoch=e)) for e in (2, 3, 4)]
+    # rank 1 of 2 with a global batch of 6: 13 samples -> 3 steps per epoch, 3 images per rank each.
+    args = dict(rank=1, world_size=2, global_batch=6)
+    per_epoch = [list(_train(uneven_shards, **args, start_step=3 * e)) for e in (2, 3, 4)]
     assert [len(batches) for batches in per_epoch] == [3, 3, 3]
-    expected = per_epoch[0][1:] + per_epoch[1] + per_epoch[2][:2]  # from batch 1 of epoch 2, 7 batches
-    stream = _train(uneven_shards, **args, epoch=2, skip_batches=1, epochs=3, max_batches=7, num_workers=workers)
+    expected = per_epoch[0][1:] + per_epoch[1] + per_epoch[2][:2]  # from step 7 (epoch 2, batch 1), 7 steps
+    stream = _train(uneven_shards, **args, start_step=7, num_steps=7, num_workers=workers)
     assert (len(stream), stream.remaining) == (3, 7)
     got = list(stream)
     assert len(got) == 7 and _same(expected, got)
-    # Without a cap it runs to the end of the last epoch; epochs differ from each other.
-    whole = list(_train(uneven_shards, **args, epoch=2, epochs=3, num_workers=workers))
+    whole = list(_train(uneven_shards, **args, start_step=6, num_steps=9, num_workers=workers))
     assert _same(per_epoch[0] + per_epoch[1] + per_epoch[2], whole)
-    assert not torch.equal(whole[0].images, whole[3].images)
-    with pytest.raises(ValueError, match="epochs >= 1"):
-        _train(uneven_shards, epochs=0)
+    assert not torch.equal(whole[0].images, whole[3].images)  # epochs differ from each other
+    with pytest.raises(ValueError, match="num_steps >= 0"):
+        _train(uneven_shards, num_steps=-1)
 
 
 def _corrupt_copy(source: Path, target: Path, split: str, member: str) -> str:
@@ -134,11 +153,12 @@ def test_a_corrupt_member_is_skipped_and_counted(uneven_shards, tmp_path, member
     with pytest.raises(ShardError, match=r"train-000001\.tar: sha256"):
         load_manifest(str(tmp_path / "shards"), verify=True)
     for workers in (0, 2):
-        batches = list(_train(tmp_path / "shards", num_workers=workers))
-        assert len(batches) == 4  # the epoch keeps its length ...
+        batches = list(_train(tmp_path / "shards", global_batch=13, num_workers=workers))  # one step: every sample
+        assert len(batches) == 1  # the epoch keeps its length ...
         assert sum(b.num_bad for b in batches) == 1  # ... the bad sample is counted in its batch ...
         assert sum(len(b.images) for b in batches) == 12  # ... and skipped
-        assert [len(b.images) + b.num_bad for b in batches] == [4, 4, 4, 1]
+        assert [len(b.images) + b.num_bad for b in batches] == [13]
+        assert len(batches[0].sample_ids) == 12
 
 
 def test_eval_loader_sees_every_sample_once_in_order(uneven_shards):
@@ -223,8 +243,8 @@ def test_a_record_out_of_bounds_is_a_counted_corrupt_sample(uneven_shards, tmp_p
     shutil.copytree(uneven_shards, tmp_path / "shards")
     key = _rewrite_record(tmp_path / "shards", "train", edit)
     for workers in (0, 2):
-        batches = list(_train(tmp_path / "shards", num_workers=workers))
-        assert [len(b.images) + b.num_bad for b in batches] == [4, 4, 4, 1]
+        batches = list(_train(tmp_path / "shards", global_batch=13, num_workers=workers))  # one step: every sample
+        assert [len(b.images) + b.num_bad for b in batches] == [13]
         assert sum(b.num_bad for b in batches) == 1
     with pytest.raises(ShardError, match=rf"train-000001\.tar sample {key}: JSON record"):
         list(eval_loader(str(tmp_path / "shards"), split="train", batch_size=4, image_size=32, num_workers=0))

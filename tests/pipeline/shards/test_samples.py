@@ -168,11 +168,10 @@ def test_exif_rotated_image_is_upright_with_draft_decoding(tmp_path):
                 str(tmp_path / "shards"),
                 rank=0,
                 world_size=1,
-                batch_size=1,
+                global_batch=1,
                 image_size=32,
                 augment=NONE,
                 seed=0,
-                epoch=0,
                 num_workers=0,
             )
         )

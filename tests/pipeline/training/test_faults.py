@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,3 +77,19 @@ def test_digests_are_recorded_after_every_step(tmp_path):
     assert records[1]["digest"] == model_digest(model) != records[0]["digest"]
     TrainHooks().after_step(1, 9, model, stats)  # the default records nothing
     assert len((tmp_path / "rank1.jsonl").read_text().splitlines()) == 2
+
+
+def test_sample_ids_are_recorded_per_worker_process(tmp_path):
+    batch = SimpleNamespace(sample_ids=torch.tensor([5, 2, 9]))
+    spec = Faults(samples_dir=str(tmp_path))
+    spec.on_batch(1, 2, 7, batch)
+    spec.on_batch(1, 2, 8, SimpleNamespace(sample_ids=torch.tensor([0])))
+    (path,) = tmp_path.glob("*.jsonl")
+    assert path.name == f"{os.getpid()}.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records == [
+        {"step": 7, "world": 2, "rank": 1, "ids": [5, 2, 9]},
+        {"step": 8, "world": 2, "rank": 1, "ids": [0]},
+    ]
+    TrainHooks().on_batch(1, 2, 9, batch)  # the default records nothing
+    assert len(path.read_text().splitlines()) == 2

@@ -183,9 +183,11 @@ def test_train_validates_shards_and_params_before_starting_ray(tmp_path, caplog)
     assert "fp16 needs train.use_gpu=true" in caplog.text
     assert cli_main([*train, "--shards", str(shards), "model.pretrained_backbone=nowhere/vgg16.pth"]) == 2
     assert "model.pretrained_backbone: no file at" in caplog.text
-    # 8 images on 2 workers = 4 per rank; batch 3 leaves a last batch of 1, which ssd_tiny's BN cannot take
+    # A global batch of 3 on 2 workers: shares of 1 and 2 images; ssd_tiny's BN cannot train on 1
     assert cli_main([*train, "--shards", str(shards), "train.batch_size=3"]) == 2
-    assert "leave every rank a last batch of 1 image per epoch" in caplog.text and "e.g. 4" in caplog.text
+    assert "leaves a worker 1 image per step" in caplog.text and "use at least 4" in caplog.text
+    assert cli_main([*train, "--shards", str(shards), "train.batch_size=5", "train.num_workers=[1,3]"]) == 2
+    assert "global batch of 5 images on up to 3 workers" in caplog.text and "use at least 6" in caplog.text
     (tar,) = shards.glob("train-*.tar")
     data = bytearray(tar.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the sha256 can tell

@@ -1,8 +1,8 @@
 """Distributed training under real Ray Train on this machine: DDP, faults, exact resume, the NaN guard.
 
 One local Ray instance and one tiny shard set serve the whole module. Every run is the same tiny job
-(ssd_tiny, 64 synthetic 96x96 images, 2 CPU workers x 1 thread, batch 4 per rank: 8 steps per epoch,
-16 steps, a checkpoint every 4 steps); runs differ only in their storage folder and in the faults
+(ssd_tiny, 64 synthetic 96x96 images, 2 CPU workers x 1 thread, a global batch of 8, 4 per rank: 8 steps
+per epoch, 16 steps, a checkpoint every 4 steps); runs differ only in their storage folder and in the faults
 injected through the test-only hook ``pipeline.training.faults`` (SIGKILL, NaN, per-step digests).
 
 The no-fault run is the reference: a run with a fault must end with bit-identical weights.
@@ -28,14 +28,14 @@ from pipeline.training import checkpoint, faults
 from pipeline.training.launcher import TrainingError
 
 REPO = Path(__file__).resolve().parents[3]
-MAX_STEPS, EVERY, KEEP, PER_EPOCH = 16, 4, 2, 8  # 64 images / (2 ranks x 4) = 8 steps per epoch
+MAX_STEPS, EVERY, KEEP, PER_EPOCH = 16, 4, 2, 8  # 64 images / a global batch of 8 = 8 steps per epoch
 BASE = [
     "seed=0",
     "model.preset=ssd_tiny",
     "train.num_workers=2",
     "train.threads_per_worker=1",
     "train.loader_workers=0",
-    "train.batch_size=4",
+    "train.batch_size=8",
     "train.lr=0.01",
     "train.lr_reference_batch=8",
     f"train.max_steps={MAX_STEPS}",
@@ -69,6 +69,7 @@ def ray_local():
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice a killed worker sooner
         mp.delenv("RAY_ADDRESS", raising=False)
         ray.init(
+            address="local",  # never another test's `ray start` cluster on this machine
             num_cpus=2,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

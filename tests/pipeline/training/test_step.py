@@ -63,7 +63,7 @@ def test_the_step_equals_the_plain_computation_and_the_loss_falls():
     model = _model()
     reference = copy.deepcopy(model)
     batch, priors = tiny_batch(model.image_size), model.priors()  # priors [P, 4] cxcywh
-    optimizer, reference_optimizer = build_optimizer(model, CFG, 1), build_optimizer(reference, CFG, 1)
+    optimizer, reference_optimizer = build_optimizer(model, CFG), build_optimizer(reference, CFG)
     losses = []
     for _ in range(8):
         stats = train_step(model, batch, priors, optimizer, cfg=CFG)
@@ -81,7 +81,7 @@ def test_the_step_equals_the_plain_computation_and_the_loss_falls():
 def test_a_nan_on_this_rank_skips_the_update():
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer = build_optimizer(model, CFG, 1)
+    optimizer = build_optimizer(model, CFG)
     train_step(model, batch, priors, optimizer, cfg=CFG)  # momentum buffers exist from here on
     weights, momentum = _parameters(model), copy.deepcopy(optimizer.state_dict()["state"])
     Faults(nan=({"rank": 0, "steps": [1]},)).before_step(0, 1, model)  # the next forward returns NaN
@@ -100,7 +100,7 @@ def test_a_nan_on_another_rank_skips_the_update_here_too():
     """The collective is injected: a second rank whose values say "not finite" makes this rank skip."""
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
-    optimizer = build_optimizer(model, CFG, 1)
+    optimizer = build_optimizer(model, CFG)
     weights = _parameters(model)
     # The other rank's [7] values: not-finite flag, loss, loc, conf, positives, images, bad samples.
     other = torch.tensor([1.0, float("nan"), float("nan"), float("nan"), 3.0, 2.0, 0.0], dtype=torch.float64)
@@ -114,9 +114,9 @@ def test_the_collective_averages_losses_and_sums_counts():
     model = _model()
     alone = copy.deepcopy(model)
     batch, priors = tiny_batch(model.image_size), model.priors()
-    local = train_step(alone, batch, priors, build_optimizer(alone, CFG, 1), cfg=CFG)
+    local = train_step(alone, batch, priors, build_optimizer(alone, CFG), cfg=CFG)
     other = torch.tensor([0.0, 2.0, 0.5, 1.5, 3.0, 2.0, 4.0], dtype=torch.float64)  # as above, finite
-    both = train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG, sum_ranks=lambda v: (v + other, 2))
+    both = train_step(model, batch, priors, build_optimizer(model, CFG), cfg=CFG, sum_ranks=lambda v: (v + other, 2))
     assert both.finite and _same(_parameters(model), _parameters(alone))  # the update uses the local gradients
     assert both.loss == pytest.approx((local.loss + 2.0) / 2)
     assert (both.loss_loc, both.loss_conf) == pytest.approx(((local.loss_loc + 0.5) / 2, (local.loss_conf + 1.5) / 2))
@@ -144,7 +144,7 @@ def test_the_observer_sees_the_weights_before_and_after_the_update():
     model = _model()
     batch, priors = tiny_batch(model.image_size), model.priors()
     recorder, initial = _Recorder(model), _first_weight(model)
-    train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG, observer=recorder)
+    train_step(model, batch, priors, build_optimizer(model, CFG), cfg=CFG, observer=recorder)
     calls = recorder.calls
     assert [name for name, _ in calls] == ["before", "after"]
     assert torch.equal(calls[0][1], initial) and not torch.equal(calls[1][1], initial)
@@ -157,8 +157,8 @@ def test_the_default_hooks_do_nothing():
     batch, priors = tiny_batch(model.image_size), model.priors()
     hooks = TrainHooks()
     hooks.before_step(0, 0, model)
-    stats = train_step(model, batch, priors, build_optimizer(model, CFG, 1), cfg=CFG)
+    stats = train_step(model, batch, priors, build_optimizer(model, CFG), cfg=CFG)
     hooks.after_step(0, 1, model, stats)
     assert hooks.before_checkpoint_rename(0, 1) is None
-    expected = train_step(reference, batch, priors, build_optimizer(reference, CFG, 1), cfg=CFG)
+    expected = train_step(reference, batch, priors, build_optimizer(reference, CFG), cfg=CFG)
     assert stats == expected and _same(_parameters(model), _parameters(reference))

@@ -24,10 +24,12 @@ class _RecordingTracker(NullTracker):
 
     def __init__(self) -> None:
         self.metrics: dict[int, set[str]] = {}
+        self.values: dict[tuple[int, str], float] = {}
         self.artifacts: list[str] = []
 
     def log_metrics(self, metrics, step: int) -> None:
         self.metrics.setdefault(step, set()).update(metrics)
+        self.values.update({(step, name): value for name, value in metrics.items()})
 
     def log_artifact(self, local_path, artifact_path=None) -> None:
         self.artifacts.append(f"{artifact_path}/{Path(local_path).name}")
@@ -36,11 +38,16 @@ class _RecordingTracker(NullTracker):
 def _run(rank: int, steps: int = 4) -> tuple[_RecordingTracker, StepLog]:
     torch.manual_seed(0)
     model = build_ssd("ssd_tiny", 4).train()
-    optimizer, priors = build_optimizer(model, CFG, 1), model.priors()
+    optimizer, priors = build_optimizer(model, CFG), model.priors()
     tracker = _RecordingTracker()
     grad_stats = GradStats(model, every=2) if rank == 0 else None
     log = StepLog(
-        rank=rank, tracker=tracker, progress=Progress(max_steps=steps, start_step=0), grad_stats=grad_stats, log_every=3
+        rank=rank,
+        tracker=tracker,
+        progress=Progress(max_steps=steps, start_step=0),
+        grad_stats=grad_stats,
+        log_every=3,
+        world=3,
     )
     for step in range(steps):
         observer = log.update_observer(step + 1)
@@ -56,6 +63,7 @@ def test_rank_zero_logs_step_metrics_and_gradient_statistics_when_due():
     assert sorted(tracker.metrics) == [2, 3, 4]
     assert "train/loss" in tracker.metrics[3] and "train/loss" in tracker.metrics[4]
     assert not any(name.startswith("train/") for name in tracker.metrics[2])
+    assert tracker.values[(3, "train/world_size")] == tracker.values[(4, "train/world_size")] == 3.0
     for step in (2, 4):
         assert any(name.startswith("grad/") and name.endswith("/update_ratio") for name in tracker.metrics[step])
     assert {row.step for row in log.grad_stats.table_rows} == {2, 4}

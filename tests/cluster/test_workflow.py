@@ -1,0 +1,181 @@
+"""The README's cluster workflow, for real, on a loopback cluster (``infra/local``): an S3 server with access
+keys, a token-authenticated Ray head and two worker nodes, an MLflow server with a login, a DVC remote.
+
+One scenario, in the order a team lives it (``tests/cluster/workflow.py`` holds the README lines it runs):
+
+1. The data owner clones the repository, ``dvc repro shard`` (while the cluster starts), uploads the shards to
+   the bucket with ``python -m pipeline upload``, pushes them to the DVC remote and commits ``dvc.lock``; then
+   deletes ``shards/``: the workers can only read the bucket.
+2. A fault-free run (``RUN=fault-free``), during which the MLflow server is killed and restarted ~20 s later:
+   every step's metrics arrive (none lost, none twice) and the steps went on while it was down.
+3. The same command as run ``laptop``: two ranks on two different worker nodes (node ids; all nodes share one
+   IP). After the first checkpoint one of those nodes is killed, its whole process group, and a replacement
+   node is started: the ranks run on the survivor and the replacement. Then ``ray job stop``, and the same
+   command again: it resumes from the newest checkpoint in S3 and ends at exactly ``train.max_steps``, with
+   final weights bit-identical to the fault-free run's, one MLflow run without a step logged twice, the model
+   registered and its artifacts in the bucket.
+4. A teammate clones the data owner's commit, ``dvc pull shard``: every shard's sha256 is the manifest's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cluster import workflow as wf
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.dvc, pytest.mark.cluster, pytest.mark.timeout(1200)]
+
+OUTAGE_S = 20.0  # how long the MLflow server stays down
+JOB_TIMEOUT_S = 420.0
+
+
+@pytest.fixture
+def cluster_dir():
+    path = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_readme_cluster_workflow(tmp_path, cluster_dir):
+    shell = wf.Shell(cluster_dir, tmp_path / "commands.log")
+    owner = wf.fresh_clone(wf.REPO, tmp_path / "owner")
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    starting = shell.start(wf.START, owner)  # the cluster comes up while the shards are made
+    try:
+        shell.run(wf.REPRO, owner, timeout=600)
+        assert starting.wait(timeout=300) == 0, (tmp_path / "commands.log").read_text()[-4000:]
+        timings["cluster and shards"] = time.monotonic() - started
+        env = shell.client_env()
+        manifest = _data_owner(shell, owner, env)
+        timings["upload and push"] = time.monotonic() - started
+
+        _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir)
+        timings["fault-free run"] = time.monotonic() - started
+        _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir)
+        timings["faulted run"] = time.monotonic() - started
+
+        teammate = wf.fresh_clone(owner, tmp_path / "teammate")
+        for line in (wf.REMOTE_ADD, wf.REMOTE_ENDPOINT, wf.PULL):
+            shell.run(line, teammate)
+        for shard in manifest["shards"]:
+            digest = hashlib.sha256((teammate / "shards" / shard["name"]).read_bytes()).hexdigest()
+            assert digest == shard["sha256"], shard["name"]
+        timings["dvc pull"] = time.monotonic() - started
+    finally:
+        starting.wait(timeout=300)
+        shell.run(wf.STOP, owner, timeout=120)
+        print("elapsed:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    assert not (cluster_dir / "state.json").exists()
+
+
+def _data_owner(shell: wf.Shell, owner: Path, env: dict[str, str]) -> dict:
+    """Upload, push and commit the shards; delete the local copy. Returns the manifest."""
+    manifest = json.loads((owner / "shards" / "manifest.json").read_text())
+    for line in (wf.UPLOAD, wf.REMOTE_ADD, wf.REMOTE_ENDPOINT, wf.PUSH, wf.COMMIT):
+        shell.run(line, owner)
+    uploaded = set(wf.s3_keys(env, "shards/"))
+    assert {f"shards/{s['name']}" for s in manifest["shards"]} | {"shards/manifest.json"} <= uploaded
+    assert wf.s3_keys(env, "dvc/"), "dvc push stored nothing in the remote"
+    shutil.rmtree(owner / "shards")  # the workers must read the bucket, nothing of the checkout
+    return manifest
+
+
+def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> None:
+    jobs, mlflow = wf.JobServer(env), wf.Mlflow(env)
+    shell.run(wf.SUBMIT, owner, JOB="fault-free", RUN="fault-free")
+
+    def running_run_at_step(step: int):
+        runs = mlflow.runs("fault-free")
+        if runs and any(m["step"] >= step for m in mlflow.history(runs[0]["info"]["run_id"], "train/loss")):
+            return runs[0]["info"]["run_id"]
+        return None
+
+    run_id = wf.wait_for(lambda: running_run_at_step(3), "the fault-free run's third step", JOB_TIMEOUT_S)
+    down = time.time()
+    wf.cluster_cli(cluster_dir, "kill", "mlflow")
+    time.sleep(OUTAGE_S)
+    up = time.time()
+    wf.cluster_cli(cluster_dir, "revive", "mlflow")
+    assert jobs.wait("fault-free", JOB_TIMEOUT_S) == "SUCCEEDED", jobs.logs("fault-free")[-4000:]
+
+    runs = mlflow.runs("fault-free")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["info"]["status"] == "FINISHED"
+    keys = [m["key"] for m in run["data"]["metrics"] if m["key"].startswith("train/")]
+    assert "train/loss" in keys and len(keys) >= 4, keys
+    for key in keys:  # log_every_steps=1: every step of every train/ metric, once
+        steps = sorted(m["step"] for m in mlflow.history(run_id, key))
+        assert steps == list(range(1, wf.MAX_STEPS + 1)), (key, steps)
+    stamps = sorted(m["timestamp"] / 1000 for m in mlflow.history(run_id, "train/loss"))
+    during = [t for t in stamps if down < t < up]
+    assert len(during) >= 3, f"only {len(during)} steps while MLflow was down ({down:.0f}-{up:.0f}): {stamps}"
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if down <= a <= up]
+    assert max(gaps) < OUTAGE_S / 2, f"a step waited for MLflow: gaps {gaps}"
+
+
+def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> None:
+    jobs, mlflow = wf.JobServer(env), wf.Mlflow(env)
+    workers = {name: s["node_id"] for name, s in wf.cluster_state(cluster_dir)["services"].items() if "worker" in name}
+    shell.run(wf.SUBMIT, owner, JOB="laptop-1", RUN="laptop")
+    wf.wait_for(lambda: _checkpoints(env, "laptop"), "the first checkpoint", JOB_TIMEOUT_S, every_s=0.5)
+    nodes = jobs.training_nodes("laptop-1")
+    assert len(nodes) == 2 and nodes <= set(workers.values()), (nodes, workers)  # two nodes, never the head
+
+    victim = next(name for name, node in workers.items() if node in nodes)
+    wf.cluster_cli(cluster_dir, "kill", victim)  # the raylet, its workers (one rank) and everything of that node
+    replacement = wf.cluster_cli(cluster_dir, "add-node")
+    new_node = wf.cluster_state(cluster_dir)["services"][replacement]["node_id"]
+    survivor = (nodes - {workers[victim]}).pop()
+    moved = wf.wait_for(
+        lambda: jobs.training_nodes("laptop-1") == {survivor, new_node}, "ranks on survivor + replacement", 180
+    )
+    assert moved
+    newest = max(_checkpoints(env, "laptop"))
+    wf.wait_for(lambda: max(_checkpoints(env, "laptop")) > newest, "a checkpoint after the recovery", JOB_TIMEOUT_S)
+    shell.run(wf.JOB_STOP, owner, JOB="laptop-1")
+    assert jobs.wait("laptop-1", 120) == "STOPPED"
+    stopped_at = max(_checkpoints(env, "laptop"))
+    assert stopped_at < wf.MAX_STEPS
+
+    shell.run(wf.SUBMIT, owner, JOB="laptop-2", RUN="laptop")  # the same command again
+    assert jobs.wait("laptop-2", JOB_TIMEOUT_S) == "SUCCEEDED", jobs.logs("laptop-2")[-4000:]
+    logs = jobs.logs("laptop-2")
+    assert "resuming from s3://" in logs and f"starting at step {stopped_at} of {wf.MAX_STEPS}" in logs, logs[-4000:]
+    assert f"{wf.MAX_STEPS} steps" in shell.run(wf.JOB_LOGS, owner, JOB="laptop-2")
+
+    final = {name: _model_weights(env, name) for name in ("laptop", "fault-free")}
+    assert final["laptop"].keys() == final["fault-free"].keys()
+    assert all(torch.equal(final["laptop"][k], final["fault-free"][k]) for k in final["laptop"])
+
+    runs = mlflow.runs("laptop")
+    assert len(runs) == 1, [r["info"]["run_id"] for r in runs]  # one run across the failure, the stop, the resume
+    run_id = runs[0]["info"]["run_id"]
+    steps = [m["step"] for m in mlflow.history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, wf.MAX_STEPS + 1)), steps  # every step once
+    assert wf.wait_for(lambda: mlflow.model_versions(run_id), "the registered model", 60)
+    artifacts = wf.s3_keys(env, "mlartifacts/")
+    assert any(run_id in key and key.endswith("model/laptop.pt") for key in artifacts), artifacts
+
+
+def _checkpoints(env: dict[str, str], run: str) -> list[int]:
+    """Steps of the complete checkpoints (``meta.json`` written last) in run ``run``'s folder in the bucket."""
+    keys = wf.s3_keys(env, f"runs/{run}-")
+    return [int(k.split("checkpoint_step_")[1].split("/")[0]) for k in keys if k.endswith("/meta.json")]
+
+
+def _model_weights(env: dict[str, str], run: str) -> dict[str, torch.Tensor]:
+    """The model state of run ``run``'s final checkpoint, read from the bucket."""
+    (key,) = [k for k in wf.s3_keys(env, f"runs/{run}-") if k.endswith(f"_{wf.MAX_STEPS:09d}/state.pt")]
+    body = wf.s3_client(env).get_object(Bucket=env["SSD_S3_BUCKET"], Key=key)["Body"].read()
+    return torch.load(io.BytesIO(body), weights_only=True)["model"]

@@ -104,9 +104,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if due and state.step < cfg.max_steps:
             with saver.staged(state, log, status, selector) as staged:
                 ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
-    with saver.staged(
-        state, log, status, selector, final=True
-    ) as staged:  # a checkpoint if completed and not yet saved
+    # the final report: a checkpoint if the run ended (completed, stopped) and its last step is not saved yet
+    with saver.staged(state, log, status, selector, final=True) as staged:
         ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
     saver.write_outcome(state, log, status)  # rank 0
     log.close()

@@ -39,12 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--work", type=Path, help="a folder of an earlier, interrupted call: what it finished is kept")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not Path(os.environ.get("SSD_RACCOON_DIR", "")).is_dir():
         sys.exit("set SSD_RACCOON_DIR to the raccoon set (../shared/datasets/raccoon)")
-    work = Path(tempfile.mkdtemp(prefix="raccoon-selection-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="raccoon-selection-"))
     recipe = ["--params", str(REPO / "params" / "raccoon_ssd300.yaml")]
     common = [
         "model.preset=ssd_tiny",
@@ -72,14 +73,17 @@ def main() -> None:
         "tracking.enabled=false",
     ]
     prepared, shards = work / "prepared", work / "shards"
-    assert cli_main(["prepare", *recipe, "--out", str(prepared), "--report", str(work / "p.json"), *common]) == 0
-    assert cli_main(["shard", *recipe, "--index", str(prepared), "--out", str(shards), *common]) == 0
+    if not (shards / "manifest.json").exists():
+        assert cli_main(["prepare", *recipe, "--out", str(prepared), "--report", str(work / "p.json"), *common]) == 0
+        assert cli_main(["shard", *recipe, "--index", str(prepared), "--out", str(shards), *common]) == 0
     scores = {}
     for choice in ("best", "last"):
-        model = work / f"{choice}.pt"
+        model, metrics = work / f"{choice}.pt", work / f"eval-{choice}.json"
+        if metrics.exists():
+            scores[choice] = json.loads(metrics.read_text())
+            continue
         train = ["train", *recipe, "--shards", str(shards), "--model-out", str(model), *common]
         assert cli_main([*train, f"train.final_weights={choice}"]) == 0
-        metrics = work / f"eval-{choice}.json"
         evaluate = ["evaluate", *recipe, "--model", str(model), "--shards", str(shards), "--metrics", str(metrics)]
         outs = ["--plots", str(work / f"plots-{choice}"), "--out", str(work / f"eval-{choice}")]
         assert cli_main([*evaluate, *outs, *common]) == 0

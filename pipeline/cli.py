@@ -21,6 +21,7 @@ from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import detach_credentials
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+DEFAULT_WAIT_TIMEOUT_S = 24 * 3600.0  # train --wait: a day covers the longest recipe's run on a cluster
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,32 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--out", "shard", "shard folder (with manifest.json)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--shards", "train", "shard folder or fsspec URL (with manifest.json)", url=True)
     _path(p, "--model-out", "train", "final model file (path or URL)", url=True)
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another job is training in this run folder (same params, data and code), wait for it to "
+        "finish instead of refusing at once; logs while it waits",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=_seconds,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"with --wait: give up after this long (default {DEFAULT_WAIT_TIMEOUT_S:.0f} s)",
+    )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +93,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train (path or URL)", stage_flag="--model-out", url=True)
+    _path(
+        p,
+        "--model",
+        "train",
+        "model file from train (path or URL), or models:/NAME@ALIAS",
+        stage_flag="--model-out",
+        url=True,
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -83,7 +114,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
+    _path(p, "--model", "train", "model file from train, or models:/NAME@ALIAS", stage_flag="--model-out")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the model's path, suffix .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
@@ -92,6 +123,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores",
     )
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="the registered version to make the champion, NAME@VERSION (e.g. ssd@3)")
+    p.add_argument("--reason", required=True, help="why (recorded on the version as promoted_reason)")
+    p.add_argument("--user", default="", help="who (default: the login name), recorded as promoted_by")
 
 
 def _summary_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +158,12 @@ COMMANDS: tuple[Command, ...] = (
         takes_inputs=True,
     ),
     Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
+    Command(
+        "promote",
+        "pipeline.stages.promote",
+        "make a registered model version the champion, recording who and why",
+        _promote_args,
+    ),
     Command(
         "summary",
         "pipeline.stages.summary",
@@ -195,6 +238,8 @@ def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentPars
             )
         setattr(args, dest, value if url else Path(value))
     if command.name == "export" and args.out is None:
+        if str(args.model).startswith("models:/"):
+            parser.error(f"export: --out is required when --model is a registered model ({args.model})")
         args.out = Path(args.model).with_suffix(".onnx")
 
 

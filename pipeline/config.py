@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -296,6 +297,31 @@ def _section_problems(params: Params) -> Iterable[str]:
             f"train.batch_size: the global batch of {train.batch_size} images cannot give each of up to "
             f"{train.worker_range[1]} workers (train.num_workers) an image; use at least {train.worker_range[1]}"
         )
+    yield from _tracked_problems(params.data)
+
+
+def _tracked_problems(data: DataConfig) -> Iterable[str]:
+    """Every input prepare reads must lie inside ``data.tracked`` (when set), or DVC would not see it change."""
+    if not data.tracked or data.source == "synthetic":
+        return
+    coco = data.coco
+    inputs = (
+        data.roots if data.source == "voc" else [coco.train_json, coco.train_images, coco.val_json, coco.val_images]
+    )
+    outside = [path for path in inputs if path and not _inside(path, data.tracked)]
+    if outside:
+        yield (
+            f"data.tracked: prepare reads {outside}, outside data.tracked {data.tracked!r}, so DVC would not see "
+            f"them change; set data.tracked to the folder that holds the raw data (or '' when not using DVC)"
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it (local paths relative to the working directory, or URLs)."""
+    if "://" in path or "://" in folder:
+        return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def selection_problems(train: TrainConfig) -> Iterable[str]:

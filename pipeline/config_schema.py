@@ -71,6 +71,11 @@ class CocoConfig:
 class DataConfig:
     source: str = _p("synthetic", choices=("synthetic", "voc", "coco"), help="where prepare reads from")
     root: Any = _p("", help="voc: a dataset root, or a list of roots to combine (VOC07+12)")
+    tracked: str = _p(
+        "",
+        help="the raw data DVC tracks as prepare's input (dvc.yaml: ${data.tracked}): a folder holding every "
+        "file prepare reads, so a changed annotation re-runs prepare ('' outside DVC)",
+    )
     classes: list[str] = _p([], help="class names in label order (empty: discovered from the data)")
     strict_classes: bool = _p(False, help="fail on a class name not in data.classes instead of counting it")
     val_fraction: float = _p(0.1, gt=0.0, lt=1.0, help="seeded validation split when no split lists exist")

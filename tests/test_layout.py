@@ -27,6 +27,7 @@ LAYERS = (
         "pipeline.sources",
         "pipeline.report",
         "pipeline.tracking",
+        "pipeline.serving",
         "pipeline.storage",
     ),
     ("pipeline.training",),

@@ -4,10 +4,13 @@
    directories and on other machines. Check that every object store among them answers with our
    credentials (``pipeline.storage.check_all``, seconds), before anything else.
 2. Validate the shard manifest (sha256 and member counts of every shard) before any worker starts.
-3. Join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start fresh).
+3. Take the run folder's lease (``training.lease``: one job at a time per folder; refused at once, or
+   ``--wait``), join ``RAY_ADDRESS``'s cluster or start a local Ray; prepare the run folder (resume or start
+   fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
 5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
-   ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
+   ``save_model_file`` (loadable without Ray), log it to the run, and log it as an MLflow model (pyfunc,
+   ONNX attached) registered as a new version with the alias ``challenger`` (``pipeline.serving.publish``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pipeline.tracking import (
 )
 from pipeline.training import checkpoint
 from pipeline.training.job import TrainJob, identity_digest
+from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
 from pipeline.training.watch import final_weights
 from ssd_core.model import build_ssd
@@ -62,22 +66,36 @@ def main(args: argparse.Namespace, params: Params) -> int:
     except (ShardError, ValueError) as error:  # StorageError is a ValueError
         logger.error("train: %s", redact_uri(str(error)))
         return 2
+    try:  # one job at a time in a run folder: refuse (or wait) before Ray starts
+        lease = RunLease(job.run_uri).acquire(wait_s=args.wait_timeout if args.wait else 0.0)
+    except LeaseHeld as error:
+        logger.error("train: %s", error)
+        return 1
     from pipeline.training.launcher import TrainingError, TrainingStopped, connect_ray  # imports Ray: only here
 
-    connected = connect_ray(job.params.train)
-    try:
-        train(job, params, model_out)
-    except TrainingStopped as error:
-        logger.warning("train: %s", redact_uri(str(error)))
-        return 128 + error.signum  # the shell's convention for a process ended by that signal
-    except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
-        logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
-        return 1
-    finally:
-        if connected:
-            import ray
+    with lease:
+        connected = connect_ray(job.params.train)
+        try:
+            train(job, params, model_out)
+        except TrainingStopped as error:
+            if lease.lost is not None:  # the heartbeat stopped this job: another one took its folder
+                logger.error("train: %s", lease.lost)
+                return 1
+            logger.warning("train: %s", redact_uri(str(error)))
+            return 128 + error.signum  # the shell's convention for a process ended by that signal
+        except (TrainingError, TrackingError, checkpoint.CheckpointError) as error:
+            logger.error("train: %s", redact_uri(str(error)))  # messages name the run folder, which may hold a key
+            return 1
+        except KeyboardInterrupt:
+            if lease.lost is None:
+                raise
+            logger.error("train: %s", lease.lost)
+            return 1
+        finally:
+            if connected:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     return 0
 
 
@@ -213,6 +231,8 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
             model_out,
         )
         _finish_run(job, local, "FINISHED", selection)
+        if job.tracking_run_id is not None:
+            _publish(job, local, recorded)
 
 
 def _selection_record(state: dict, choice: str, weights_step: int, status: str) -> dict:
@@ -220,6 +240,23 @@ def _selection_record(state: dict, choice: str, weights_step: int, status: str) 
     and (with validation) the best and the last validation's scores."""
     summary = {k: v for k, v in (state.get("selection") or {}).items() if k != "best_weights"}
     return {"final_weights": choice, "weights_step": weights_step, "status": status, **summary}
+
+
+def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
+    """The model file as an MLflow model of the run, registered with the alias challenger (pipeline.serving)."""
+    from pipeline.serving.publish import publish_model
+
+    published = publish_model(
+        job.params.tracking,
+        repo_root=Path(job.repo_root),
+        run_id=job.tracking_run_id,
+        model_file=model_file,
+        params=recorded,
+        data_digest=job.data_digest,
+        credentials=job.tracking_credentials,
+    )
+    where = f"{job.params.tracking.model_name} version {published.version}" if published.version else "unregistered"
+    logger.info("train: MLflow model models:/%s (%s)", published.model_id, where)
 
 
 def _workers(worker_range: tuple[int, int]) -> int | str:
@@ -258,5 +295,5 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str, selection: d
             scores |= {f"last/{k}": v for k, v in selection["last"].items()}
             tracker.log_metrics({**scores, "best/step": float(selection["best_step"])}, selection["last_step"])
     if model_out is not None:
-        tracker.log_model_file(model_out)
+        tracker.log_model_file(model_out, register=False)  # the MLflow model is registered instead
     tracker.close(status=status)

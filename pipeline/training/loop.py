@@ -87,7 +87,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr, stop = state.end_step(stats.finite)  # the guard counts, the schedule advances, step += 1
         selector.after_update(model, stats.finite)  # the EMA, when on
         hooks.after_step(rank, state.step, model, stats)
-        log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop)
+        decision = watch.decide(state.step)  # stop or checkpoint now? the same on every rank
+        skipped = state.guard.skipped_total
+        log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=skipped, force=stop or decision.stop)
         if stop:
             status = STATUS_NONFINITE
             break
@@ -96,7 +98,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if selector.validate_if_due(state.step, model, log.tracker):  # every rank; True: patience ran out
             status = STATUS_STOPPED_EARLY
             break
-        decision = watch.decide(state.step)  # the same on every rank
         if decision.stop and state.step < cfg.max_steps:
             status = STATUS_STOPPED  # the final report below writes this step's checkpoint
             break

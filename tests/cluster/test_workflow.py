@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ import torch
 
 from tests.cluster import workflow as wf
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.dvc, pytest.mark.cluster, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.dvc, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 OUTAGE_S = 20.0  # how long the MLflow server stays down
 JOB_TIMEOUT_S = 420.0
@@ -86,7 +87,7 @@ def _data_owner(shell: wf.Shell, owner: Path, env: dict[str, str]) -> dict:
     uploaded = set(wf.s3_keys(env, "shards/"))
     assert {f"shards/{s['name']}" for s in manifest["shards"]} | {"shards/manifest.json"} <= uploaded
     assert wf.s3_keys(env, "dvc/"), "dvc push stored nothing in the remote"
-    shutil.rmtree(owner / "shards")  # the workers must read the bucket, nothing of the checkout
+    shell.run(wf.RM_SHARDS, owner)  # the workers must read the bucket, nothing of the checkout
     return manifest
 
 
@@ -102,10 +103,10 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
 
     run_id = wf.wait_for(lambda: running_run_at_step(3), "the fault-free run's third step", JOB_TIMEOUT_S)
     down = time.time()
-    wf.cluster_cli(cluster_dir, "kill", "mlflow")
+    shell.run(wf.KILL_MLFLOW, owner)
     time.sleep(OUTAGE_S)
     up = time.time()
-    wf.cluster_cli(cluster_dir, "revive", "mlflow")
+    shell.run(wf.REVIVE_MLFLOW, owner)
     assert jobs.wait("fault-free", JOB_TIMEOUT_S) == "SUCCEEDED", jobs.logs("fault-free")[-4000:]
 
     runs = mlflow.runs("fault-free")
@@ -126,15 +127,18 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
 
 def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> None:
     jobs, mlflow = wf.JobServer(env), wf.Mlflow(env)
-    workers = {name: s["node_id"] for name, s in wf.cluster_state(cluster_dir)["services"].items() if "worker" in name}
+    services = wf.cluster_state(cluster_dir)["services"]
+    workers = {name: s["node_id"] for name, s in services.items() if name.startswith("ray-worker") and "node_id" in s}
+    assert len(workers) == 2, services
     shell.run(wf.SUBMIT, owner, JOB="laptop-1", RUN="laptop")
     wf.wait_for(lambda: _checkpoints(env, "laptop"), "the first checkpoint", JOB_TIMEOUT_S, every_s=0.5)
     nodes = jobs.training_nodes("laptop-1")
     assert len(nodes) == 2 and nodes <= set(workers.values()), (nodes, workers)  # two nodes, never the head
 
     victim = next(name for name, node in workers.items() if node in nodes)
-    wf.cluster_cli(cluster_dir, "kill", victim)  # the raylet, its workers (one rank) and everything of that node
-    replacement = wf.cluster_cli(cluster_dir, "add-node")
+    killed = time.time()
+    shell.run(wf.KILL_NODE, owner, NODE=victim)  # the raylet, its workers (one rank), everything of that node
+    replacement = re.findall(r"^ray-worker-\d+$", shell.run(wf.ADD_NODE, owner), flags=re.M)[-1]
     new_node = wf.cluster_state(cluster_dir)["services"][replacement]["node_id"]
     survivor = (nodes - {workers[victim]}).pop()
     moved = wf.wait_for(
@@ -145,6 +149,7 @@ def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> None:
     wf.wait_for(lambda: max(_checkpoints(env, "laptop")) > newest, "a checkpoint after the recovery", JOB_TIMEOUT_S)
     shell.run(wf.JOB_STOP, owner, JOB="laptop-1")
     assert jobs.wait("laptop-1", 120) == "STOPPED"
+    print("node failure:", json.dumps(wf.recovery(jobs.logs("laptop-1"), killed)))  # for benchmarks/README
     stopped_at = max(_checkpoints(env, "laptop"))
     assert stopped_at < wf.MAX_STEPS
 

@@ -93,7 +93,9 @@ def test_without_a_dvc_yaml_a_path_must_be_given(tmp_path, monkeypatch, capsys):
 
 
 def test_the_command_line_names_no_path_that_dvc_yaml_names():
-    source = (REPO / "pipeline" / "cli.py").read_text()
+    # A subcommand's word choice (``upload shards``) names no path; every other quoted value may not repeat one.
+    lines = (REPO / "pipeline" / "cli.py").read_text().splitlines()
+    source = "\n".join(line for line in lines if "choices=" not in line)
     for stage in ("prepare", "shard", "train", "evaluate"):
         for value in _dvc_cmd_options(stage).values():
             assert f'"{value}"' not in source, f"pipeline/cli.py repeats {value!r} from dvc.yaml"

@@ -190,6 +190,38 @@ def test_class_names_must_be_distinct_and_non_empty(classes, message):
     assert re.match(message, _refused(f"data.classes={classes}"))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.source=voc", "data.root=data/raw/voc", "data.tracked=data/raw/coco"],
+        ["data.source=voc", "data.root=[data/raw/VOC2007,elsewhere/VOC2012]", "data.tracked=data/raw"],
+        ["data.source=voc", "data.root=data/raw-other", "data.tracked=data/raw"],  # a prefix is not a folder
+        [
+            "data.source=coco",
+            "data.coco.train_json=data/coco/a.json",
+            "data.coco.val_images=/x",
+            "data.tracked=data/coco",
+        ],
+    ],
+)
+def test_raw_data_outside_what_dvc_tracks_is_refused(overrides):
+    assert re.match(r"data\.tracked: prepare reads \[.*\], outside data\.tracked", _refused(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.source=voc", "data.root=[data/raw/VOC2007,data/raw/VOC2012]", "data.tracked=data/raw"],
+        ["data.source=voc", "data.root=data/raw/", "data.tracked=./data/raw"],
+        ["data.source=voc", "data.root=/elsewhere", "data.tracked="],  # no DVC: no check
+        ["data.source=synthetic", "data.tracked=pipeline/sources/synthetic.py"],
+        ["data.source=coco", "data.coco.train_json=s3://b/coco/a.json", "data.tracked=s3://b/coco"],
+    ],
+)
+def test_raw_data_inside_what_dvc_tracks_is_accepted(overrides):
+    load_params(None, overrides)
+
+
 def test_augmentation_is_checked_by_ssd_cores_own_options():
     # The message is ssd_core.augment.AugmentOptions's, under the params key.
     refused = _refused("augment.expand_max_ratio=0.5")

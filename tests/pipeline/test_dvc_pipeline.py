@@ -134,3 +134,85 @@ def test_the_whole_pipeline_under_dvc_repro_and_dvc_exp_run(tmp_path):
     experiments = [rev for entry in shown for exp in entry.get("experiments") or [] for rev in exp["revs"]]
     assert len(experiments) == 1 and experiments[0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.0005
     assert "map_voc07" in experiments[0]["data"]["metrics"]["metrics/eval.json"]["data"]  # its metrics are kept
+
+
+# ------------------------------------------------------------------ raw data and recipes through DVC
+TINY_RECIPE = """# @package _global_
+seed: 0
+data:
+  source: voc
+  root: raw/boxes
+  tracked: raw/boxes
+  classes: [box]
+  strict_classes: true
+  val_fraction: 0.25
+  voc: {annotations_dir: annotations, images_dir: images}
+shard: {maxcount: 4}
+train: {run_name: tiny-voc}
+"""
+
+
+def _voc_flat(root: Path, count: int) -> None:
+    """``count`` 64 x 64 JPEGs with one white box each and their VOC XML, in the flat layout."""
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for i in range(count):
+        x1, y1, x2, y2 = 8 + i, 10, 40 + i, 50
+        image = Image.new("RGB", (64, 64), (40, 40, 40))
+        ImageDraw.Draw(image).rectangle([x1, y1, x2, y2], fill=(250, 250, 250))
+        image.save(root / "images" / f"b{i}.jpg")
+        (root / "annotations" / f"b{i}.xml").write_text(
+            f"<annotation><filename>b{i}.jpg</filename><size><width>64</width><height>64</height><depth>3</depth>"
+            f"</size><object><name>box</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object></annotation>"
+        )
+
+
+def test_raw_data_is_a_dependency_and_recipes_run_as_experiments(tmp_path):
+    """A recipe runs through `dvc exp run -S recipe=...` without editing a file; its raw data folder (added
+    with `dvc add`) is prepare's dependency, so a changed annotation re-runs prepare and all after it; and
+    `dvc exp show` puts the two recipes side by side."""
+    work, params = _pipeline_copy(tmp_path)
+    params["data"]["synthetic"].update(num_train=12, num_val=4, image_size=48)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "conf", work / "conf", symlinks=True)
+    (work / "params").mkdir()
+    (work / "params" / "tiny_voc.yaml").write_text(TINY_RECIPE)
+    (work / "conf" / "recipe" / "tiny_voc.yaml").symlink_to("../../params/tiny_voc.yaml")
+    _voc_flat(work / "raw" / "boxes", 8)
+    shutil.copy(REPO / ".gitignore", work / ".gitignore")
+    _git(work, "init", "-q")
+    _dvc(work, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")  # the repository's: Hydra composition on
+    _dvc(work, "add", "-q", "raw/boxes")
+    _git(work, "add", "-A")
+    _git(work, "commit", "-q", "-m", "pipeline and raw data")
+
+    voc = _dvc(work, "exp", "run", "shard", "-S", "recipe=tiny_voc")
+    assert "Running stage 'prepare'" in voc.stdout and "Running stage 'shard'" in voc.stdout, voc.stdout
+    assert json.loads((work / "shards" / "manifest.json").read_text())["classes"] == ["box"]
+    assert yaml.safe_load((work / "params.yaml").read_text())["data"]["tracked"] == "raw/boxes"
+    assert "Running stage" not in _dvc(work, "repro", "shard").stdout  # nothing changed
+
+    xml = work / "raw" / "boxes" / "annotations" / "b3.xml"
+    xml.write_text(xml.read_text().replace("<xmin>11</xmin>", "<xmin>12</xmin>"))  # one raw annotation
+    rerun = _dvc(work, "repro", "shard")
+    assert "Running stage 'prepare'" in rerun.stdout and "Running stage 'shard'" in rerun.stdout, rerun.stdout
+    status = _dvc(work, "status", "train", "evaluate").stdout  # and what follows would run next
+    assert "train:" in status and "evaluate:" in status and "modified:           shards" in status, status
+
+    _git(work, "checkout", "--", "params.yaml")  # back to the default; the next exp run starts from it
+    xml.write_text(xml.read_text().replace("<xmin>12</xmin>", "<xmin>11</xmin>"))
+    synthetic = _dvc(work, "exp", "run", "shard")  # the recipe "params": params.yaml as committed
+    assert "Running stage 'prepare'" in synthetic.stdout, synthetic.stdout
+    shown = json.loads(_dvc(work, "exp", "show", "--json").stdout)
+    runs = [rev for entry in shown for exp in entry.get("experiments") or [] for rev in exp["revs"]]
+    data = sorted((r["data"]["params"]["params.yaml"]["data"]["data"] for r in runs), key=lambda d: d["source"])
+    assert [(d["source"], d["tracked"]) for d in data] == [
+        ("synthetic", "pipeline/sources/synthetic.py"),
+        ("voc", "raw/boxes"),
+    ]
+    table = _dvc(work, "exp", "show", "--csv", "--only-changed").stdout
+    assert "data.source" in table.splitlines()[0] and "synthetic" in table and "voc" in table, table

@@ -45,16 +45,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--train-images", type=int, default=320)
+    parser.add_argument("--work", type=Path, help="the folder of an earlier call: analyse its run, train nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    work = Path(tempfile.mkdtemp(prefix="bench-validation-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-validation-"))
     defaults = load_params(REPO / "params.yaml")
     data = [f"data.synthetic.num_train={args.train_images}", "data.synthetic.num_test=0"]
     params = ["--params", str(REPO / "params.yaml")]
     prepared, shards, model = work / "prepared", work / "shards", work / "ssd.pt"
-    assert cli_main(["prepare", *params, "--out", str(prepared), "--report", str(work / "prepare.json"), *data]) == 0
-    assert cli_main(["shard", *params, "--index", str(prepared), "--out", str(shards)]) == 0
     uri = f"sqlite:///{work / 'mlflow.db'}"
     run = [
         f"train.max_steps={args.steps}",
@@ -65,7 +64,10 @@ def main() -> None:
         "tracking.register_model=false",
         "tracking.grad_stats_every=0",
     ]
-    assert cli_main(["train", *params, "--shards", str(shards), "--model-out", str(model), *run]) == 0
+    if args.work is None:
+        assert cli_main(["prepare", *params, "--out", str(prepared), "--report", str(work / "p.json"), *data]) == 0
+        assert cli_main(["shard", *params, "--index", str(prepared), "--out", str(shards)]) == 0
+        assert cli_main(["train", *params, "--shards", str(shards), "--model-out", str(model), *run]) == 0
 
     from mlflow.tracking import MlflowClient
 
@@ -76,7 +78,7 @@ def main() -> None:
     rates = {m.step: m.value for m in client.get_metric_history(run_id, "train/images_per_sec")}
     every_log = defaults.train.log_every_steps
     images = defaults.train.batch_size * defaults.train.num_workers  # per step
-    holds_validation = {s for s in rates if any(s - every_log < v < s for v in val)}  # validated inside it
+    holds_validation = {s for s in rates if any(s - every_log <= v < s for v in val)}  # validated inside it
     first = min(rates)
     clean = [images / rates[s] for s in rates if s != first and s not in holds_validation]
     dirty = [images / rates[s] for s in holds_validation]

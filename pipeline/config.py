@@ -42,6 +42,7 @@ from pipeline.config_schema import (
     MAX_WORKERS,
     RUN_NAME_PATTERN,
     SEED_MAX,
+    SELECT_METRICS,
     AugmentConfig,
     BoxesConfig,
     CocoConfig,
@@ -66,6 +67,7 @@ __all__ = [
     "MAX_WORKERS",
     "RUN_NAME_PATTERN",
     "SEED_MAX",
+    "SELECT_METRICS",
     "AugmentConfig",
     "BoxesConfig",
     "CocoConfig",
@@ -132,6 +134,8 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         from pipeline.model_builder import freeze_problems, model_problems  # imports torch: only when validating
 
         problems += model_problems(params.model) or freeze_problems(params.model, params.train)
+    if not any(problem.startswith("train.") for problem in problems):
+        problems += list(selection_problems(params.train))
     if problems:
         raise ConfigError("; ".join(problems))
     return params
@@ -328,6 +332,17 @@ def _inside(path: str, folder: str) -> bool:
         return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
     path, folder = os.path.abspath(path), os.path.abspath(folder)
     return os.path.commonpath([path, folder]) == folder
+
+
+def selection_problems(train: TrainConfig) -> Iterable[str]:
+    """Keys that ask for what the others switch off: best weights or patience without validation, EMA weights
+    without an EMA."""
+    if train.final_weights == "best" and not train.val_every_steps:
+        yield "train.final_weights: 'best' needs validation (train.val_every_steps > 0), got val_every_steps=0"
+    if train.final_weights == "ema" and not train.ema_decay:
+        yield "train.final_weights: 'ema' needs an EMA (train.ema_decay > 0), got ema_decay=0"
+    if train.patience and not train.val_every_steps:
+        yield f"train.patience: {train.patience} needs validation (train.val_every_steps > 0), got val_every_steps=0"
 
 
 def milestones_problem(train: TrainConfig) -> str | None:

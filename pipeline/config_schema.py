@@ -35,6 +35,8 @@ MAX_PROCESSES = 256  # processes or threads on one machine (loader workers, intr
 MAX_WORKERS = 1024  # Ray Train workers (DDP ranks): 1024 GPUs at most
 # A run folder name: starts with a letter or digit, at most 64 of [A-Za-z0-9._-], no "..": never a path.
 RUN_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Validation scores that can pick the best step: mAPs (higher is better) and the loss (lower is better).
+SELECT_METRICS = ("val/map_voc07", "val/map_voc", "val/map_coco", "val/loss")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -42,6 +44,7 @@ RUN_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 class SyntheticConfig:
     num_train: int = _p(1600, ge=1, le=MAX_IMAGES, help="images in the generated training split")
     num_val: int = _p(200, ge=1, le=MAX_IMAGES, help="images in the generated validation split")
+    num_test: int = _p(0, ge=0, le=MAX_IMAGES, help="images in the generated test split (0: none)")
     image_size: int = _p(160, ge=32, le=4096, help="side of the square generated images, pixels")
     max_objects: int = _p(6, ge=1, le=50, help="upper bound on objects per image")
     seed: int = _p(0, ge=0, le=SEED_MAX, help="generator seed: one seed, one dataset")
@@ -51,6 +54,7 @@ class SyntheticConfig:
 class VocConfig:
     train_sets: list[str] = _p(["trainval"], help="ImageSets/Main lists that make the training split")
     val_sets: list[str] = _p(["test"], help="ImageSets/Main lists that make the validation split")
+    test_sets: list[str] = _p([], help="ImageSets/Main lists that make the test split (e.g. [test]; none: [])")
     annotations_dir: str = _p("", help="flat layout: folder of XML files (empty: detect)")
     images_dir: str = _p("", help="flat layout: folder of images (empty: detect)")
 
@@ -75,6 +79,9 @@ class DataConfig:
     classes: list[str] = _p([], help="class names in label order (empty: discovered from the data)")
     strict_classes: bool = _p(False, help="fail on a class name not in data.classes instead of counting it")
     val_fraction: float = _p(0.1, gt=0.0, lt=1.0, help="seeded validation split when no split lists exist")
+    test_fraction: float = _p(
+        0.0, ge=0.0, lt=1.0, help="seeded share of the training images held out as the test split (0: none)"
+    )
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     voc: VocConfig = field(default_factory=VocConfig)
     coco: CocoConfig = field(default_factory=CocoConfig)
@@ -223,6 +230,21 @@ class TrainConfig:
     log_every_steps: int = _p(10, ge=1, le=MAX_STEPS, help="progress line and step metrics interval")
     freeze: list[str] = _p([], help="parameter-name prefixes kept fixed (e.g. vgg.), fine-tuning; [] trains all")
     unfreeze_at_step: int = _p(0, ge=0, le=MAX_STEPS, help="train.freeze holds until this step (0: for the whole run)")
+    val_every_steps: int = _p(
+        0, ge=0, le=MAX_STEPS, help="score the validation split every this many steps and at the last (0: off)"
+    )
+    ema_decay: float = _p(
+        0.0, ge=0.0, lt=1.0, help="exponential moving average of the weights, kept per step (0: off; e.g. 0.999)"
+    )
+    select_metric: str = _p(
+        "val/map_voc07", choices=SELECT_METRICS, help="the validation score that picks the best step (val/loss: lowest)"
+    )
+    patience: int = _p(
+        0, ge=0, le=MAX_STEPS, help="stop after this many validations without a better select_metric (0: never)"
+    )
+    final_weights: str = _p(
+        "last", choices=("best", "last", "ema"), help="what --model-out holds: best validated, last step's, or EMA"
+    )
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -42,6 +42,7 @@ TESTED_ELSEWHERE = {
     "pipeline/config_schema.py": "every field's bounds: test_config.py and test_config_refusals.py",
     "pipeline/stages/predict_outputs.py": "the detections document and drawn copies: stages/test_predict.py",
     "pipeline/report/plots.py": "its PNGs are checked by stages/test_evaluate.py and training/test_grad_stats.py",
+    "pipeline/shards/eval_loader.py": "the evaluation batches and their rank slices: shards/test_loader.py",
     "pipeline/sources/records.py": "the index every source writes: sources/test_*.py, stages/test_prepare_hostile.py",
     "pipeline/sources/report.py": "the report's counts: stages/test_prepare_hostile.py (in = kept + rejected)",
     "pipeline/stage_paths.py": "the CLI's defaults from dvc.yaml: test_cli.py",

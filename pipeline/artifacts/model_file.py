@@ -15,6 +15,9 @@ Version 1 files (no ``prior_spec``) were written by code that always built the p
 (``ssd_core.model.PRESET_PRIORS``: VOC boxes for the VGG presets, whatever ``model.priors`` said), so that
 is what their weights were trained with and what they load with.
 
+An optional ``"selection"`` dict (JSON values) says which weights these are: ``final_weights`` (best, last
+or ema), ``weights_step`` and, when training validated, ``best_step`` with the best and last scores.
+
 The file may live in a local folder or at a ``pipeline.storage`` URL (``s3://bucket/models/ssd.pt``).
 """
 
@@ -45,10 +48,14 @@ class LoadedModel(NamedTuple):
     params: dict[str, Any]  # params_to_dict(Params) of the training run
     preset: str
     prior_spec: PriorSpec  # the priors the model was built with (also ``model.prior_spec``)
+    selection: dict[str, Any] | None = None  # which weights these are (module docstring); None: not recorded
 
 
-def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params: dict[str, Any]) -> None:
-    """Write ``model`` with its class map and training params to ``path`` (a local path or a URL), atomically.
+def save_model_file(
+    path: str | Path, model: SSD, *, classes: list[str], params: dict[str, Any], selection: dict | None = None
+) -> None:
+    """Write ``model`` with its class map, training params and ``selection`` record to ``path`` (a local path or
+    a URL), atomically.
 
     Unwrap DDP before calling (``model.module``). The file appears complete or not at all: locally the bytes
     go to a temporary file in the same folder, which is fsynced and then renamed over ``path``; an object
@@ -75,6 +82,7 @@ def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params:
         "prior_spec": model.prior_spec.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "params": params,
+        **({"selection": selection} if selection is not None else {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -119,7 +127,15 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as error:  # shapes agree (checked above); what is left, e.g. an uncastable dtype
         raise ValueError(f"{path}: the weights do not fit preset {preset!r}: {error}") from error
     model.to(map_location).eval()
-    return LoadedModel(model, list(payload["classes"]), dict(payload["params"]), preset, spec)
+    selection = payload.get("selection")
+    return LoadedModel(
+        model,
+        list(payload["classes"]),
+        dict(payload["params"]),
+        preset,
+        spec,
+        selection if isinstance(selection, dict) else None,
+    )
 
 
 def recorded_prior_spec(payload: dict[str, Any], path: Path | str) -> PriorSpec:

@@ -1,4 +1,4 @@
-"""Streaming loaders over the shards of ``python -m pipeline shard``: distributed training and evaluation.
+"""Streaming training loader over the shards of ``python -m pipeline shard`` (evaluation: ``eval_loader``).
 
 Training (``train_loader``): rank ``rank`` of ``world_size`` gets its share of each global step's batch
 as ``pipeline.shards.order`` plans it (the global batches depend on (seed, step) only, never on the world
@@ -16,7 +16,7 @@ per epoch would start and stop its workers every epoch and let the pipeline run 
 A corrupt sample (unreadable bytes, bad JPEG, bad JSON, a record field out of bounds: ``CorruptSample``)
 is skipped and counted in ``TrainBatch.num_bad`` of the batch it belonged to; the batch is then smaller (in
 the extreme, empty: ``[0, 3, S, S]``), but the number of batches never changes. Nothing sleeps or retries.
-Evaluation (``eval_loader``), which must see every sample, raises ``ShardError`` instead.
+Evaluation (``pipeline.shards.eval_loader``), which must see every sample, raises ``ShardError`` instead.
 
 Shards may live in a local folder or at an fsspec URL. ``load_manifest(shards, verify=True)`` (sha256 +
 member counts) should run once before training; the loaders themselves check only that every shard
@@ -27,32 +27,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards.batch import TrainBatch, collate_train
-from pipeline.shards.manifest import ShardError, ShardManifest, load_manifest
+from pipeline.shards.manifest import ShardManifest, load_manifest
 from pipeline.shards.order import epoch_plan, rank_share, sample_seed, steps_per_epoch
 from pipeline.shards.reader import CorruptSample, ShardReader
-from pipeline.shards.samples import decode_sample, train_samples
-from ssd_core.augment import AugmentOptions, Sample, eval_transform
+from pipeline.shards.samples import train_samples
+from ssd_core.augment import AugmentOptions, Sample
 
 logger = logging.getLogger(__name__)
-
-
-class EvalBatch(NamedTuple):
-    images: Tensor  # uint8 [B, 3, S, S]
-    keys: list[str]  # source ids, e.g. "VOC2007/000005"
-    sizes: Tensor  # int64 [B, 2] (width, height) of the stored image, pixels
-    boxes: list[Tensor]  # B x float32 [G, 4] xyxy pixels
-    labels: list[Tensor]  # B x int64 [G]
-    difficult: list[Tensor]  # B x bool [G]
 
 
 @contextlib.contextmanager
@@ -260,101 +249,4 @@ def train_loader(
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
         max_boxes=max_boxes,
-    )
-
-
-# ------------------------------------------------------------------------------------- evaluation
-class _EvalBatches(IterableDataset):
-    def __init__(self, reader: ShardReader, batch_size: int, image_size: int, num_classes: int) -> None:
-        self.reader, self.batch_size, self.image_size, self.num_classes = reader, batch_size, image_size, num_classes
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.reader) / self.batch_size)
-
-    def __iter__(self) -> Iterator[EvalBatch]:
-        try:
-            for position in _worker_share(len(self)):
-                start = position * self.batch_size
-                with _one_thread():
-                    batch = self._batch(range(start, min(start + self.batch_size, len(self.reader))))
-                yield batch
-        finally:
-            self.reader.close()
-
-    def _batch(self, indices: range) -> EvalBatch:
-        images, keys, sizes, boxes, labels, difficult = [], [], [], [], [], []
-        for index in indices:
-            try:
-                decoded = decode_sample(*self.reader.read(index), self.num_classes)
-            except CorruptSample as error:
-                raise ShardError(
-                    f"{self.reader.describe(index)}: {error}; evaluation needs every sample (re-run the shard stage)"
-                ) from None
-            images.append(eval_transform(decoded.image, self.image_size))
-            keys.append(str(decoded.meta["id"]))
-            sizes.append((decoded.image.shape[2], decoded.image.shape[1]))
-            boxes.append(decoded.boxes_px)
-            labels.append(decoded.labels)
-            difficult.append(decoded.difficult)
-        return EvalBatch(
-            torch.stack(images), keys, torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2), boxes, labels, difficult
-        )
-
-
-class EvalLoader:
-    """Every sample of a split exactly once, in manifest order, in batches of ``batch_size`` (last smaller)."""
-
-    def __init__(
-        self,
-        manifest: ShardManifest,
-        *,
-        split: str,
-        batch_size: int,
-        image_size: int,
-        num_workers: int,
-        multiprocessing_context: str | None = None,
-        pin_memory: bool = False,
-    ) -> None:
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(
-                f"eval_loader: expected batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
-            )
-        self.manifest, self.num_workers = manifest, num_workers
-        self.loader_options = {"multiprocessing_context": multiprocessing_context, "pin_memory": pin_memory}
-        self.dataset = _EvalBatches(
-            ShardReader(manifest.root, manifest.split_shards(split)), batch_size, image_size, len(manifest.classes)
-        )
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.dataset.reader)
-
-    def __iter__(self) -> Iterator[EvalBatch]:
-        return _iterate(self.dataset, self.num_workers, **self.loader_options)
-
-
-def eval_loader(
-    shards: str,
-    *,
-    split: str = "val",
-    batch_size: int,
-    image_size: int,
-    num_workers: int,
-    verify: bool = False,
-    multiprocessing_context: str | None = None,
-    pin_memory: bool = False,
-) -> EvalLoader:
-    """Evaluation batches: every sample of ``split`` once, in a fixed order, with source id, size and GT."""
-    manifest = load_manifest(shards, verify=verify)
-    return EvalLoader(
-        manifest,
-        split=split,
-        batch_size=batch_size,
-        image_size=image_size,
-        num_workers=num_workers,
-        multiprocessing_context=multiprocessing_context,
-        pin_memory=pin_memory,
     )

@@ -33,7 +33,7 @@ from pipeline.sources.images import ImageRejected, inspect_image, orient_boxes
 from pipeline.sources.report import PrepareReport
 
 MIN_BOX_SIDE_PX = 1.0  # a box narrower or shorter than one pixel after clipping is degenerate
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: held out from selection, scored by evaluate (may be empty)
 
 
 class PrepareError(ValueError):
@@ -55,7 +55,7 @@ class Candidate:
     """One image with its annotation, as a source reader found it."""
 
     id: str  # unique source id, e.g. "VOC2007/000005"
-    split: str  # "train" | "val"
+    split: str  # "train" | "val" | "test"
     image_path: Path
     where: str  # the file to name in the log (annotation file, or the image for synthetic data)
     declared_size: tuple[int, int] | None  # (width, height) the annotation claims for the stored image

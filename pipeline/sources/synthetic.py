@@ -42,7 +42,7 @@ MAX_IOU = 0.3  # placement: overlap allowed between objects
 MAX_COVER = 0.5  # placement: intersection / smaller area allowed
 MIN_CONTRAST = 60.0  # |object luminance - background luminance| on 0..255
 JPEG_QUALITY = 90
-_SPLIT_CODES = {"train": 0, "val": 1}
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 class SyntheticImage(NamedTuple):
@@ -181,7 +181,8 @@ def _draw_shape(
 
 
 def write_synthetic(out_dir: Path, cfg: SyntheticConfig) -> list[Candidate]:
-    """Generate both splits as JPEG files under ``out_dir/images/{split}/`` and return their candidates.
+    """Generate the splits (test only when ``num_test`` > 0) as JPEG files under ``out_dir/images/{split}/``;
+    returns their candidates.
 
     ``out_dir/images`` must be new or empty: ``prepare`` passes a fresh build folder that replaces its
     output as a whole, so no file from an earlier, larger run survives and no other file is overwritten.
@@ -196,7 +197,9 @@ def write_synthetic(out_dir: Path, cfg: SyntheticConfig) -> list[Candidate]:
             "(prepare builds its output in a fresh folder)"
         )
     candidates = []
-    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val), ("test", cfg.num_test)):
+        if not count:
+            continue
         (images_dir / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             rng = np.random.default_rng([cfg.seed, _SPLIT_CODES[split], i])
@@ -213,9 +216,10 @@ def write_synthetic(out_dir: Path, cfg: SyntheticConfig) -> list[Candidate]:
                 )
             )
     logger.info(
-        "synthetic: wrote %d train and %d val images of %dx%d to %s",
+        "synthetic: wrote %d train, %d val and %d test images of %dx%d to %s",
         cfg.num_train,
         cfg.num_val,
+        cfg.num_test,
         cfg.image_size,
         cfg.image_size,
         images_dir,

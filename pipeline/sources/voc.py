@@ -4,7 +4,9 @@ Layouts, per root (several roots are combined, as in the VOC07+12 recipe):
 
 - **tree**: ``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/<set>.txt``. The training split is
   the union of the ``data.voc.train_sets`` lists that exist in the root, the validation split the union of
-  ``data.voc.val_sets``; a root with none of these lists is split like a flat folder.
+  ``data.voc.val_sets``; a root with none of these lists is split like a flat folder. The ids of the
+  ``data.voc.test_sets`` lists (e.g. ``[test]``, with ``val_sets`` then another list) make the test split
+  and are taken out of the other two.
 - **flat**: a folder of XML files and a folder of images (``data.voc.annotations_dir`` /
   ``data.voc.images_dir`` relative to the root, or detected: ``annotations``/``Annotations``/``xml``/``labels``
   and ``images``/``JPEGImages``/``imgs``; XML files beside the images in the root itself also work).
@@ -228,10 +230,20 @@ def _splits(
 ) -> dict[str, list[str]]:
     train = _read_lists(layout, cfg.train_sets)
     val = _read_lists(layout, cfg.val_sets)
+    test = _read_lists(layout, cfg.test_sets) or []
     if train is None and val is None:
-        stems = sorted(p.stem for p in layout.annotations.glob("*.xml"))
-        return seeded_split(stems, val_fraction, seed)
+        stems = sorted(p.stem for p in layout.annotations.glob("*.xml") if p.stem not in set(test))
+        return {**seeded_split(stems, val_fraction, seed), "test": test}
     train, val = train or [], val or []
+    held_out = set(test)  # a test id never trains or validates
+    if held_out & (set(train) | set(val)):
+        logger.warning(
+            "%s: ids of the test lists %s are also listed for training or validation; kept in test only",
+            layout.root,
+            cfg.test_sets,
+        )
+        report.note("ids_in_test_and_another_split_kept_in_test", len(held_out & (set(train) | set(val))))
+        train, val = [s for s in train if s not in held_out], [s for s in val if s not in held_out]
     overlap = set(train) & set(val)
     if overlap:
         logger.warning(
@@ -241,7 +253,7 @@ def _splits(
             sorted(overlap)[0],
         )
         report.note("ids_in_both_splits_kept_in_val", len(overlap))
-    return {"train": [s for s in train if s not in overlap], "val": val}
+    return {"train": [s for s in train if s not in overlap], "val": val, "test": test}
 
 
 def _read_lists(layout: VocLayout, sets: list[str]) -> list[str] | None:

@@ -1,6 +1,11 @@
-"""``python -m pipeline evaluate``: VOC and COCO mAP of the model file on the validation shards.
+"""``python -m pipeline evaluate``: VOC and COCO mAP of the model file on the test shards, else the validation ones.
 
-Steps: load the model file; run it over every validation sample (batched, ``eval_loader``); decode and
+The split: ``test`` when the shards hold one (``data.test_fraction``, ``data.voc.test_sets``,
+``data.synthetic.num_test``), so that the number reported is not the one that picked the best step during
+training (``train.select_metric`` scores ``val``); otherwise ``val``. eval.json names it (``split``) and the
+MLflow metrics carry it as their prefix (``test/map_voc07`` or ``val/map_voc07``).
+
+Steps: load the model file; run it over every sample of the split (batched, ``eval_loader``); decode and
 suppress with the original SSD settings (``params.eval``: score 0.01, top-k 400, NMS 0.45, 200 per image);
 score the detections:
 
@@ -11,7 +16,9 @@ score the detections:
 Outputs (paths from the command line, i.e. from ``dvc.yaml``):
 
 ==========================  ==================================================================
-``--metrics`` eval.json      summary metrics, image count, throughput, wall times (DVC metrics)
+``--metrics`` eval.json      summary metrics, split, image count, throughput, wall times, which weights the
+                             model file holds (``final_weights``, ``best_step``, best and last validation
+                             scores, when training recorded them) (DVC metrics)
 ``--plots`` pr/<class>.csv   precision-recall curve per class, columns recall, precision (DVC plots)
 ``--plots`` per_class_ap.csv AP per class (VOC07, VOC, COCO) and ground-truth count (DVC plots)
 ``--out`` pr_curves.png      the PR curves, one panel per class
@@ -23,12 +30,12 @@ Outputs (paths from the command line, i.e. from ``dvc.yaml``):
 ``run_wall_time_s`` in eval.json is the time since ``$SSD_RUN_STARTED`` (``make run`` sets it before it
 installs anything), so it measures a whole ``make run``; it is null when the variable is not set.
 
-With ``tracking.enabled`` the ``val/...`` metrics, the per-class table and the PNGs go to the MLflow run
+With ``tracking.enabled`` the ``<split>/...`` metrics, the per-class table and the PNGs go to the MLflow run
 that logged this model file (found by the file's sha256; a new run if none did), and the registered model
 version of that run is tagged with the metrics and the validation-data digest; ``champion`` moves to it
 only if its VOC07 mAP beats the champion's on the same validation data (``decide_champion``).
 
-Inference and scoring are in ``pipeline.stages.evaluate_scoring``, the files in
+Inference and scoring are in ``pipeline.report.scoring``, the files in
 ``pipeline.stages.evaluate_outputs``; this module reports to MLflow and runs the steps in order.
 """
 
@@ -45,8 +52,8 @@ import torch
 
 from pipeline.artifacts.output_folder import check_output_folder
 from pipeline.config import Params
-from pipeline.stages.evaluate_outputs import EVALUATE_STAGE, write_outputs
-from pipeline.stages.evaluate_scoring import EvalResult, run_inference, score_detections
+from pipeline.report.scoring import EvalResult, run_inference, score_detections
+from pipeline.stages.evaluate_outputs import EVALUATE_STAGE, finite_or_none, write_outputs
 
 if TYPE_CHECKING:
     from pipeline.tracking import Tracker
@@ -89,11 +96,12 @@ def log_to_tracking(
     *,
     step: int,
     images_per_sec: float | None,
+    split: str = "val",
 ) -> None:
     """val/* metrics, per-class table, PR data and PNGs to the run; val metrics as model-version tags.
     A model already evaluated in this run (same step) is not logged again: no metric is stored twice for
     one step, so MLflow keeps the first evaluation while the DVC files hold the newest."""
-    done = tracker.last_logged_step("val/map_voc07")
+    done = tracker.last_logged_step(f"{split}/map_voc07")
     if done is not None and done >= step:
         logger.warning(
             "MLflow run %s already holds an evaluation at step %d; not logging this one again "
@@ -102,32 +110,48 @@ def log_to_tracking(
             step,
         )
         return
-    metrics = {f"val/{key}": value for key, value in result.summary.items()}
+    metrics = {f"{split}/{key}": value for key, value in result.summary.items()}
     if images_per_sec is not None:
-        metrics["val/images_per_sec"] = images_per_sec
+        metrics[f"{split}/images_per_sec"] = images_per_sec
     for i, name in enumerate(classes):
-        metrics[f"val/ap_voc07/{name}"] = float(result.voc.ap_voc07[i])
+        metrics[f"{split}/ap_voc07/{name}"] = float(result.voc.ap_voc07[i])
     tracker.log_metrics(metrics, step)
     for key in ("metrics", "per_class_ap", "pr_curves_png", "detections_png"):
         tracker.log_artifact(paths[key], "evaluation")
     tracker.log_artifact(paths["pr_curves_data"], "evaluation")
-    tracker.set_model_version_tags({k: v for k, v in metrics.items() if not k.startswith("val/ap_voc07/")})
+    tracker.set_model_version_tags({k: v for k, v in metrics.items() if not k.startswith(f"{split}/ap_voc07/")})
 
 
-def validation_digest(shards: str) -> str:
-    """sha256 of what the validation split is: the class list and each validation shard's name and sha256
-    (from the manifest). Two evaluations with equal digests scored the same images and boxes."""
+def _weights_record(selection: dict | None) -> dict:
+    """eval.json's record of which weights were scored: ``final_weights``, ``weights_step``, and with validation
+    during training ``best_step`` and the best and the last validation's scores (``val/...``)."""
+    if not selection:
+        return {}
+    keys = ("final_weights", "weights_step", "select_metric", "best_step", "best", "last_step", "last")
+    record = {key: selection[key] for key in keys if key in selection}
+    for scores in ("best", "last"):  # JSON has no NaN: an undefined score is null, as in the summary above
+        if isinstance(record.get(scores), dict):
+            record[scores] = {k: finite_or_none(v) for k, v in record[scores].items()}
+    return record
+
+
+def validation_digest(shards: str, split: str = "val") -> str:
+    """sha256 of what the scored split (``val``, or ``test`` when there is one) is: the class list and each of its
+    shards' name and sha256 (from the manifest). Two evaluations with equal digests scored the same images and
+    boxes."""
     import hashlib
     import json
 
     from pipeline.shards.manifest import load_manifest
 
     manifest = load_manifest(shards, verify=False)
-    entries = sorted((shard.name, shard.sha256) for shard in manifest.split_shards("val"))
+    entries = sorted((shard.name, shard.sha256) for shard in manifest.split_shards(split))
     return hashlib.sha256(json.dumps([list(manifest.classes), entries]).encode()).hexdigest()
 
 
-def decide_champion(params: Params, repo_root: Path, run_id: str, summary: dict, shards: str) -> None:
+def decide_champion(
+    params: Params, repo_root: Path, run_id: str, summary: dict, shards: str, split: str = "val"
+) -> None:
     """Tag the registered versions of run ``run_id`` with their ``CHAMPION_METRIC`` and validation-data
     digest, then let ``pipeline.serving.registry.consider_champion`` move ``champion`` (or say why not).
 
@@ -142,7 +166,7 @@ def decide_champion(params: Params, repo_root: Path, run_id: str, summary: dict,
     if value is None or not math.isfinite(value):
         logger.warning("champion: no finite %s to compare; the champion stays", CHAMPION_METRIC)
         return
-    digest = validation_digest(shards)
+    digest = validation_digest(shards, split)
     uri, client = connect(params.tracking, repo_root, None)
     try:
         versions = client.search_model_versions(f"run_id='{run_id}'")
@@ -160,6 +184,7 @@ def decide_champion(params: Params, repo_root: Path, run_id: str, summary: dict,
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace, params: Params) -> int:
     from pipeline.artifacts.model_file import load_model_file
+    from pipeline.shards.manifest import load_manifest
     from pipeline.storage import check_all
     from pipeline.tracking import TrackingError, redact_uri
 
@@ -174,6 +199,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model_file(args.model, map_location=device)
+    split = "test" if "test" in load_manifest(str(args.shards), verify=False).splits else "val"
     try:
         tracker, new_run = open_tracker(params, args.model, repo_root)
     except TrackingError as error:
@@ -182,14 +208,17 @@ def main(args: argparse.Namespace, params: Params) -> int:
     try:
         num_workers = params.eval.num_workers
         logger.info(
-            "evaluating %s (%s, %d classes) on %s, %s",
+            "evaluating %s (%s, %d classes) on the %s split of %s, %s",
             args.model,
             loaded.preset,
             len(loaded.classes),
+            split,
             redact_uri(str(args.shards)),
             device,
         )
-        collected = run_inference(loaded.model, str(args.shards), params.eval, device=device, num_workers=num_workers)
+        collected = run_inference(
+            loaded.model, str(args.shards), params.eval, device=device, num_workers=num_workers, split=split
+        )
         n = len(collected.keys)
         rate = n / collected.inference_s if collected.inference_s > 0 else float("nan")
         logger.info("inference: %d images in %.1f s (%.1f images/s)", n, collected.inference_s, rate)
@@ -202,6 +231,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
             plots_dir=args.plots,
             out_dir=args.out,
             started=started,
+            extra={"split": split, **_weights_record(loaded.selection)},
         )
         for line in result.coco.summary.splitlines():
             logger.info("%s", line)
@@ -215,7 +245,13 @@ def main(args: argparse.Namespace, params: Params) -> int:
         )
         step = int((loaded.params.get("train") or {}).get("max_steps", 0))
         log_to_tracking(
-            tracker, result, loaded.classes, paths, step=step, images_per_sec=rate if math.isfinite(rate) else None
+            tracker,
+            result,
+            loaded.classes,
+            paths,
+            step=step,
+            images_per_sec=rate if math.isfinite(rate) else None,
+            split=split,
         )
     except BaseException:
         tracker.close("FAILED" if new_run else None, timeout_s=10.0)
@@ -224,7 +260,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
         logger.error("some evaluation results did not reach MLflow; the files above are complete")
     if tracker.run_id is not None and params.tracking.register_model:
         try:
-            decide_champion(params, repo_root, tracker.run_id, result.summary, str(args.shards))
+            decide_champion(params, repo_root, tracker.run_id, result.summary, str(args.shards), split)
         except TrackingError as error:
             logger.error("%s", error)
             return 1

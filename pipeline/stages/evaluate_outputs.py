@@ -1,7 +1,7 @@
 """Evaluate's files: metrics, PR curves and per-class AP for DVC, the PNGs, and the COCO JSON.
 
 ``write_outputs`` writes every file the ``pipeline.stages.evaluate`` docstring lists, each atomically, from
-the ``EvalResult`` and ``Collected`` of ``pipeline.stages.evaluate_scoring``. ``--plots`` and ``--out`` must
+the ``EvalResult`` and ``Collected`` of ``pipeline.report.scoring``. ``--plots`` and ``--out`` must
 be new, empty, or folders this stage made (``pipeline.artifacts.output_folder``); only there are stale
 PR-curve CSVs deleted. eval.json is written last.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.artifacts.atomic_write import write_csv_atomic, write_text_atomic
 from pipeline.artifacts.output_folder import claim_output_folder
-from pipeline.stages.evaluate_scoring import GRID_SCORE_THRESHOLD, Collected, EvalResult
+from pipeline.report.scoring import GRID_SCORE_THRESHOLD, Collected, EvalResult
 from ssd_core.metrics import PRCurve
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ RUN_STARTED_ENV = "SSD_RUN_STARTED"  # Unix time at which `make run` started (se
 EVALUATE_STAGE = "evaluate"  # the marker of the --plots and --out folders (pipeline.artifacts.output_folder)
 
 
-def _finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 6)
 
 
@@ -54,9 +54,9 @@ def per_class_rows(result: EvalResult, classes: list[str]) -> list[dict[str, Any
         rows.append(
             {
                 "class": name,
-                "ap_voc07": _finite_or_none(result.voc.ap_voc07[i]),
-                "ap_voc": _finite_or_none(result.voc.ap_voc[i]),
-                "ap_coco": _finite_or_none(result.coco.per_class_ap.get(i + 1, float("nan"))),
+                "ap_voc07": finite_or_none(result.voc.ap_voc07[i]),
+                "ap_voc": finite_or_none(result.voc.ap_voc[i]),
+                "ap_coco": finite_or_none(result.coco.per_class_ap.get(i + 1, float("nan"))),
                 "num_positives": int(result.voc.num_positives[i]),
             }
         )
@@ -72,12 +72,14 @@ def write_outputs(
     plots_dir: Path,
     out_dir: Path,
     started: float,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write every output file (see the module docstring); returns them by name. ``started``: the stage's
     ``time.perf_counter()`` at start; eval.json is written last, with the wall time up to then.
 
     Each file is written atomically; ``--plots`` and ``--out`` must be new, empty, or folders this stage
-    made (``pipeline.artifacts.output_folder``), and only there are stale PR-curve CSVs deleted."""
+    made (``pipeline.artifacts.output_folder``), and only there are stale PR-curve CSVs deleted. ``extra``: more
+    JSON values for eval.json (the split scored, which weights the model file holds)."""
     from pipeline.report.plots import detection_grid_png, pr_curves_png
 
     paths: dict[str, Path] = {}
@@ -120,7 +122,7 @@ def write_outputs(
     paths["coco_detections"] = out_dir / "coco_detections.json"
     write_text_atomic(paths["coco_detections"], json.dumps(result.coco_dets))
     n = len(collected.keys)
-    metrics = {key: _finite_or_none(value) for key, value in result.summary.items()}
+    metrics = {key: finite_or_none(value) for key, value in result.summary.items()}
     metrics.update(
         {
             "num_images": n,
@@ -129,6 +131,7 @@ def write_outputs(
             "inference_time_s": round(collected.inference_s, 3),
             "wall_time_s": round(time.perf_counter() - started, 3),
             "run_wall_time_s": run_wall_time_s(),
+            **(extra or {}),
         }
     )
     write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """``python -m pipeline prepare``: validate the source named by ``data.source`` into a normalised index.
 
-Writes ``--out/{train,val}.jsonl`` and ``--out/classes.json`` (format: ``pipeline.sources.records``), the
+Writes ``--out/{train,val,test}.jsonl`` and ``--out/classes.json`` (format: ``pipeline.sources.records``), the
 synthetic images under ``--out/images/`` when ``data.source`` is ``synthetic``, and the counts by reason
 to ``--report`` (a DVC metric). Bad input never crashes the stage and is never dropped silently; the stage
 fails, after writing the report, when more than ``prepare.max_bad_fraction`` of the images are rejected.
@@ -14,12 +14,14 @@ any other folder is refused, named, before any work starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -27,13 +29,23 @@ from pipeline.artifacts.atomic_write import write_text_atomic
 from pipeline.artifacts.output_folder import replacing_folder
 from pipeline.config import Params
 from pipeline.sources.coco import coco_candidates
-from pipeline.sources.records import Candidate, IndexRecord, PrepareError, finalize, resolve_classes, write_index
+from pipeline.sources.records import (
+    SPLITS,
+    Candidate,
+    IndexRecord,
+    PrepareError,
+    finalize,
+    resolve_classes,
+    write_index,
+)
 from pipeline.sources.report import PrepareReport
 from pipeline.sources.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipeline.sources.synthetic import write_synthetic
 from pipeline.sources.voc import voc_candidates
 
 logger = logging.getLogger(__name__)
+
+TEST_SPLIT_STREAM = 2  # the test hold-out draws from numpy's (seed, 2) stream, apart from the seeded val split
 
 
 class Prepared(NamedTuple):
@@ -72,9 +84,10 @@ def prepare(params: Params, out_dir: Path, *, progress: bool = True) -> Prepared
         else:
             seen.add(candidate.id)
             unique.append(candidate)
+    unique = hold_out_test(unique, params.data.test_fraction, params.seed)
     classes = resolve_classes(unique, params.data.classes, source_classes, params.data.strict_classes)
     labels = {name: i + 1 for i, name in enumerate(classes)}
-    records: dict[str, list[IndexRecord]] = {"train": [], "val": []}
+    records: dict[str, list[IndexRecord]] = {split: [] for split in SPLITS}
     with logging_redirect_tqdm():
         for candidate in tqdm(unique, desc="prepare", unit="img", disable=not progress):
             record = finalize(candidate, labels, report, max_pixels=params.prepare.max_image_pixels)
@@ -82,6 +95,16 @@ def prepare(params: Params, out_dir: Path, *, progress: bool = True) -> Prepared
                 records[candidate.split].append(record)
     records = {split: sorted(found, key=lambda r: r.id) for split, found in records.items()}  # stable order
     return Prepared(records, classes, report)
+
+
+def hold_out_test(candidates: list[Candidate], fraction: float, seed: int) -> list[Candidate]:
+    """``candidates`` with ``round(n * fraction)`` of the n training ones (at least one when ``fraction`` > 0 and
+    n >= 2) moved to the test split, chosen by ``seed`` among the sorted ids; the others as they were."""
+    train = sorted(c.id for c in candidates if c.split == "train")
+    n_test = max(1, round(len(train) * fraction)) if fraction > 0 and len(train) >= 2 else 0
+    order = np.random.default_rng([seed, TEST_SPLIT_STREAM]).permutation(len(train))
+    chosen = {train[i] for i in order[:n_test]}
+    return [dataclasses.replace(c, split="test") if c.id in chosen else c for c in candidates]
 
 
 def check_bad_fraction(report: PrepareReport, max_bad_fraction: float) -> None:

@@ -1,6 +1,6 @@
 """``python -m pipeline shard``: the prepared index -> WebDataset shards + ``manifest.json``.
 
-Reads ``--index/{train,val}.jsonl`` and ``classes.json``; writes ``--out/{split}-%06d.tar`` and
+Reads ``--index/{train,val,test}.jsonl`` and ``classes.json``; writes ``--out/{split}-%06d.tar`` and
 ``--out/manifest.json`` (see ``pipeline.shards.write`` and ``pipeline.shards.manifest``) into a folder the
 stage owns (``pipeline.artifacts.output_folder``). Shows a progress bar and ends with one line of counts
 and throughput.

@@ -47,6 +47,7 @@ from pipeline.training.init_from import read_source, source_digest
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
+from pipeline.training.watch import final_weights
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +109,16 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     MLflow's credential variables) are in ``job.tracking_credentials``.
 
     Raises:
-        ShardError: the manifest or a shard is missing, truncated or tampered with.
+        ShardError: the manifest or a shard is missing, truncated or tampered with; no training images, or
+            no validation images while ``train.val_every_steps`` asks for validation.
         ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, a missing
             ``model.pretrained_backbone`` file, or a ``model.init_from`` that is no model of this preset.
     """
     shards = storage.absolute(shards, repo_root)
     manifest = load_manifest(shards, verify=True)
     manifest.split_shards("train")  # ShardError when the split is empty
+    if params.train.val_every_steps:
+        manifest.split_shards("val")  # validation during training needs validation images
     _check_rank_share(params)
     data_digest = hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()
     check_schedule(params.train)
@@ -233,29 +237,41 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         outcome = run_training(job, process_group_timeout_s=process_group_timeout_s or DEFAULT_PROCESS_GROUP_TIMEOUT_S)
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
         model = build_recorded(final.state["preset"], job.num_classes, final.state["prior_spec"])
-        model.load_state_dict(final.state["model"])
+        weights, weights_step = final_weights(final.state, cfg.final_weights)
+        model.load_state_dict(weights)
+        selection = _selection_record(final.state, cfg.final_weights, weights_step, outcome.metrics["status"])
     except TrainingStopped:
         _finish_run(job, None, "KILLED")  # the same command resumes the run, and this MLflow run with it
         raise
-    except (TrainingError, checkpoint.CheckpointError):
+    except (TrainingError, checkpoint.CheckpointError, ValueError):
         _finish_run(job, None, "FAILED")
         raise
     with tempfile.TemporaryDirectory(prefix="ssd-model-") as scratch:
         # MLflow logs a local file: a model going to an object store is written here first, then uploaded
         local = Path(model_out) if not storage.is_url(model_out) else Path(scratch) / Path(str(model_out)).name
-        save_model_file(local, model, classes=list(job.classes), params=recorded)
+        save_model_file(local, model, classes=list(job.classes), params=recorded, selection=selection)
         if storage.is_url(model_out):
             storage.put_file(local, model_out)
         logger.info(
-            "train: %d steps (%d skipped, %d corrupt samples); model written to %s",
+            "train: %d steps (%s; %d skipped, %d corrupt samples); %s weights of step %d written to %s",
             final.meta.step,
+            outcome.metrics["status"],
             outcome.metrics.get("skipped_steps", 0),
             outcome.metrics.get("bad_samples", 0),
+            cfg.final_weights,
+            weights_step,
             model_out,
         )
-        _finish_run(job, local, "FINISHED")
+        _finish_run(job, local, "FINISHED", selection)
         if job.tracking_run_id is not None:
             _publish(job, local, recorded)
+
+
+def _selection_record(state: dict, choice: str, weights_step: int, status: str) -> dict:
+    """What the model file and MLflow record about its weights: which ones, of which step, how the run ended,
+    and (with validation) the best and the last validation's scores."""
+    summary = {k: v for k, v in (state.get("selection") or {}).items() if k != "best_weights"}
+    return {"final_weights": choice, "weights_step": weights_step, "status": status, **summary}
 
 
 def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
@@ -299,9 +315,10 @@ def _workers(worker_range: tuple[int, int]) -> int | str:
     return low if low == high else f"{low}-{high}"
 
 
-def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
-    """Log the model file and end the MLflow run. The run exists and training is done: a server that is down
-    for a while (a restart) is waited for, up to ``FINISH_WAIT_S``, rather than failing the finished job."""
+def _finish_run(job: TrainJob, model_out: Path | None, status: str, selection: dict | None = None) -> None:
+    """Log the model file and which weights it holds (``selection``), and end the MLflow run. The run exists and
+    training is done: a server that is down for a while (a restart) is waited for, up to ``FINISH_WAIT_S``,
+    rather than failing the finished job."""
     if job.tracking_run_id is None:
         return
     deadline = time.monotonic() + FINISH_WAIT_S
@@ -321,6 +338,12 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
                 raise
             logger.warning("%s; retrying, to log the model of the finished run", error)
             time.sleep(2.0)
+    if selection is not None:
+        tracker.set_tags({"final_weights": selection["final_weights"], "weights_step": selection["weights_step"]})
+        if selection.get("best_step") is not None:
+            scores = {f"best/{k}": v for k, v in selection["best"].items()}
+            scores |= {f"last/{k}": v for k, v in selection["last"].items()}
+            tracker.log_metrics({**scores, "best/step": float(selection["best_step"])}, selection["last_step"])
     if model_out is not None:
         tracker.log_model_file(model_out, register=False)  # the MLflow model is registered instead
     tracker.close(status=status)

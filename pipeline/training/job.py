@@ -41,9 +41,12 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
         "run_name",
         "storage_path",
         "log_every_steps",
+        "final_weights",  # every checkpoint holds the last, EMA and best weights: only the copy out differs
     }
 )
 IDENTITY_SECTIONS = ("seed", "model", "augment", "train")
+# With validation on, the post-processing that scores it picks the best step and decides early stopping.
+VALIDATION_EVAL_KEYS = ("eval.score_threshold", "eval.nms_iou", "eval.top_k", "eval.max_detections")
 # The code that decides what a run computes (model, loss, matching, augmentation, data order, loop, optimiser):
 # every project file that importing the worker's loop runs, so a new module is never left out of the digest.
 # ``TRAINING_CODE`` (module attribute) is that closure, worked out on first use: the driver needs it for the
@@ -96,12 +99,16 @@ def code_digest() -> str:
 
 
 def identity(params: Params, data_digest: str, code: str, init_digest: str = "") -> dict[str, Any]:
-    """What a run computes: the flattened params that matter, the data digest, the code digest and, when
-    fine-tuning, the sha256 of the ``model.init_from`` source (its path alone could hold other weights later)."""
+    """What a run computes: the flattened params that matter (with validation on, the eval keys that score it),
+    the data digest, the code digest and, when fine-tuning, the sha256 of the ``model.init_from`` source (its
+    path alone could hold other weights later)."""
     flat = flatten({k: v for k, v in params_to_dict(params).items() if k in IDENTITY_SECTIONS})
     kept = {
         k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in OPERATIONAL_TRAIN_KEYS)
     }
+    if params.train.val_every_steps:
+        evaluation = flatten({"eval": params_to_dict(params)["eval"]})
+        kept.update({k: evaluation[k] for k in VALIDATION_EVAL_KEYS})
     source = {"model.init_from_sha256": init_digest} if init_digest else {}
     return {**kept, **source, "data.manifest_sha256": data_digest, "code.sha256": code}
 

@@ -45,7 +45,13 @@ from pipeline.tracking import redact_uri
 from pipeline.training import checkpoint, faults
 from pipeline.training.checkpoint import SNAPSHOT_FILE
 from pipeline.training.job import TrainJob
-from pipeline.training.loop import STATUS_COMPLETED, STATUS_NONFINITE, STATUS_STOPPED, train_loop_per_worker
+from pipeline.training.loop import (
+    STATUS_COMPLETED,
+    STATUS_NONFINITE,
+    STATUS_STOPPED,
+    STATUS_STOPPED_EARLY,
+    train_loop_per_worker,
+)
 from pipeline.training.preemption import fit_until_signalled, start_stop_requests
 
 logger = logging.getLogger(__name__)
@@ -66,7 +72,7 @@ class TrainingStopped(TrainingError):
 
 
 class TrainOutcome(NamedTuple):
-    checkpoint_uri: str  # the final checkpoint (step train.max_steps)
+    checkpoint_uri: str  # the final checkpoint (step train.max_steps, or where patience stopped the run)
     metrics: dict[str, Any]  # outcome.json: status, step, skipped_steps, bad_samples...
 
 
@@ -230,8 +236,9 @@ def run_training(job: TrainJob, *, process_group_timeout_s: int = DEFAULT_PROCES
             f"its checkpoint is in {run_folder}: run the same command again to resume from it",
             signalled.signum,
         )
-    if outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps:
+    early = outcome["status"] == STATUS_STOPPED_EARLY and outcome["last_checkpoint_step"] == outcome["step"]
+    if not early and (outcome["status"] != STATUS_COMPLETED or outcome["step"] != cfg.max_steps):
         raise TrainingError(f"training run {run_folder} ended as {outcome['status']!r} at step {outcome['step']}")
-    final = checkpoint.dir_name(cfg.max_steps)
+    final = checkpoint.dir_name(outcome["step"])
     checkpoint.prune(job.run_uri, protect=frozenset({final}))  # Ray is done: drop what faults left unregistered
     return TrainOutcome(checkpoint.join(job.run_uri, final), outcome)

@@ -49,6 +49,7 @@ from pipeline.training.preemption import StopWatch
 from pipeline.training.state import TrainState, build_model, build_state, find_resume_checkpoint
 from pipeline.training.step import train_step
 from pipeline.training.step_log import StepLog
+from pipeline.training.watch import Watch
 from ssd_core.augment import AugmentOptions
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 STATUS_COMPLETED = "completed"
 STATUS_NONFINITE = "nonfinite"
 STATUS_STOPPED = "stopped"  # a stop was requested (SIGTERM / SIGINT); checkpointed at the step it stopped
+STATUS_STOPPED_EARLY = "stopped_early"  # train.patience validations without improvement
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -77,9 +79,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hooks = hooks_from_env()  # test-only faults; does nothing in production
     watch = StopWatch(config.get("stop_requests"))  # the driver's stop request, Ray's preemption notice
     saver, status = _Checkpoints(job, rank, world, data.steps_per_epoch, hooks, state.step), STATUS_COMPLETED
+    selector = Watch.create(job, rank, world, model, device, resumed)  # EMA, validation, best step: when on
+    status = STATUS_STOPPED_EARLY if selector.stopped else status  # a run that stopped early, started again
     logger.info("rank %d/%d on %s: starting at step %d of %d", rank, world, device, state.step, cfg.max_steps)
     skips, functions, pending = state.device_skips(), build_step_functions(cfg, device), _Pending()
-    for batch in data.batches(first_step=state.step):
+    for batch in data.batches(first_step=state.step) if not selector.stopped else ():
         epoch = state.step // data.steps_per_epoch
         seed_step(job.params.seed, epoch, state.step)
         hooks.before_step(rank, state.step, model)
@@ -97,6 +101,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             functions=functions,
         )
         pending.add(state.step + 1, result, state.advance(), epoch)  # the schedule advances, step += 1
+        if selector.ema is not None:  # the EMA leaves skipped steps out: one host read per step while it is on
+            selector.after_update(model, not bool(result.nonfinite))
         decision = watch.decide(state.step)  # the same on every rank
         stopping = decision.stop and state.step < cfg.max_steps
         due = (state.step % cfg.checkpoint_every_steps == 0 or decision.checkpoint) and state.step < cfg.max_steps
@@ -106,15 +112,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
         if state.step % data.steps_per_epoch == 0:
             log.end_epoch(epoch)
+        if selector.validate_if_due(state.step, model, log.tracker):  # every rank; True: patience ran out
+            status = STATUS_STOPPED_EARLY
+            break
         if stopping:
             status = STATUS_STOPPED  # the final report below writes this step's checkpoint
             break
         if due:
-            with saver.staged(state, log, status) as staged:
+            with saver.staged(state, log, status, selector) as staged:
                 ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
     if status != STATUS_NONFINITE and pending.read(state, log, hooks, rank, model):
         status = STATUS_NONFINITE
-    with saver.staged(state, log, status, final=True) as staged:  # a checkpoint if completed and not yet saved
+    # the final report: a checkpoint if the run ended (completed, stopped) and its last step is not saved yet
+    with saver.staged(state, log, status, selector, final=True) as staged:
         ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
     saver.write_outcome(state, log, status)  # rank 0
     log.close()
@@ -199,14 +209,18 @@ class _Checkpoints:
         self.last_step = last_step  # step of the newest checkpoint in the run folder
 
     @contextmanager
-    def staged(self, state: TrainState, log: StepLog, status: str, *, final: bool = False) -> Iterator[_Staged]:
+    def staged(
+        self, state: TrainState, log: StepLog, status: str, selector: Watch, *, final: bool = False
+    ) -> Iterator[_Staged]:
         """The arguments of the report after ``state.step`` steps, with rank 0's checkpoint of ``state`` in a
         local folder that lives until the report (which uploads it) returns.
 
-        ``final``: the report at the end of the run, with a checkpoint only if the run completed or was asked
-        to stop, and its last step is not saved yet (a run stopped by the guard keeps its last good checkpoint).
+        ``final``: the report at the end of the run, with a checkpoint only if the run completed, was asked
+        to stop or stopped early, and its last step is not saved yet (a run stopped by the guard keeps its last
+        good checkpoint).
         """
-        write = not final or (status in (STATUS_COMPLETED, STATUS_STOPPED) and self.last_step != state.step)
+        ended = status in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_STOPPED_EARLY)
+        write = not final or (ended and self.last_step != state.step)
         metrics = {
             "step": state.step,
             "status": status,
@@ -225,6 +239,7 @@ class _Checkpoints:
                 bad_samples=log.bad_samples,
                 tracking_run_id=log.tracker.run_id,
             )
+            contents.update(selector.checkpoint_state())  # EMA and best step (None when off)
             local = Path(tempfile.mkdtemp(prefix="ssd-checkpoint-"))
             try:
                 hook = self.hooks.before_checkpoint_rename(self.rank, state.step)

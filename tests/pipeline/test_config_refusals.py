@@ -157,6 +157,29 @@ def test_milestones_are_checked_against_the_run_length_when_the_schedule_uses_th
 
 
 @pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.final_weights=best"], "train.final_weights: 'best' needs validation (train.val_every_steps > 0)"),
+        (["train.final_weights=ema", "train.val_every_steps=5"], "train.final_weights: 'ema' needs an EMA"),
+        (["train.patience=3"], "train.patience: 3 needs validation (train.val_every_steps > 0)"),
+        (["train.select_metric=val/ap50"], "train.select_metric: must be one of"),
+    ],
+    ids=["best-without-validation", "ema-without-ema", "patience-without-validation", "unknown-metric"],
+)
+def test_selection_keys_that_ask_for_what_is_switched_off_are_refused(overrides, message):
+    assert _refused(*overrides).startswith(message)
+
+
+def test_consistent_selection_keys_load():
+    params = load_params(
+        None,
+        ["train.final_weights=ema", "train.ema_decay=0.99", "train.val_every_steps=5", "train.patience=2"],
+    )
+    assert (params.train.final_weights, params.train.patience) == ("ema", 2)
+    assert load_params(None, ["train.final_weights=best", "train.val_every_steps=1"]).train.final_weights == "best"
+
+
+@pytest.mark.parametrize(
     ("classes", "message"),
     [
         ("[cat,dog,cat]", r"data\.classes: expected distinct names, got \['cat'\] more than once"),

@@ -43,7 +43,7 @@ def _pipeline_copy(tmp_path: Path) -> tuple[Path, dict]:
 
 def test_dvc_repro_runs_the_data_stages_once(tmp_path):
     work, params = _pipeline_copy(tmp_path)
-    params["data"]["synthetic"].update(num_train=24, num_val=8, image_size=64)
+    params["data"]["synthetic"].update(num_train=24, num_val=8, num_test=4, image_size=64)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     _dvc(work, "init", "--no-scm", "-q")
 
@@ -97,7 +97,7 @@ def _mlflow_runs(database: Path) -> list[dict[str, str]]:
 def test_the_whole_pipeline_under_dvc_repro_and_dvc_exp_run(tmp_path):
     """All four stages (train on local Ray with 2 workers), nothing re-runs, an experiment gets its own run."""
     work, params = _pipeline_copy(tmp_path)
-    params["data"]["synthetic"].update(num_train=16, num_val=6, image_size=64)
+    params["data"]["synthetic"].update(num_train=16, num_val=6, num_test=4, image_size=64)
     params["train"].update(batch_size=4, max_steps=3, warmup_steps=1, checkpoint_every_steps=2, loader_workers=0)
     params["eval"].update(num_workers=0, num_sample_images=2)
     params["tracking"]["grad_stats_every"] = 2

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.shards.loader import EvalBatch, TrainBatch, collate_train, eval_loader, train_loader
+from pipeline.shards.eval_loader import EvalBatch, eval_loader
+from pipeline.shards.loader import TrainBatch, collate_train, train_loader
 from pipeline.shards.manifest import ShardError, load_manifest
 from pipeline.shards.order import rank_batch
 from ssd_core.augment import AugmentOptions

@@ -104,7 +104,12 @@ def test_default_sized_generation_is_fast(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the output folder
-SMALL = ["data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.image_size=48"]
+SMALL = [
+    "data.synthetic.num_train=4",
+    "data.synthetic.num_val=2",
+    "data.synthetic.num_test=0",
+    "data.synthetic.image_size=48",
+]
 
 
 def _prepare_cli(out, report, *overrides: str) -> int:

@@ -18,10 +18,10 @@ from pipeline.artifacts.model_file import save_model_file
 from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
+from pipeline.report.scoring import SUMMARY_KEYS
 from pipeline.serving.registry import CHAMPION, CHAMPION_METRIC, VAL_DIGEST_TAG
-from pipeline.shards.loader import eval_loader
+from pipeline.shards.eval_loader import eval_loader
 from pipeline.stages.evaluate import validation_digest
-from pipeline.stages.evaluate_scoring import SUMMARY_KEYS
 from pipeline.tracking import create_tracker
 from ssd_core.model import build_ssd
 from tests.pipeline.fixtures import make_params

@@ -64,6 +64,21 @@ def test_how_a_run_is_executed_does_not(override):
     assert _digest(override) == _digest()
 
 
+def test_final_weights_are_operational_and_what_selects_them_is_identity():
+    validated = ["train.val_every_steps=5", "train.final_weights=best"]
+    assert _digest(*validated, "train.final_weights=last") == _digest(*validated)  # the checkpoint holds all
+    for override in (
+        "train.val_every_steps=6",
+        "train.select_metric=val/loss",
+        "train.patience=2",
+        "train.ema_decay=0.9",
+        "eval.nms_iou=0.5",  # post-processing scores the validation that picks the best step
+        "eval.score_threshold=0.05",
+    ):
+        assert _digest(*validated, override) != _digest(*validated), override
+    assert _digest("eval.nms_iou=0.5") == _digest()  # without validation, evaluation is not training
+
+
 def test_data_and_code_are_part_of_the_identity():
     assert _digest(data="b" * 64) != _digest()
     assert _digest(code="other") != _digest()

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.shards.loader import eval_loader
-from pipeline.stages.evaluate_scoring import SUMMARY_KEYS, Collected, score_detections
+from pipeline.report.scoring import SUMMARY_KEYS, Collected, score_detections
+from pipeline.shards.eval_loader import eval_loader
 
 
 @pytest.fixture(scope="module")

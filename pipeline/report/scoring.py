@@ -1,7 +1,11 @@
-"""Evaluate's computation: the model over every validation sample, and the VOC and COCO scores of what it found.
+"""Evaluate's computation: the model over every sample of a split, and the VOC and COCO scores of what it found.
 
-``run_inference`` collects, per validation image, the ground truth and the detections (decoded and
-suppressed with ``params.eval``), boxes in original-image pixels, plus a few samples for the detection grid;
+One code for ``python -m pipeline evaluate`` and for validation during training
+(``pipeline.training.validation``), so that both report the same number for the same weights.
+
+``run_inference`` collects, per image, the ground truth and the detections (decoded and suppressed with
+``params.eval``), boxes in original-image pixels, plus a few samples for the detection grid (with
+``world_size`` > 1, only rank ``rank``'s disjoint slice of the split's batches, ``eval_loader``);
 ``score_detections`` turns them into ``EvalResult``: VOC07 11-point and VOC2010+ area mAP@0.5
 (``ssd_core.metrics``, difficult boxes ignored) and COCO mAP@[.5:.95] with its breakdown
 (``pipeline.report.coco_eval``). ``pipeline.stages.evaluate_outputs`` writes them to disk.
@@ -10,6 +14,7 @@ suppressed with ``params.eval``), boxes in original-image pixels, plus a few sam
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -49,6 +54,7 @@ class Collected(NamedTuple):
     det_labels: list[np.ndarray]  # N x [K]
     samples: list[Sample]
     inference_s: float  # loading + forward + post-processing
+    order: np.ndarray | None = None  # int64 [N]: each image's index in the split (slices merge by it)
 
 
 class EvalResult(NamedTuple):
@@ -62,17 +68,39 @@ class EvalResult(NamedTuple):
 # ------------------------------------------------------------------------------------------- inference
 @torch.no_grad()
 def run_inference(
-    model, shards: str, cfg: EvalConfig, *, device: torch.device, num_workers: int, progress: bool = True
+    model,
+    shards: str,
+    cfg: EvalConfig,
+    *,
+    device: torch.device,
+    num_workers: int,
+    progress: bool = True,
+    split: str = "val",
+    rank: int = 0,
+    world_size: int = 1,
+    on_batch: Callable[[Any, Any], None] | None = None,
 ) -> Collected:
-    """Run ``model`` (an ``ssd_core.model.SSD`` in eval mode) over every validation sample of ``shards``."""
-    from pipeline.shards.loader import eval_loader
+    """Run ``model`` (an ``ssd_core.model.SSD`` in eval mode) over every sample of ``split`` in ``shards``, or
+    over rank ``rank``'s slice of its batches when ``world_size`` > 1.
+
+    ``on_batch(batch, output)``: called with each ``EvalBatch`` and the model's raw ``SSDOutput`` (loc
+    ``[B, P, 4]``, cls_logits ``[B, P, C]``), e.g. to add up a validation loss.
+    """
+    from pipeline.shards.eval_loader import eval_loader
     from ssd_core.augment import normalize_images
     from ssd_core.postprocess import postprocess
 
     loader = eval_loader(
-        shards, split="val", batch_size=cfg.batch_size, image_size=model.image_size, num_workers=num_workers
+        shards,
+        split=split,
+        batch_size=cfg.batch_size,
+        image_size=model.image_size,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
     )
     priors = model.priors().to(device)  # [P, 4] cxcywh
+    order = [p * cfg.batch_size + i for p in loader.positions for i in range(cfg.batch_size)]
     keys: list[str] = []
     sizes, gt_boxes, gt_labels, gt_difficult = [], [], [], []
     det_boxes, det_scores, det_labels = [], [], []
@@ -82,6 +110,8 @@ def run_inference(
     for batch in bar:
         images = normalize_images(batch.images.to(device, non_blocking=True))  # float [B, 3, S, S]
         output = model(images)
+        if on_batch is not None:
+            on_batch(batch, output)
         detections = postprocess(
             output.loc,
             output.cls_logits,
@@ -128,6 +158,7 @@ def run_inference(
         det_labels,
         samples,
         elapsed,
+        np.asarray(order[: len(keys)], dtype=np.int64),
     )
 
 

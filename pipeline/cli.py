@@ -56,6 +56,22 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     _path(p, "--out", "shard", "shard folder (with manifest.json)")
 
 
+def _boxes_args(p: argparse.ArgumentParser) -> None:
+    _path(p, "--index", "boxes", "prepared index folder (its training split is read)")
+    _path(p, "--report", "boxes", "prior recall and box sizes (DVC metric)")
+    _path(p, "--plots", "boxes", "folder for the DVC plot data and the size histograms")
+
+
+def _fit_priors_args(p: argparse.ArgumentParser) -> None:
+    _path(p, "--index", "boxes", "prepared index folder (its training split is read)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/fitted_priors.yaml"),
+        help="params snippet to write (model.priors: custom and model.prior_spec)",
+    )
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -93,7 +109,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train (path or URL)", stage_flag="--model-out", url=True)
+    _path(
+        p,
+        "--model",
+        "train",
+        "model file from train (path or URL), or models:/NAME@ALIAS",
+        stage_flag="--model-out",
+        url=True,
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -107,7 +130,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _path(p, "--model", "train", "model file from train", stage_flag="--model-out")
+    _path(p, "--model", "train", "model file from train, or models:/NAME@ALIAS", stage_flag="--model-out")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the model's path, suffix .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
@@ -116,6 +139,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="append ONNX NonMaxSuppression (eval.* thresholds) after the decoded boxes and scores",
     )
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="the registered version to make the champion, NAME@VERSION (e.g. ssd@3)")
+    p.add_argument("--reason", required=True, help="why (recorded on the version as promoted_reason)")
+    p.add_argument("--user", default="", help="who (default: the login name), recorded as promoted_by")
 
 
 def _summary_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +164,13 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: tuple[Command, ...] = (
     Command("prepare", "pipeline.stages.prepare", "validate a VOC/COCO/synthetic source into an index", _prepare_args),
     Command("shard", "pipeline.stages.shard", "write WebDataset shards and their manifest", _shard_args),
+    Command("boxes", "pipeline.stages.boxes", "box sizes and prior recall of the training boxes", _boxes_args),
+    Command(
+        "fit-priors",
+        "pipeline.stages.fit_priors",
+        "fit default-box sizes and ratios to the training boxes; writes a params snippet",
+        _fit_priors_args,
+    ),
     Command("train", "pipeline.stages.train", "distributed training with Ray Train", _train_args),
     Command("evaluate", "pipeline.stages.evaluate", "VOC and COCO mAP on the validation shards", _evaluate_args),
     Command(
@@ -145,6 +181,12 @@ COMMANDS: tuple[Command, ...] = (
         takes_inputs=True,
     ),
     Command("export", "pipeline.stages.export", "export the model with its box decoding (ONNX)", _export_args),
+    Command(
+        "promote",
+        "pipeline.stages.promote",
+        "make a registered model version the champion, recording who and why",
+        _promote_args,
+    ),
     Command(
         "summary",
         "pipeline.stages.summary",
@@ -219,6 +261,8 @@ def _fill_paths_from_dvc(args: argparse.Namespace, parser: argparse.ArgumentPars
             )
         setattr(args, dest, value if url else Path(value))
     if command.name == "export" and args.out is None:
+        if str(args.model).startswith("models:/"):
+            parser.error(f"export: --out is required when --model is a registered model ({args.model})")
         args.out = Path(args.model).with_suffix(".onnx")
 
 

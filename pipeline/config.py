@@ -43,12 +43,14 @@ from pipeline.config_schema import (
     RUN_NAME_PATTERN,
     SEED_MAX,
     AugmentConfig,
+    BoxesConfig,
     CocoConfig,
     DataConfig,
     EvalConfig,
     ModelConfig,
     Params,
     PrepareConfig,
+    PriorSpecConfig,
     ShardConfig,
     SyntheticConfig,
     TrackingConfig,
@@ -65,6 +67,7 @@ __all__ = [
     "RUN_NAME_PATTERN",
     "SEED_MAX",
     "AugmentConfig",
+    "BoxesConfig",
     "CocoConfig",
     "ConfigError",
     "DataConfig",
@@ -72,6 +75,7 @@ __all__ = [
     "ModelConfig",
     "Params",
     "PrepareConfig",
+    "PriorSpecConfig",
     "ShardConfig",
     "SyntheticConfig",
     "TrackingConfig",
@@ -124,6 +128,10 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     problems = [*_range_problems(params, ""), *_section_problems(params)]
     if not any(problem.startswith("augment.") for problem in problems):
         problems += _augment_problems(params.augment)
+    if not any(problem.startswith("model.") for problem in problems):
+        from pipeline.model_builder import freeze_problems, model_problems  # imports torch: only when validating
+
+        problems += model_problems(params.model) or freeze_problems(params.model, params.train)
     if problems:
         raise ConfigError("; ".join(problems))
     return params
@@ -287,6 +295,8 @@ def _section_problems(params: Params) -> Iterable[str]:
     problem = milestones_problem(params.train)
     if problem:
         yield problem
+    if params.train.cuda_graphs and not (params.train.compile and params.train.use_gpu):
+        yield "train.cuda_graphs: needs train.compile: true and train.use_gpu: true (CUDA graphs exist only on CUDA)"
     train = params.train
     if _workers_problem(train.num_workers) is None and train.batch_size < train.worker_range[1]:
         yield (

@@ -111,14 +111,48 @@ class ShardConfig:
     jpeg_quality: int = _p(95, ge=1, le=100, help="quality of re-encoded images")
 
 
+@dataclass
+class BoxesConfig:
+    min_prior_recall: float = _p(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        help="warn, by class and size, when fewer boxes than this reach train.iou_threshold with their best prior",
+    )
+    fit_trials: int = _p(400, ge=1, le=1_000_000, help="fit-priors: candidate changes scored by the search")
+    fit_max_boxes: int = _p(
+        20_000, ge=1, le=MAX_IMAGES, help="fit-priors: boxes the search scores (an even sample of larger sets)"
+    )
+
+
 # -------------------------------------------------------------------------------------------- model
+@dataclass
+class PriorSpecConfig:
+    """``model.priors: custom``: the default boxes per source level, in pixels at the model's input side.
+
+    The levels' count and feature maps are the network's (``pipeline.model_builder`` checks them); steps
+    default to the preset's."""
+
+    min_sizes: list[float] = _p([], help="per level: side of the small square box, input pixels")
+    max_sizes: list[float] = _p([], help="per level: the extra square is sqrt(min * max), input pixels")
+    aspect_ratios: list[Any] = _p([], help="per level: a list of ratios > 1, each added with its flip")
+    steps: list[float] = _p([], help="per level: stride of the box centres, input pixels (empty: the preset's)")
+    clip: bool = _p(False, help="clamp the priors to the image (the Caffe models do not)")
+
+
 @dataclass
 class ModelConfig:
     preset: str = _p("ssd_tiny", choices=("ssd_tiny", "ssd300_vgg16", "ssd512_vgg16"), help="architecture and priors")
     priors: str = _p(
-        "voc", choices=("voc", "coco"), help="VGG presets: default-box sizes of the Caffe VOC or COCO model"
+        "voc",
+        choices=("voc", "coco", "custom"),
+        help="default boxes: the Caffe VOC or COCO model's (ssd_tiny: voc is its own), or custom: model.prior_spec",
     )
+    prior_spec: PriorSpecConfig = field(default_factory=PriorSpecConfig)
     pretrained_backbone: str = _p("", help="path to an ImageNet VGG16 state dict (empty: random init)")
+    init_from: str = _p(
+        "", help="fine-tune: start from a model file or a checkpoint folder; class rows matched by name (empty: off)"
+    )
 
 
 @dataclass
@@ -167,6 +201,11 @@ class TrainConfig:
     grad_clip_norm: float = _p(10.0, ge=0.0, help="clip the global gradient norm (0: off)")
     precision: str = _p("fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp16: GPU only)")
     channels_last: bool = _p(False, help="NHWC memory format for convolutions")
+    compile: bool = _p(False, help="torch.compile (inductor) the forward pass, target assignment and loss")
+    cuda_graphs: bool = _p(False, help="with compile and use_gpu: replay the step's kernels as CUDA graphs")
+    max_boxes: int = _p(
+        100, ge=1, le=4096, help="ground truth padded to this many boxes per image; records with more are skipped"
+    )
     iou_threshold: float = _p(0.5, gt=0.0, le=1.0, help="prior/box IoU that makes a positive")
     neg_pos_ratio: int = _p(3, ge=1, le=1000, help="hard negatives per positive (paper: 3)")
     loss_normalize: str = _p("batch", choices=("batch", "per_image"), help="divide by N over the batch")
@@ -180,8 +219,10 @@ class TrainConfig:
         pattern=RUN_NAME_PATTERN,
         help="Ray Train run name; with storage_path, the identity used to resume; a folder name, never a path",
     )
-    storage_path: str = _p("runs", help="checkpoints: local path or URL; the run folder is <run_name>-<digest>")
+    storage_path: str = _p("runs", help="checkpoints: local path or s3:// URL; the run folder is <run_name>-<digest>")
     log_every_steps: int = _p(10, ge=1, le=MAX_STEPS, help="progress line and step metrics interval")
+    freeze: list[str] = _p([], help="parameter-name prefixes kept fixed (e.g. vgg.), fine-tuning; [] trains all")
+    unfreeze_at_step: int = _p(0, ge=0, le=MAX_STEPS, help="train.freeze holds until this step (0: for the whole run)")
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -228,6 +269,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    boxes: BoxesConfig = field(default_factory=BoxesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -19,7 +19,9 @@ Levels come in order, and inside a level locations go row by row, column by colu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,6 +76,45 @@ class PriorSpec:
                     "each ratio r adds r and its flip 1/r, and ratio 1 is always present"
                 )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON-, YAML- and ``torch.load(weights_only=True)``-safe): what a model file,
+        a checkpoint and the ONNX metadata record, so that loading rebuilds exactly these priors."""
+        return {
+            "image_size": int(self.image_size),
+            "feature_maps": [int(f) for f in self.feature_maps],
+            "steps": [float(s) for s in self.steps],
+            "min_sizes": [float(s) for s in self.min_sizes],
+            "max_sizes": [float(s) for s in self.max_sizes],
+            "aspect_ratios": [[float(r) for r in ratios] for ratios in self.aspect_ratios],
+            "clip": bool(self.clip),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PriorSpec:
+        """Inverse of ``to_dict``; the spec's own checks run on the values.
+
+        Raises:
+            ValueError: a field is missing, unknown or not numbers of the right nesting (field named).
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"PriorSpec.from_dict: expected a mapping, got {type(values).__name__}")
+        names = ("image_size", "feature_maps", "steps", "min_sizes", "max_sizes", "aspect_ratios", "clip")
+        missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
+        if missing or unknown:
+            raise ValueError(f"PriorSpec.from_dict: missing fields {missing}, unknown fields {unknown}")
+        try:
+            return cls(
+                image_size=_integer(values["image_size"]),
+                feature_maps=tuple(_integer(f) for f in values["feature_maps"]),
+                steps=tuple(_number(s) for s in values["steps"]),
+                min_sizes=tuple(_number(s) for s in values["min_sizes"]),
+                max_sizes=tuple(_number(s) for s in values["max_sizes"]),
+                aspect_ratios=tuple(tuple(_number(r) for r in ratios) for ratios in values["aspect_ratios"]),
+                clip=_flag(values["clip"]),
+            )
+        except TypeError as error:
+            raise ValueError(f"PriorSpec.from_dict: {error}") from None
+
     @property
     def boxes_per_location(self) -> tuple[int, ...]:
         """A_k per level: two squares plus two boxes (ar, 1/ar) per aspect ratio."""
@@ -123,6 +164,24 @@ class PriorSpec:
             aspect_ratios=tuple(tuple(r) for r in aspect_ratios),
             clip=clip,
         )
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
 
 
 # The original Caffe models (weiliu89/caffe, ssd_pascal.py / ssd_coco.py and the released prototxts).

@@ -8,8 +8,8 @@
 - ``object_store`` (session): one server for the whole session; an ``S3Server`` (endpoint, bucket,
   access_key, secret_key, env, pid, url()).
 - ``s3_env`` (function): sets the server's client variables for the test (and points ``AWS_PROFILE``,
-  ``~/.aws/config`` and ``~/.aws/credentials`` away, so a developer's own AWS setup cannot interfere);
-  returns the same ``S3Server``.
+  ``~/.aws/config`` and ``~/.aws/credentials`` away, so a developer's own AWS setup cannot interfere, and
+  the shard cache into the test's folder); returns the same ``S3Server``.
 
 ``S3Server(root).start()`` / ``.stop()`` work without pytest too. The server runs in its own session and is
 stopped by its PID (SIGTERM, then SIGKILL), never by name.
@@ -141,4 +141,5 @@ def s3_env(object_store: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     for key in ENV_KEYS:
         monkeypatch.setenv(key, object_store.env[key])
+    monkeypatch.setenv("SSD_SHARD_CACHE", str(tmp_path / "shard-cache"))  # pipeline.shards.cache, not ~/.cache
     return object_store

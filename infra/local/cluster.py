@@ -126,7 +126,11 @@ class Cluster:
         try:
             self._start_s3()
             head, mlflow = self._spawn_ray_head(), self._spawn_mlflow()  # both take a while: side by side
-            head()
+            try:
+                head()
+            except RuntimeError:  # Ray's fixed 30 s for a raylet to register ran out (a loaded machine): again
+                svc.kill_group(self.state["services"].pop("ray-head")["pid"], grace_s=0)
+                self._spawn_ray_head()()
             mlflow()
             self._create_train_user()
             for _ in range(workers):
@@ -177,16 +181,17 @@ class Cluster:
             timeout_s=STARTUP_TIMEOUT_S,
         )
 
-    def add_node(self, attempts: int = 2) -> str:
+    def add_node(self, attempts: int = 3) -> str:
         """Start one more worker node (as an autoscaler would) and wait until it has joined; returns its name.
         ``ray start`` gives up when its raylet has not registered within 30 s (a fixed limit in Ray); on a
-        loaded machine that happens, so a node that exits during start-up is started again, once."""
+        loaded machine that happens, so a node that exits during start-up is started again (twice)."""
         for attempt in range(1, attempts + 1):
             try:
                 return self._add_node()
             except RuntimeError:
-                failed = f"ray-worker-{self.state['next_worker'] - 1}"
-                svc.kill_group(self.state["services"][failed]["pid"], grace_s=0)
+                failed = self.state["services"].pop(f"ray-worker-{self.state['next_worker'] - 1}")
+                self.save()
+                svc.kill_group(failed["pid"], grace_s=0)
                 if attempt == attempts:
                     raise
         raise AssertionError("unreachable")

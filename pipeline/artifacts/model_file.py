@@ -1,12 +1,19 @@
-"""The trained-model file (``models/ssd.pt``): weights, preset, class map and the params it was trained with.
+"""The trained-model file (``models/ssd.pt``): weights, preset, priors, class map and the training params.
 
 The file is ``torch.save`` of a plain dict of tensors, strings, numbers and lists, so it loads with
 ``torch.load(weights_only=True)`` anywhere, without Ray, MLflow or this package's training code::
 
-    {"format": "ssd-pipeline-model", "version": 1, "preset": "ssd_tiny", "num_classes": 4,
-     "classes": ["circle", "square", "triangle"], "state_dict": {...}, "params": {...}}
+    {"format": "ssd-pipeline-model", "version": 2, "preset": "ssd_tiny", "num_classes": 4,
+     "classes": ["circle", "square", "triangle"], "prior_spec": {"image_size": 160, ...},
+     "state_dict": {...}, "params": {...}}
 
 ``classes[i]`` is the name of label ``i + 1``; label 0 is background, so ``num_classes == len(classes) + 1``.
+``prior_spec`` is the full ``PriorSpec.to_dict()`` the model was built with; loading rebuilds exactly those
+priors, never the preset's or ``params``'s idea of them.
+
+Version 1 files (no ``prior_spec``) were written by code that always built the preset's own priors
+(``ssd_core.model.PRESET_PRIORS``: VOC boxes for the VGG presets, whatever ``model.priors`` said), so that
+is what their weights were trained with and what they load with.
 
 The file may live in a local folder or at a ``pipeline.storage`` URL (``s3://bucket/models/ssd.pt``).
 """
@@ -21,10 +28,12 @@ from typing import Any, NamedTuple
 import torch
 
 from pipeline import storage
-from ssd_core.model import PRESETS, SSD, build_ssd
+from ssd_core.model import PRESET_PRIORS, PRESETS, SSD, build_ssd
+from ssd_core.priors import PriorSpec
 
 MODEL_FORMAT = "ssd-pipeline-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before prior_spec was recorded (see the module docstring)
 MAX_CLASSES = 10_000  # far above any detection set (LVIS: 1,203); a longer list is not a class map
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 6, 60, 60
@@ -35,6 +44,7 @@ class LoadedModel(NamedTuple):
     classes: list[str]  # label i + 1 is classes[i]
     params: dict[str, Any]  # params_to_dict(Params) of the training run
     preset: str
+    prior_spec: PriorSpec  # the priors the model was built with (also ``model.prior_spec``)
 
 
 def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params: dict[str, Any]) -> None:
@@ -62,6 +72,7 @@ def save_model_file(path: str | Path, model: SSD, *, classes: list[str], params:
         "preset": model.preset,
         "num_classes": model.num_classes,
         "classes": classes,
+        "prior_spec": model.prior_spec.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "params": params,
     }
@@ -95,16 +106,34 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: not a readable model file ({type(error).__name__}: {error})") from error
     check_payload(payload, path)
     preset, num_classes = payload["preset"], payload["num_classes"]
-    with torch.device("meta"):
-        skeleton = build_ssd(preset, num_classes)
+    spec = recorded_prior_spec(payload, path)
+    try:
+        with torch.device("meta"):
+            skeleton = build_ssd(preset, num_classes, prior_spec=spec)
+    except ValueError as error:
+        raise ValueError(f"{path}: prior_spec does not fit preset {preset!r}: {error}") from error
     check_state_dict(payload["state_dict"], skeleton.state_dict(), f"{path} (preset {preset!r}, {num_classes} classes)")
-    model = build_ssd(preset, num_classes)
+    model = build_ssd(preset, num_classes, prior_spec=spec)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:  # shapes agree (checked above); what is left, e.g. an uncastable dtype
         raise ValueError(f"{path}: the weights do not fit preset {preset!r}: {error}") from error
     model.to(map_location).eval()
-    return LoadedModel(model, list(payload["classes"]), dict(payload["params"]), preset)
+    return LoadedModel(model, list(payload["classes"]), dict(payload["params"]), preset, spec)
+
+
+def recorded_prior_spec(payload: dict[str, Any], path: Path | str) -> PriorSpec:
+    """The priors a checked payload records (version 1: the preset's own, which its code always built).
+
+    Raises:
+        ValueError: naming ``path``: ``prior_spec`` is malformed.
+    """
+    if payload["version"] == 1:
+        return PRESET_PRIORS[payload["preset"]]
+    try:
+        return PriorSpec.from_dict(payload.get("prior_spec"))
+    except ValueError as error:
+        raise ValueError(f"{path}: prior_spec: {str(error)[:300]}") from None
 
 
 def check_payload(payload: Any, path: Path | str) -> None:
@@ -116,8 +145,8 @@ def check_payload(payload: Any, path: Path | str) -> None:
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: expected a {MODEL_FORMAT!r} file, found {found!r}")
-    if payload.get("version") != MODEL_VERSION:
-        raise ValueError(f"{path}: model file version {payload.get('version')!r}, this code reads {MODEL_VERSION}")
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: model file version {payload.get('version')!r}, this code reads {READABLE_VERSIONS}")
     preset = payload.get("preset")
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"{path}: preset: expected one of {PRESETS}, got {_short(preset)}")

@@ -243,6 +243,7 @@ def metadata(model: SSD, classes: list[str]) -> dict[str, str]:
     return {
         "preset": model.preset,
         "image_size": str(model.image_size),
+        "prior_spec": json.dumps(model.prior_spec.to_dict()),  # the boxes baked into the graph's decoding
         "classes": json.dumps(list(classes)),
         "score_columns": "0 = background, c = classes[c - 1]",
         "mean": json.dumps(list(IMAGE_MEAN)),

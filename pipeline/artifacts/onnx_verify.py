@@ -168,6 +168,7 @@ def sidecar(
         "size_bytes": size_bytes,
         "image_size": s,
         "num_priors": p,
+        "prior_spec": model.prior_spec.to_dict(),  # the boxes baked into the graph's decoding
         "classes": list(classes),
         "inputs": [
             {

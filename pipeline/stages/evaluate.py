@@ -25,7 +25,8 @@ installs anything), so it measures a whole ``make run``; it is null when the var
 
 With ``tracking.enabled`` the ``val/...`` metrics, the per-class table and the PNGs go to the MLflow run
 that logged this model file (found by the file's sha256; a new run if none did), and the registered model
-version of that run is tagged with the metrics.
+version of that run is tagged with the metrics and the validation-data digest; ``champion`` moves to it
+only if its VOC07 mAP beats the champion's on the same validation data (``decide_champion``).
 
 Inference and scoring are in ``pipeline.stages.evaluate_scoring``, the files in
 ``pipeline.stages.evaluate_outputs``; this module reports to MLflow and runs the steps in order.
@@ -113,6 +114,49 @@ def log_to_tracking(
     tracker.set_model_version_tags({k: v for k, v in metrics.items() if not k.startswith("val/ap_voc07/")})
 
 
+def validation_digest(shards: str) -> str:
+    """sha256 of what the validation split is: the class list and each validation shard's name and sha256
+    (from the manifest). Two evaluations with equal digests scored the same images and boxes."""
+    import hashlib
+    import json
+
+    from pipeline.shards.manifest import load_manifest
+
+    manifest = load_manifest(shards, verify=False)
+    entries = sorted((shard.name, shard.sha256) for shard in manifest.split_shards("val"))
+    return hashlib.sha256(json.dumps([list(manifest.classes), entries]).encode()).hexdigest()
+
+
+def decide_champion(params: Params, repo_root: Path, run_id: str, summary: dict, shards: str) -> None:
+    """Tag the registered versions of run ``run_id`` with their ``CHAMPION_METRIC`` and validation-data
+    digest, then let ``pipeline.serving.registry.consider_champion`` move ``champion`` (or say why not).
+
+    Raises:
+        TrackingError: the store refused or did not answer.
+    """
+    from pipeline.serving.registry import CHAMPION_METRIC, VAL_DIGEST_TAG, consider_champion
+    from pipeline.tracking import TrackingError, redact_uri
+    from pipeline.tracking.runs import connect
+
+    value = summary.get(CHAMPION_METRIC.removeprefix("val/"))
+    if value is None or not math.isfinite(value):
+        logger.warning("champion: no finite %s to compare; the champion stays", CHAMPION_METRIC)
+        return
+    digest = validation_digest(shards)
+    uri, client = connect(params.tracking, repo_root, None)
+    try:
+        versions = client.search_model_versions(f"run_id='{run_id}'")
+        mine = [v for v in versions if v.name == params.tracking.model_name]
+        if not mine:
+            logger.info("champion: run %s registered no version of %s", run_id, params.tracking.model_name)
+        for version in mine:
+            client.set_model_version_tag(version.name, version.version, VAL_DIGEST_TAG, digest)
+            client.set_model_version_tag(version.name, version.version, CHAMPION_METRIC, str(float(value)))
+            consider_champion(client, version.name, str(version.version), value=float(value), data_digest=digest)
+    except Exception as error:  # MlflowException and the store's own errors: name the store, keep the cause
+        raise TrackingError(redact_uri(f"champion: MLflow store {uri}: {type(error).__name__}: {error}")) from error
+
+
 # ------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace, params: Params) -> int:
     from pipeline.artifacts.model_file import load_model_file
@@ -178,6 +222,12 @@ def main(args: argparse.Namespace, params: Params) -> int:
         raise
     if not tracker.close("FINISHED" if new_run else None):
         logger.error("some evaluation results did not reach MLflow; the files above are complete")
+    if tracker.run_id is not None and params.tracking.register_model:
+        try:
+            decide_champion(params, repo_root, tracker.run_id, result.summary, str(args.shards))
+        except TrackingError as error:
+            logger.error("%s", error)
+            return 1
     logger.info(
         "evaluate: wrote %s, %s, %s in %.1f s", args.metrics, args.plots, args.out, time.perf_counter() - started
     )

@@ -1,12 +1,12 @@
 """``python -m pipeline export``: the model file as ONNX, with its box decoding, checked with onnxruntime.
 
-``--model`` (``models/ssd.pt``) is exported to ``--out`` (``models/ssd.onnx``) at ``--opset`` (17); with
-``--nms`` the graph ends in ONNX ``NonMaxSuppression`` with the ``params.eval`` thresholds (see
-``pipeline.artifacts.onnx_export`` for inputs, outputs and the exact NMS semantics). Before anything is written
-the model passes ``onnx.checker`` and onnxruntime (CPU) is compared with PyTorch on random images: max
-|diff| within ``Tolerance`` for boxes and scores and, with ``--nms``, the same selected indices as
-``ssd_core``'s NMS. Then the ``.onnx`` is written atomically, and ``<out>.json`` describes it (names,
-shapes, side, classes, mean/std, opset, tolerance, measured differences).
+``--model`` (``models/ssd.pt``, or a registered model ``models:/NAME@ALIAS``) is exported to ``--out``
+(``models/ssd.onnx``) at ``--opset`` (17); with ``--nms`` the graph ends in ONNX ``NonMaxSuppression`` with
+the ``params.eval`` thresholds (see ``pipeline.artifacts.onnx_export`` for inputs, outputs and the exact NMS
+semantics). Before anything is written the model passes ``onnx.checker`` and onnxruntime (CPU) is compared
+with PyTorch on random images: max |diff| within ``Tolerance`` for boxes and scores and, with ``--nms``, the
+same selected indices as ``ssd_core``'s NMS. Then the ``.onnx`` is written atomically, and ``<out>.json``
+describes it (names, shapes, side, classes, mean/std, opset, tolerance, measured differences).
 
 Exit status: 0 written; 1 the check failed (nothing written); 2 unusable arguments or model file.
 """
@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts.atomic_write import write_bytes_atomic
-from pipeline.artifacts.model_file import load_model_file
 from pipeline.artifacts.onnx_export import NmsSettings, check_opset, export_onnx, metadata
 from pipeline.artifacts.onnx_verify import Tolerance, sidecar, verify_onnx
 from pipeline.config import Params
+from pipeline.stages.predict import load_model
+from pipeline.tracking.uris import TrackingError
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def main(args: argparse.Namespace, params: Params) -> int:
         return 2
     try:
         opset = check_opset(args.opset)
-        loaded = load_model_file(args.model)
-    except (FileNotFoundError, ValueError) as error:
+        loaded = load_model(args.model, params)
+    except (FileNotFoundError, ValueError, TrackingError) as error:
         logger.error("export: %s", error)
         return 2
     cfg = params.eval

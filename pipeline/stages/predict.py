@@ -19,9 +19,12 @@ their formats are in ``pipeline.stages.predict_outputs``:
 ``images/<name>``      each image with its detections drawn, upright, at its original size
 =====================  ==============================================================================
 
+``--model`` is a model file or a registered model, ``models:/NAME@ALIAS`` (``models:/ssd@champion``) or
+``models:/NAME/VERSION``, whose model file is downloaded from the MLflow store of ``tracking.uri``.
+
 Exit status: 0 when at least one image was read, 1 when every image failed, 2 for a usage error (no
-inputs, a missing path, an unreadable model file, a bad ``--device``, an ``--out`` that ``check_output``
-refuses).
+inputs, a missing path, an unreadable model file or registered model, a bad ``--device``, an ``--out``
+that ``check_output`` refuses).
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.config import EvalConfig, Params
+from pipeline.serving.detect import DetectSettings, detect, model_input
 from pipeline.sources.images import ImageRejected, load_rgb
 from pipeline.stages.predict_inputs import (
     DETECTIONS_NAME,
@@ -53,6 +56,7 @@ from pipeline.stages.predict_inputs import (
     resolve_device,
 )
 from pipeline.stages.predict_outputs import Failure, Prediction, detections_json, results_list, save_drawn, write_json
+from pipeline.tracking.uris import TrackingError
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +71,8 @@ def read_image(path: Path, *, image_size: int, max_pixels: int) -> tuple[Image.I
     Raises:
         ImageRejected: the file is not a usable image (reason as ``pipeline.sources.images``).
     """
-    from ssd_core.augment import eval_transform
-
     image = load_rgb(path, max_pixels=max_pixels)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3], a writable copy
-    return image, eval_transform(pixels.permute(2, 0, 1), image_size)  # [3, S, S]
+    return image, model_input(image, image_size)
 
 
 def _read(path: Path, image_size: int, max_pixels: int) -> tuple[Image.Image, torch.Tensor] | Failure:
@@ -98,14 +99,11 @@ def predict_images(
     Images are read ``batch_size`` at a time on ``READ_THREADS`` threads, the next batch while the model
     runs on this one; the images of a batch that could be read go through one forward pass.
     """
-    from ssd_core.augment import normalize_images
-    from ssd_core.postprocess import postprocess
-
     if batch_size < 1:
         raise InputError(f"predict: --batch-size: expected a positive number, got {batch_size}")
     model.eval()
     image_size = int(model.image_size)
-    priors = model.priors().to(device)  # [P, 4] cxcywh
+    settings = DetectSettings.from_eval(cfg, min_score)
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, batch_size))) as pool:
 
@@ -121,44 +119,44 @@ def predict_images(
             if ok:
                 batch = torch.stack([read[i][1] for i in ok]).to(device)  # uint8 [B, 3, S, S]
                 sizes = [read[i][0].size for i in ok]  # [B] (width, height) of the upright originals
-                with torch.inference_mode():
-                    output = model(normalize_images(batch))
-                    detections = postprocess(
-                        output.loc,
-                        output.cls_logits,
-                        priors,
-                        sizes,
-                        score_threshold=cfg.score_threshold,
-                        top_k=cfg.top_k,
-                        nms_iou=cfg.nms_iou,
-                        max_detections=cfg.max_detections,
-                    )
+                detections = detect(model, batch, sizes, settings)
             by_index = dict(zip(ok, detections, strict=True))
             for i, path in enumerate(chunk):
                 if i not in by_index:
                     yield read[i]
                     continue
                 det, (image, _) = by_index[i], read[i]
-                scores = det.scores.float().cpu().numpy().astype(np.float64)  # [K]
-                keep = scores >= min_score
-                yield Prediction(
-                    path,
-                    image.width,
-                    image.height,
-                    det.boxes.float().cpu().numpy().astype(np.float64).reshape(-1, 4)[keep],  # [K', 4]
-                    scores[keep],
-                    det.labels.cpu().numpy().astype(np.int64)[keep],
-                    image,
-                )
+                yield Prediction(path, image.width, image.height, det.boxes, det.scores, det.labels, image)
 
 
-# -------------------------------------------------------------------------------------------- outputs
 # ----------------------------------------------------------------------------------------------- main
-def main(args: argparse.Namespace, params: Params) -> int:
-    from tqdm import tqdm
+def load_model(model: str | Path, params: Params, map_location: str | torch.device = "cpu"):
+    """``--model`` loaded (``pipeline.artifacts.model_file.LoadedModel``): a model file as given, or the model
+    file of a registered model ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, downloaded from the store of
+    ``params.tracking`` into a temporary folder that is removed once the file is loaded.
+
+    Raises:
+        FileNotFoundError: no model file there. ValueError: not a model file, or a malformed ``models:/`` URI.
+        TrackingError: the store has no such model, alias or version, or does not answer.
+    """
+    import shutil
 
     from pipeline.artifacts.model_file import load_model_file
+    from pipeline.serving.model_uri import download_model_file, is_model_uri
     from pipeline.storage import check_reachable
+
+    if not is_model_uri(model):
+        check_reachable(str(model), "--model")  # an object store that does not answer: seconds, not minutes
+        return load_model_file(model, map_location=map_location)
+    local = download_model_file(str(model), params.tracking, Path.cwd())
+    try:
+        return load_model_file(local, map_location=map_location)
+    finally:
+        shutil.rmtree(local.parent, ignore_errors=True)
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    from tqdm import tqdm
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -170,8 +168,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
             raise InputError(f"predict: --min-score: expected a score in [0, 1], got {args.min_score}")
         if args.batch_size < 1:
             raise InputError(f"predict: --batch-size: expected a positive number, got {args.batch_size}")
-        check_reachable(str(args.model), "--model")  # an object store that does not answer: seconds, not minutes
-        loaded = load_model_file(args.model, map_location=device)
+        loaded = load_model(args.model, params, map_location=device)
     except InputError as error:
         logger.error("%s", error)
         return 2
@@ -181,7 +178,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
             args.model,
         )
         return 2
-    except ValueError as error:  # not a model file of this format
+    except (ValueError, TrackingError) as error:  # not a model file of this format; no such registered model
         logger.error("predict: %s", error)
         return 2
     if args.min_score < params.eval.score_threshold:

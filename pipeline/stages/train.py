@@ -9,7 +9,8 @@
    fresh).
 4. Open (or continue) the MLflow run and record the run's params, world size, device and data.
 5. ``TorchTrainer.fit()``; then load the final checkpoint and write ``--model-out`` with
-   ``save_model_file`` (loadable without Ray), log it to MLflow and register it.
+   ``save_model_file`` (loadable without Ray), log it to the run, and log it as an MLflow model (pyfunc,
+   ONNX attached) registered as a new version with the alias ``challenger`` (``pipeline.serving.publish``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pipeline import storage
 from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
+from pipeline.model_builder import build_model, build_recorded
 from pipeline.shards.manifest import ShardError, load_manifest
+from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import (
     TrackingError,
     create_tracker,
@@ -39,10 +43,10 @@ from pipeline.tracking import (
     tracking_credentials,
 )
 from pipeline.training import checkpoint
+from pipeline.training.init_from import read_source, source_digest
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
-from ssd_core.model import build_ssd
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +109,8 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
 
     Raises:
         ShardError: the manifest or a shard is missing, truncated or tampered with.
-        ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, or a missing
-            ``model.pretrained_backbone`` file.
+        ValueError: the schedule does not fit ``train.max_steps``, fp16 without a GPU, a missing
+            ``model.pretrained_backbone`` file, or a ``model.init_from`` that is no model of this preset.
     """
     shards = storage.absolute(shards, repo_root)
     manifest = load_manifest(shards, verify=True)
@@ -122,14 +126,16 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         backbone = str((repo_root / backbone).resolve())
         if not Path(backbone).is_file():
             raise ValueError(f"model.pretrained_backbone: no file at {backbone}")
+    init_from, init_digest = _check_init_from(params, repo_root, manifest.classes)
     tracking_uri = default_tracking_uri(repo_root, params.tracking.uri)
     resolved = dataclasses.replace(
         params,
-        model=dataclasses.replace(params.model, pretrained_backbone=backbone),
+        model=dataclasses.replace(params.model, pretrained_backbone=backbone, init_from=init_from),
         train=dataclasses.replace(params.train, storage_path=storage_path),
         tracking=dataclasses.replace(params.tracking, uri=split_credentials(tracking_uri)[0]),
     )
-    run_uri = storage.join(storage_path, f"{params.train.run_name}-{identity_digest(params, data_digest)}")
+    digest = identity_digest(params, data_digest, init_digest=init_digest)
+    run_uri = storage.join(storage_path, f"{params.train.run_name}-{digest}")
     return TrainJob(
         params=resolved,
         shards=shards,
@@ -141,6 +147,30 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
     )
 
 
+def _check_init_from(params: Params, repo_root: Path, classes: list[str]) -> tuple[str, str]:
+    """``(absolute location, sha256)`` of the ``model.init_from`` source, read and checked here, before any
+    worker starts (``("", "")`` when not fine-tuning). Raises ``ValueError`` naming the key."""
+    if not params.model.init_from:
+        return "", ""
+    location = storage.absolute(params.model.init_from, repo_root)
+    source = read_source(location)
+    if source.preset != params.model.preset:
+        raise ValueError(
+            f"model.init_from: {storage.describe(location)} is a {source.preset} model, but model.preset is "
+            f"{params.model.preset}"
+        )
+    shared = sorted(set(source.classes) & set(classes))
+    logger.info(
+        "fine-tuning from %s (%s): %d of this run's %d classes by name (%s); the others start fresh",
+        storage.describe(location),
+        source.kind,
+        len(shared),
+        len(classes),
+        ", ".join(shared) or "none",
+    )
+    return location, source_digest(location)
+
+
 def _check_rank_share(params: Params) -> None:
     """Refuse a global batch that leaves a rank one image per step when the model has batch norm (``ssd_tiny``):
     training-mode batch norm cannot normalise a 1x1 map over a single image. A rank's share is at least
@@ -149,7 +179,8 @@ def _check_rank_share(params: Params) -> None:
     most = cfg.worker_range[1]
     if cfg.batch_size >= 2 * most:
         return
-    model = build_ssd(params.model.preset, 2)
+    with torch.device("meta"):  # the layers only
+        model = build_model(params.model, ["object"])
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return
     raise ValueError(
@@ -194,12 +225,14 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         recorded, world_size=_workers(cfg.worker_range), device_type="cuda" if cfg.use_gpu else "cpu", shards=job.shards
     )
     tracker.set_tags({"run_folder": run_folder})
+    if not found:
+        _log_data_report(tracker, Path(job.repo_root))
     tracker.close(status=None)  # rank 0 continues this run during training
     job = dataclasses.replace(job, tracking_run_id=tracker.run_id, invocation=uuid.uuid4().hex)
     try:
         outcome = run_training(job, process_group_timeout_s=process_group_timeout_s or DEFAULT_PROCESS_GROUP_TIMEOUT_S)
         final = checkpoint.load_checkpoint(outcome.checkpoint_uri)
-        model = build_ssd(final.state["preset"], job.num_classes)
+        model = build_recorded(final.state["preset"], job.num_classes, final.state["prior_spec"])
         model.load_state_dict(final.state["model"])
     except TrainingStopped:
         _finish_run(job, None, "KILLED")  # the same command resumes the run, and this MLflow run with it
@@ -221,6 +254,43 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
             model_out,
         )
         _finish_run(job, local, "FINISHED")
+        if job.tracking_run_id is not None:
+            _publish(job, local, recorded)
+
+
+def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
+    """The model file as an MLflow model of the run, registered with the alias challenger (pipeline.serving)."""
+    from pipeline.serving.publish import publish_model
+
+    published = publish_model(
+        job.params.tracking,
+        repo_root=Path(job.repo_root),
+        run_id=job.tracking_run_id,
+        model_file=model_file,
+        params=recorded,
+        data_digest=job.data_digest,
+        credentials=job.tracking_credentials,
+    )
+    where = f"{job.params.tracking.model_name} version {published.version}" if published.version else "unregistered"
+    logger.info("train: MLflow model models:/%s (%s)", published.model_id, where)
+
+
+def _log_data_report(tracker, repo_root: Path) -> None:
+    """The ``boxes`` stage's report and histograms (at ``dvc.yaml``'s paths), when that stage has run: MLflow
+    artifacts ``data_report/``, and its overall prior recall as ``data/prior_recall`` at step 0."""
+    import json
+
+    options = stage_options("boxes", repo_root / DVC_FILE)
+    report = repo_root / options.get("--report", "-")
+    if not report.is_file():
+        return
+    tracker.log_artifact(report, "data_report")
+    sizes = repo_root / options.get("--plots", "-") / "sizes.png"
+    if sizes.is_file():
+        tracker.log_artifact(sizes, "data_report")
+    recall = json.loads(report.read_text(encoding="utf-8")).get("prior_recall")
+    if isinstance(recall, float):
+        tracker.log_metrics({"data/prior_recall": recall}, step=0)
 
 
 def _workers(worker_range: tuple[int, int]) -> int | str:
@@ -252,5 +322,5 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str) -> None:
             logger.warning("%s; retrying, to log the model of the finished run", error)
             time.sleep(2.0)
     if model_out is not None:
-        tracker.log_model_file(model_out)
+        tracker.log_model_file(model_out, register=False)  # the MLflow model is registered instead
     tracker.close(status=status)

@@ -209,14 +209,17 @@ class MlflowTracker:
             f"artifact {source.name}", upload, cleanup=lambda: shutil.rmtree(staged_dir, ignore_errors=True)
         )
 
-    def log_model_file(self, path: str | Path, *, metrics: Mapping[str, float] | None = None) -> None:
-        """Log the model file under ``model/`` and, with ``tracking.register_model``, register it as a new
-        version of ``tracking.model_name`` tagged with ``metrics`` (default: the run's latest metrics)."""
+    def log_model_file(
+        self, path: str | Path, *, metrics: Mapping[str, float] | None = None, register: bool = True
+    ) -> None:
+        """Log the model file under ``model/`` and, with ``register`` and ``tracking.register_model``, register
+        it as a new version of ``tracking.model_name`` tagged with ``metrics`` (default: the run's latest
+        metrics). ``train`` registers the MLflow model instead (``pipeline.serving.publish``): register=False."""
         path = Path(path)
         digest = file_sha256(path)
         self.log_artifact(path, "model")
         self.set_tags({MODEL_DIGEST_TAG: digest})  # lets `evaluate` find this run from the model file
-        if not self.cfg.register_model:
+        if not (register and self.cfg.register_model):
             return
         source = f"{self.artifact_uri.rstrip('/')}/model"
 

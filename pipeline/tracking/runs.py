@@ -28,6 +28,10 @@ from pipeline.tracking.uris import (
 logger = logging.getLogger(__name__)
 
 _HTTP_TIMEOUT_S = 30  # per request once started (MLflow's default is 120 s)
+# The experiment tag MLflow 3's UI reads to choose its view (mlflow/server/js: "mlflow.experimentKind"); without it
+# the UI infers a kind and may open a training experiment in the GenAI view, listing runs as "Evaluation runs".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"  # the UI's "machine learning" (model training) view
 
 
 class StoredRun(NamedTuple):
@@ -64,17 +68,22 @@ def connect(cfg: TrackingConfig, repo_root: Path, credentials: Mapping[str, str]
 
 def experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``: created (with ``artifact_location``, None: the store's default) if
-    missing, restored if deleted."""
+    missing, restored if deleted, and marked as a model-training experiment (``EXPERIMENT_KIND_TAG``) unless
+    it already says what kind it is."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT}
+            )
         except Exception:  # another process created it meanwhile
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
     return experiment.experiment_id
 
 

@@ -30,6 +30,8 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
         "num_workers",
         "threads_per_worker",
         "use_gpu",
+        "compile",
+        "cuda_graphs",
         "loader_workers",
         "checkpoint_every_steps",
         "keep_checkpoints",
@@ -93,20 +95,22 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def identity(params: Params, data_digest: str, code: str) -> dict[str, Any]:
-    """What a run computes: the flattened params that matter, the data digest and the code digest."""
+def identity(params: Params, data_digest: str, code: str, init_digest: str = "") -> dict[str, Any]:
+    """What a run computes: the flattened params that matter, the data digest, the code digest and, when
+    fine-tuning, the sha256 of the ``model.init_from`` source (its path alone could hold other weights later)."""
     flat = flatten({k: v for k, v in params_to_dict(params).items() if k in IDENTITY_SECTIONS})
     kept = {
         k: v for k, v in flat.items() if not (k.startswith("train.") and k.split(".", 1)[1] in OPERATIONAL_TRAIN_KEYS)
     }
-    return {**kept, "data.manifest_sha256": data_digest, "code.sha256": code}
+    source = {"model.init_from_sha256": init_digest} if init_digest else {}
+    return {**kept, **source, "data.manifest_sha256": data_digest, "code.sha256": code}
 
 
-def identity_digest(params: Params, data_digest: str, code: str | None = None) -> str:
+def identity_digest(params: Params, data_digest: str, code: str | None = None, init_digest: str = "") -> str:
     """8 hex digits naming a run's identity; the run folder is ``<train.run_name>-<digest>``.
 
     ``code`` defaults to ``code_digest()``: changed training code starts a new run, as DVC re-runs the stage.
     """
     code = code_digest() if code is None else code
-    text = json.dumps(identity(params, data_digest, code), sort_keys=True, default=str)
+    text = json.dumps(identity(params, data_digest, code, init_digest), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -54,22 +54,50 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
     The original Caffe SSD sets ``decay_mult: 0`` on biases; decaying BatchNorm/L2Norm scales only pulls
     them towards zero without regularising anything.
+
+    Parameters named by a ``cfg.freeze`` prefix go into two more groups marked ``"frozen"``, which
+    ``build_scheduler`` holds at rate 0 until ``cfg.unfreeze_at_step``. Their gradients are still computed
+    (and count in the clipped norm) and batch-norm statistics still update: freezing keeps the weights, it
+    saves no compute. (One set of groups for all ranks keeps DDP's parameter set fixed across the unfreeze.)
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups = [
+        {"params": [], "weight_decay": cfg.weight_decay, "frozen": False},
+        {"params": [], "weight_decay": 0.0, "frozen": False},
+        {"params": [], "weight_decay": cfg.weight_decay, "frozen": True},
+        {"params": [], "weight_decay": 0.0, "frozen": True},
+    ]
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            frozen = any(name.startswith(prefix) for prefix in cfg.freeze)
+            groups[2 * frozen + (param.ndim <= 1)]["params"].append(param)
+    groups = [group for group in groups if group["params"] or not group["frozen"]]  # no frozen groups: as before
     lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)  # batch_size is the global batch
     # One fused kernel per step instead of several passes over every tensor (benchmarks/README.md).
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999), fused=True)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+        sgd = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+        if cfg.momentum:  # zero buffers: a first step skipped through found_inf would leave empty_like ones
+            for param in (p for group in groups for p in group["params"]):  # 0 * momentum + g == g: unchanged
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return sgd
     raise ValueError(f"train.optimizer: expected 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: call ``scheduler.step()`` once after every optimiser step (skipped ones too)."""
+    """Per-step schedule: call ``scheduler.step()`` once after every optimiser step (skipped ones too).
+
+    The groups of ``train.freeze`` parameters (``"frozen"``) run at rate 0 until ``train.unfreeze_at_step``
+    (always, when it is 0), then follow the schedule: an SGD or AdamW step at rate 0 changes nothing, weight
+    decay included.
+    """
     check_schedule(cfg)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+    def frozen_factor(step: int) -> float:
+        return lr_factor(step, cfg) if 0 < cfg.unfreeze_at_step <= step else 0.0
+
+    factors = [
+        frozen_factor if group.get("frozen") else (lambda step: lr_factor(step, cfg))
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

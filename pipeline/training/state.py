@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.config import params_to_dict
+from pipeline.model_builder import build_model as build_configured
+from pipeline.model_builder import prior_spec_for
 from pipeline.tracking import redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import rng_state, set_rng_state
-from pipeline.training.guard import SkipGuard
+from pipeline.training.guard import DeviceSkips, SkipGuard
+from pipeline.training.init_from import read_source, transfer_table, transfer_weights
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
 from ssd_core.backbone import load_vgg16_backbone
-from ssd_core.model import SSD, build_ssd
+from ssd_core.model import SSD
 
 if TYPE_CHECKING:
     import ray.train
@@ -47,10 +50,20 @@ class TrainState:
     def end_step(self, finite: bool) -> tuple[float, bool]:
         """Count the step just taken: ``(learning rate it used, True if the run must stop)``."""
         stop = self.guard.record(finite)
+        return self.advance(), stop
+
+    def advance(self) -> float:
+        """Count the step just taken before its values are read (``guard.record`` comes at the next read):
+        returns the learning rate it used."""
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # skipped steps advance the schedule too: every step counts
         self.step += 1
-        return lr, stop
+        return lr
+
+    def device_skips(self) -> DeviceSkips:
+        """The guard's consecutive count on the training device, for ``train_step``."""
+        device = next(self.model.parameters()).device
+        return DeviceSkips(self.guard.max_consecutive, self.guard.consecutive, device)
 
     def checkpoint(
         self, job: TrainJob, *, epoch: int, world: int, bad_samples: int, tracking_run_id: str | None
@@ -69,6 +82,7 @@ class TrainState:
             "bad_samples": bad_samples,
             "rng": rng_state(),
             "preset": self.model.preset,
+            "prior_spec": self.model.prior_spec.to_dict(),  # what the weights were trained with
             "classes": list(job.classes),
             "params": params,
             "tracking_run_id": tracking_run_id,
@@ -85,15 +99,20 @@ class TrainState:
 
 
 def build_model(job: TrainJob, resumed: checkpoint.LoadedCheckpoint | None) -> SSD:
-    """The plain SSD with the same weights on every rank: seeded initialisation (or the VGG16 backbone), or
-    the checkpoint's weights when resuming; channels-last if configured."""
+    """The plain SSD with the same weights on every rank: seeded initialisation (then the VGG16 backbone and
+    the ``model.init_from`` source, if given), or the checkpoint's weights when resuming; channels-last if
+    configured."""
     params = job.params
     torch.manual_seed(params.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_ssd(params.model.preset, job.num_classes)
+    model = build_configured(params.model, job.classes)
     if resumed is not None:
         model.load_state_dict(resumed.state["model"])
-    elif params.model.pretrained_backbone:
-        load_vgg16_backbone(model, params.model.pretrained_backbone)
+    else:
+        if params.model.pretrained_backbone:
+            load_vgg16_backbone(model, params.model.pretrained_backbone)
+        if params.model.init_from:  # fine-tuning: over the backbone, class rows by name
+            source = read_source(params.model.init_from)
+            logger.info("%s", transfer_table(transfer_weights(model, source, job.classes), source))
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -146,6 +165,12 @@ def find_resume_checkpoint(
                 f"{redact_uri(uri)}: checkpoint of preset {loaded.state['preset']} with classes "
                 f"{loaded.state['classes']}, but this run is {job.params.model.preset} with "
                 f"{list(job.classes)}"
+            )
+        wanted = prior_spec_for(job.params.model).to_dict()
+        if loaded.state.get("prior_spec") != wanted:
+            raise ValueError(
+                f"{redact_uri(uri)}: checkpoint trained with priors {loaded.state.get('prior_spec')}, but this run "
+                f"builds {wanted}"
             )
         logger.info("resuming from %s (step %d)", redact_uri(uri), loaded.meta.step)
         if loaded.meta.world_size != world:

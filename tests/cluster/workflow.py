@@ -2,15 +2,18 @@
 them: a shell with the cluster's environment, the cluster's state, its job server, its MLflow server, its bucket.
 
 ``COMMANDS`` is the single copy of those lines: ``tests/test_readme.py`` checks that README's section shows
-exactly these, and ``tests/cluster/test_workflow.py`` runs them. Where a line names a job (``$JOB``) or a
-run (``$RUN``), the test sets that variable; nothing else is substituted.
+exactly these, and ``tests/cluster/test_workflow.py`` runs them. Where a line names a job (``$JOB``), a run
+(``$RUN``) or a node (``$NODE``), the test sets that variable (README sets them with ``export``); nothing
+else is substituted.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,7 +35,7 @@ SUBMIT = (
     "-- python -m pipeline train --shards s3://$SSD_S3_BUCKET/shards "
     "--model-out s3://$SSD_S3_BUCKET/models/$RUN.pt "
     "train.storage_path=s3://$SSD_S3_BUCKET/runs tracking.uri=$MLFLOW_TRACKING_URI "
-    f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=2 train.checkpoint_every_steps=10 "
+    f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=4 train.checkpoint_every_steps=10 "
     "train.log_every_steps=1 train.loader_workers=0 train.precision=fp32"
 )
 START = "infra/local/start"
@@ -43,12 +46,17 @@ REMOTE_ADD = ".venv/bin/dvc remote add --local -d laptop s3://$SSD_S3_BUCKET/dvc
 REMOTE_ENDPOINT = ".venv/bin/dvc remote modify --local laptop endpointurl $AWS_ENDPOINT_URL"
 PUSH = ".venv/bin/dvc push shard"
 COMMIT = 'git add dvc.lock && git commit -m "shards for the cluster"'
+RM_SHARDS = "rm -rf shards"
 JOB_STOP = ".venv/bin/ray job stop $JOB"
 JOB_LOGS = ".venv/bin/ray job logs $JOB"
+KILL_NODE = ".venv/bin/python infra/local/cluster.py kill $NODE"
+ADD_NODE = ".venv/bin/python infra/local/cluster.py add-node"
+KILL_MLFLOW = ".venv/bin/python infra/local/cluster.py kill mlflow"
+REVIVE_MLFLOW = ".venv/bin/python infra/local/cluster.py revive mlflow"
 PULL = ".venv/bin/dvc pull shard"
 STOP = "infra/local/stop"
-COMMANDS = (START, LOAD_ENV, REPRO, UPLOAD, REMOTE_ADD, REMOTE_ENDPOINT, PUSH, COMMIT)
-COMMANDS += (SUBMIT, JOB_LOGS, JOB_STOP, PULL, STOP)
+COMMANDS = (START, LOAD_ENV, REPRO, UPLOAD, REMOTE_ADD, REMOTE_ENDPOINT, PUSH, COMMIT, RM_SHARDS, SUBMIT, JOB_LOGS)
+COMMANDS += (KILL_NODE, ADD_NODE, KILL_MLFLOW, REVIVE_MLFLOW, JOB_STOP, PULL, STOP)
 
 
 def fresh_clone(source: Path, target: Path) -> Path:
@@ -116,14 +124,6 @@ class Shell:
 # ------------------------------------------------------------------------------------------ the cluster
 def cluster_state(cluster_dir: Path) -> dict[str, Any]:
     return json.loads((cluster_dir / "state.json").read_text())
-
-
-def cluster_cli(cluster_dir: Path, *args: str) -> str:
-    """``infra/local/cluster.py`` (kill, add-node, revive); returns its output."""
-    cmd = [sys.executable, str(REPO / "infra" / "local" / "cluster.py"), *args, "--dir", str(cluster_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout.strip()
 
 
 class JobServer:
@@ -222,3 +222,30 @@ def wait_for(predicate, what: str, timeout_s: float, every_s: float = 1.0):
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
         time.sleep(every_s)
     return value
+
+
+_STEP = re.compile(r"(\d\d:\d\d:\d\d) INFO pipeline.training.progress: step (\d+)/")
+_START = re.compile(r"(\d\d:\d\d:\d\d) INFO pipeline.training.loop: rank 0/\d+ on \w+: starting at step (\d+)")
+
+
+def step_times(logs: str) -> list[tuple[float, int]]:
+    """(time, step) of rank 0's progress lines in a job's log (today's date, whole seconds)."""
+    day = datetime.date.today()
+    return [
+        (datetime.datetime.combine(day, datetime.time.fromisoformat(t)).timestamp(), int(s))
+        for t, s in _STEP.findall(logs)
+    ]
+
+
+def recovery(logs: str, killed: float) -> dict[str, float | int]:
+    """From a job's log and the time a node was killed: when the new worker group's rank 0 started
+    (``group_restarted_s``), at which step (``resumed_from_step``), and when it completed its first step
+    (``next_step_s``), in seconds after the kill (the log has whole seconds)."""
+    day = datetime.datetime.fromtimestamp(killed).date()
+
+    def clock(hms: str) -> float:
+        return datetime.datetime.combine(day, datetime.time.fromisoformat(hms)).timestamp()
+
+    restarted, step = next((clock(t), int(s)) for t, s in _START.findall(logs) if clock(t) >= int(killed))
+    done = next(clock(t) for t, s in _STEP.findall(logs) if clock(t) >= restarted and int(s) == step + 1)
+    return {"group_restarted_s": restarted - killed, "resumed_from_step": step, "next_step_s": done - killed}

@@ -40,7 +40,8 @@ def _code_lines() -> list[str]:
         "docker compose -f infra/mlflow/docker-compose.yaml",  # watch in MLflow
         "ray down -y infra/ray/cluster.yaml",  # tear down
         "kubectl delete -k infra/k8s",
-        "Nothing here has started a cluster",
+        "Nothing here has started a cloud cluster",
+        "infra/local/start",  # the same workflow, for real, on a loopback cluster
     ],
 )
 def test_readme_walks_from_zero_to_a_run(step):

@@ -57,8 +57,13 @@ def test_dvc_repro_runs_the_data_stages_once(tmp_path):
     second = _dvc(work, "repro", "shard")
     assert "Running stage" not in second.stdout, second.stdout
 
+    boxes = _dvc(work, "repro", "boxes")
+    assert "Running stage 'boxes'" in boxes.stdout and "Running stage 'prepare'" not in boxes.stdout
+    assert json.loads((work / "reports" / "boxes.json").read_text())["boxes"] > 0
+    assert (work / "reports" / "boxes" / "sizes.png").is_file()
+
     shown = _dvc(work, "metrics", "show", "--json")
-    assert "reports/prepare.json" in shown.stdout
+    assert "reports/prepare.json" in shown.stdout and "reports/boxes.json" in shown.stdout
 
     params["data"]["synthetic"]["num_val"] = 9  # a changed param re-runs its stage and what follows
     (work / "params.yaml").write_text(yaml.safe_dump(params))

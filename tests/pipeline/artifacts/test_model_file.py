@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.artifacts.model_file import load_model_file, save_model_file
-from ssd_core.model import build_ssd
+from ssd_core.model import SSD_TINY_PRIORS, build_ssd
+from ssd_core.priors import SSD300_COCO, SSD300_VOC, PriorSpec
 
 CLASSES = ["circle", "square", "triangle"]
 PARAMS = {"seed": 7, "train": {"lr": 0.01, "milestones": [1, 2]}, "model": {"preset": "ssd_tiny"}}
@@ -154,6 +155,16 @@ def _reshape(key):
             lambda p: p["state_dict"].__setitem__("extra", torch.zeros(1)),
             r"missing keys \[\], unexpected keys \['extra'\]",
         ),
+        (lambda p: p.pop("prior_spec"), r"prior_spec: .*expected a mapping, got NoneType"),
+        (lambda p: p["prior_spec"].pop("steps"), r"prior_spec: .*missing fields \['steps'\]"),
+        (lambda p: p["prior_spec"].__setitem__("min_sizes", [1, 2, "x", 4, 5]), r"prior_spec: .*finite number"),
+        # a well-formed spec that the network cannot produce: SSD300's maps on ssd_tiny
+        (lambda p: p.__setitem__("prior_spec", SSD300_COCO.to_dict()), r"prior_spec does not fit preset 'ssd_tiny'"),
+        # another box count per location than the heads in the file: a weight shape differs
+        (
+            lambda p: p["prior_spec"].__setitem__("aspect_ratios", [[2, 3]] * 5),
+            r"weight 'loc\.0\.weight': expected shape \[24, 128, 3, 3\], got \[16, 128, 3, 3\]",
+        ),
     ],
 )
 def test_a_malformed_model_file_is_refused_before_anything_is_built(model, tmp_path, real_builds, edit, message):
@@ -183,3 +194,23 @@ def test_a_good_file_is_built_once_for_real(model, tmp_path, real_builds):
     save_model_file(path, model, classes=CLASSES, params=PARAMS)
     assert load_model_file(path).classes == CLASSES
     assert real_builds == [("ssd_tiny", 4)]
+
+
+def test_the_file_records_the_full_prior_spec_and_loads_exactly_it(tmp_path):
+    """Custom priors (another first size) survive the round trip: rebuilt from the file, not from the preset."""
+    custom = PriorSpec.from_dict({**SSD_TINY_PRIORS.to_dict(), "min_sizes": [10.0, 30.0, 60.0, 90.0, 130.0]})
+    net = build_ssd("ssd_tiny", len(CLASSES) + 1, prior_spec=PriorSpec.from_dict(custom.to_dict()))
+    save_model_file(tmp_path / "ssd.pt", net, classes=CLASSES, params=PARAMS)
+    assert torch.load(tmp_path / "ssd.pt", weights_only=True)["prior_spec"]["min_sizes"][0] == 10.0
+    loaded = load_model_file(tmp_path / "ssd.pt")
+    assert loaded.prior_spec == custom and torch.equal(loaded.model.priors(), net.priors())
+
+
+def test_a_version_1_file_loads_with_the_priors_its_code_built(model, tmp_path):
+    """Version 1 files have no prior_spec: the code that wrote them always built the preset's own priors
+    (VOC boxes for the VGG presets, even under model.priors=coco), so that is what they load with."""
+    path = _edited(model, tmp_path, lambda p: (p.pop("prior_spec"), p.__setitem__("version", 1)))
+    assert load_model_file(path).prior_spec == SSD_TINY_PRIORS
+    assert SSD300_VOC.min_sizes[0] == 30  # what a version-1 ssd300 file gets (PRESET_PRIORS)
+    with pytest.raises(ValueError, match=r"model file version 3, this code reads \(1, 2\)"):
+        load_model_file(_edited(model, tmp_path, _set("version", 3)))

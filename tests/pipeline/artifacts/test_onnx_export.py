@@ -11,6 +11,7 @@ the command in ``tests/pipeline/stages/test_export.py``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -18,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts.onnx_export import NmsSettings, detections_from_selected, export_onnx
+from pipeline.artifacts.onnx_export import NmsSettings, detections_from_selected, export_onnx, metadata
 from pipeline.artifacts.onnx_verify import Tolerance, reference_selected_indices, run_onnx, sample_images
 from ssd_core.augment import normalize_images
 from ssd_core.model import build_ssd
 from ssd_core.postprocess import nms, postprocess
+from ssd_core.priors import SSD300_COCO, PriorSpec
 from tests.pipeline.fixtures import random_tiny_ssd, reference_boxes_scores
 
 CLASSES = ["circle", "square", "triangle"]
@@ -153,3 +155,11 @@ def test_ssd300_exports_at_batch_1(tmp_path):
     assert np.abs(got["boxes"] - boxes.numpy()).max() <= TOLERANCE.boxes
     assert np.abs(got["scores"] - scores.numpy()).max() <= TOLERANCE.scores
     logging.getLogger(__name__).info("ssd300 export check took %.1f s", time.perf_counter() - started)
+
+
+def test_the_metadata_records_the_models_full_prior_spec():
+    """Not the preset's name: a COCO-box SSD300 says so, to the last size."""
+    with torch.device("meta"):
+        model = build_ssd("ssd300_vgg16", 3, prior_spec=SSD300_COCO)
+    recorded = PriorSpec.from_dict(json.loads(metadata(model, ["a", "b"])["prior_spec"]))
+    assert recorded == SSD300_COCO and recorded.min_sizes[0] == 21

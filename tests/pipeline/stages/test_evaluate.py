@@ -18,7 +18,9 @@ from pipeline.artifacts.model_file import save_model_file
 from pipeline.artifacts.output_folder import claim_output_folder
 from pipeline.cli import main as cli_main
 from pipeline.config import TrackingConfig, params_to_dict
+from pipeline.serving.registry import CHAMPION, CHAMPION_METRIC, VAL_DIGEST_TAG
 from pipeline.shards.loader import eval_loader
+from pipeline.stages.evaluate import validation_digest
 from pipeline.stages.evaluate_scoring import SUMMARY_KEYS
 from pipeline.tracking import create_tracker
 from ssd_core.model import build_ssd
@@ -165,6 +167,25 @@ def test_reports_to_the_training_run_that_logged_the_model(tmp_path, monkeypatch
     } <= names
     (version,) = client.search_model_versions("name='ssd-eval-test'")
     assert "val/map_voc07" in version.tags and version.tags["train/loss"] == "1.5"
+    # the first evaluated version becomes the champion, with the validation data it was scored on
+    assert version.tags[VAL_DIGEST_TAG] == validation_digest(str(uneven_shards))
+    assert float(version.tags[CHAMPION_METRIC]) == pytest.approx(metrics["map_voc07"], abs=1e-9)
+    champion = client.get_model_version_by_alias("ssd-eval-test", CHAMPION)
+    assert champion.version == version.version  # the first evaluation made it the champion
+    assert version.tags["champion_decision"] == "version 1 is already the champion (val/map_voc07 0.0000)"  # the re-run
+
+
+def test_the_validation_digest_names_the_validation_shards_only(uneven_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(uneven_shards, copy)
+    assert validation_digest(str(copy)) == validation_digest(str(uneven_shards))  # where they lie does not matter
+    manifest = json.loads((copy / "manifest.json").read_text())
+    val = next(s for s in manifest["shards"] if s["split"] == "val")
+    val["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert validation_digest(str(copy)) != validation_digest(str(uneven_shards))
 
 
 def test_unreachable_tracking_server_fails_fast_before_any_work(

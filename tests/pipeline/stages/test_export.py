@@ -28,6 +28,7 @@ from pipeline.artifacts.onnx_verify import Tolerance, run_onnx, sample_images
 from pipeline.config import load_params, params_to_dict
 from pipeline.stages import export as export_stage
 from ssd_core.deploy import DeployedSSD
+from ssd_core.model import SSD_TINY_PRIORS
 from tests.pipeline.fixtures import random_tiny_ssd, reference_boxes_scores
 
 REPO = Path(__file__).resolve().parents[3]
@@ -97,6 +98,7 @@ def test_sidecar_describes_the_export(plain_export):
     assert info["tolerance"] == {"boxes": TOLERANCE.boxes, "scores": TOLERANCE.scores}
     props = {p.key: p.value for p in onnx.load(str(plain_export)).metadata_props}
     assert json.loads(props["classes"]) == CLASSES and props["image_size"] == "160"
+    assert json.loads(props["prior_spec"]) == info["prior_spec"] == SSD_TINY_PRIORS.to_dict()
 
 
 # ---------------------------------------------------------------------------------------- command

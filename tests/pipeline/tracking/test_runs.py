@@ -8,7 +8,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking.runs import connect, continue_run, create_run, experiment_id, find_run_by_tag
+from pipeline.tracking.runs import (
+    EXPERIMENT_KIND_TAG,
+    TRAINING_EXPERIMENT,
+    connect,
+    continue_run,
+    create_run,
+    experiment_id,
+    find_run_by_tag,
+)
 from pipeline.tracking.uris import TrackingError
 
 
@@ -68,3 +76,18 @@ def test_a_deleted_run_or_experiment(store):
     client.delete_experiment(experiment)
     assert experiment_id(client, cfg.experiment, None) == experiment  # restored, not replaced
     assert MlflowClient(uri).get_experiment(experiment).lifecycle_stage == "active"
+
+
+def test_experiments_are_marked_as_model_training_for_the_ui(store):
+    """MLflow 3's UI opens an experiment without ``mlflow.experimentKind`` in a view it guesses (often GenAI);
+    a new experiment and an old unmarked one get the training kind; a kind a person chose is kept."""
+    cfg, _, _, client = store
+    new = experiment_id(client, cfg.experiment, None)
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert experiment_id(client, "made-elsewhere", None) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    experiment_id(client, "chosen", None)
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"

@@ -175,6 +175,9 @@ def two_node_cluster():
         # Cluster records its head as this machine's "current cluster", which a plain ray.init() elsewhere (other
         # test runs on this machine) would then join: keep it out of that file.
         mp.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+        # A driver turns 127.0.0.1 in a cluster address into this machine's network IP
+        # (services.resolve_ip_for_localhost), where nothing listens here; with "clusters off" it keeps loopback.
+        mp.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
         node = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
         cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 0, "temp_dir": temp})
         workers = [cluster.add_node(**node, num_cpus=1) for _ in range(2)]
@@ -264,10 +267,15 @@ def test_a_run_that_loses_a_node_drops_to_one_worker_and_finishes(two_node_clust
     elastic.train(monkeypatch)
     assert killed.is_set()
 
-    world = elastic.metric("train/world_size")
-    assert sorted(world) == list(range(1, 17))  # every step logged once, step 16 the last
-    sizes = [world[s] for s in sorted(world)]
-    assert sizes[0] == 2.0 and sizes[-1] == 1.0 and sizes == sorted(sizes, reverse=True), sizes
+    world = elastic.metric("train/world_size")  # each step at most once (``metric`` checks)
+    two = sorted(step for step, size in world.items() if size == 2.0)
+    one = sorted(step for step, size in world.items() if size == 1.0)
+    # Two workers, then one from the step after a checkpoint to the end. A few steps just before the kill may
+    # be missing: rank 0's queued metrics die with it when its node is the one killed, and the restarted
+    # group does not log a step again.
+    assert two and one and two[0] == 1 and max(two) < min(one), world
+    assert one == list(range(min(one), 17)) and (min(one) - 1) % EVERY == 0, world
+    assert set(world) <= set(range(1, 17))
     assert set(fixed.metric("train/world_size").values()) == {2.0}
 
     # The global batch of every step is the planned one, whatever the world size that trained it ...
@@ -287,7 +295,7 @@ def test_a_run_that_loses_a_node_drops_to_one_worker_and_finishes(two_node_clust
     print("elastic", [round(ours[s], 4) for s in sorted(ours)])
     print("fixed", [round(theirs[s], 4) for s in sorted(theirs)])
     jitter = sum(abs(theirs[s + 1] - theirs[s]) for s in range(1, 16)) / 15
-    gaps = [abs(ours[s] - theirs[s]) for s in range(1, 17)]
+    gaps = [abs(ours[s] - theirs[s]) for s in sorted(ours)]  # the steps logged (all of them after the restart)
     assert max(gaps) < jitter, (gaps, jitter)
     tail = range(9, 17)
     assert abs(sum(ours[s] for s in tail) - sum(theirs[s] for s in tail)) / sum(theirs[s] for s in tail) < 0.05

@@ -191,3 +191,56 @@ def test_build_job_makes_every_location_absolute(tmp_path):
     assert job.params.tracking.uri == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
     assert job.run_uri.startswith(str(tmp_path / "rel" / "runs" / "ssd-")) and len(job.classes) >= 1
     assert params.train.storage_path == "rel/runs"  # the caller's params are not edited in place
+
+
+def test_build_job_reads_the_fine_tuning_source_first_and_names_its_digest(tmp_path, caplog):
+    """model.init_from: resolved to an absolute path, its sha256 in the run folder's digest, refused before Ray
+    when it is missing or of another preset."""
+    from pipeline.artifacts.model_file import save_model_file
+    from tests.pipeline.fixtures import random_tiny_ssd
+
+    shards = _tiny_shards(tmp_path)
+    source = tmp_path / "models" / "source.pt"
+    save_model_file(source, random_tiny_ssd(3, seed=1), classes=["a", "b"], params={})
+    params = load_params(None, ["model.init_from=models/source.pt"])
+    job = build_job(str(shards), params, tmp_path)
+    assert job.params.model.init_from == str(source)
+    first = job.run_uri
+    save_model_file(source, random_tiny_ssd(3, seed=2), classes=["a", "b"], params={})
+    assert build_job(str(shards), params, tmp_path).run_uri != first  # same path, other weights
+    assert build_job(str(shards), load_params(None, []), tmp_path).run_uri != first
+    train = ["train", "--shards", str(shards), "--model-out", str(tmp_path / "m.pt")]
+    assert cli_main([*train, f"model.init_from={tmp_path / 'nothing.pt'}"]) == 2
+    assert "model.init_from: no model file or checkpoint folder at" in caplog.text
+    assert cli_main([*train, f"model.init_from={source}", "model.preset=ssd300_vgg16"]) == 2
+    assert "is a ssd_tiny model, but model.preset is ssd300_vgg16" in caplog.text
+    assert not ray.is_initialized()
+
+
+def test_a_fresh_run_logs_the_boxes_report_where_dvc_yaml_puts_it(tmp_path):
+    """The driver's MLflow run gets reports/boxes.json, sizes.png and data/prior_recall (when the stage ran)."""
+    from pipeline.stages.train import _log_data_report
+
+    class Recorder:  # the two tracker calls the driver makes here
+        def __init__(self):
+            self.calls = []
+
+        def log_artifact(self, path, artifact_path=None):
+            self.calls.append((Path(path).relative_to(tmp_path).as_posix(), artifact_path))
+
+        def log_metrics(self, metrics, step):
+            self.calls.append((metrics, step))
+
+    shutil.copy(Path(__file__).resolve().parents[3] / "dvc.yaml", tmp_path / "dvc.yaml")
+    recorder = Recorder()
+    _log_data_report(recorder, tmp_path)
+    assert recorder.calls == []  # the boxes stage has not run
+    (tmp_path / "reports" / "boxes").mkdir(parents=True)
+    (tmp_path / "reports" / "boxes.json").write_text(json.dumps({"prior_recall": 0.75}))
+    (tmp_path / "reports" / "boxes" / "sizes.png").write_bytes(b"png")
+    _log_data_report(recorder, tmp_path)
+    assert recorder.calls == [
+        ("reports/boxes.json", "data_report"),
+        ("reports/boxes/sizes.png", "data_report"),
+        ({"data/prior_recall": 0.75}, 0),
+    ]

@@ -139,3 +139,40 @@ def test_adamw_step_matches_the_textbook_update():
     optimizer.step()
     expected = torch.tensor([[1.0, -2.0]]) * (1 - 0.1 * 0.5) - 0.1 * torch.tensor([[1.0, -1.0]])
     assert torch.allclose(model.weight, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_frozen_parameters_stay_until_the_unfreeze_step_then_train(optimizer):
+    """train.freeze=["0."]: the first conv's weight and bias keep their values, weight decay and momentum
+    included, for steps 0 and 1; from train.unfreeze_at_step=2 on they follow the schedule like the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    cfg = _cfg(optimizer=optimizer, freeze=["0."], unfreeze_at_step=2, warmup_steps=0, weight_decay=0.1, max_steps=10)
+    opt = build_optimizer(model, cfg)
+    scheduler = build_scheduler(opt, cfg)
+    frozen = [g for g in opt.param_groups if g["frozen"]]
+    assert sum(len(g["params"]) for g in frozen) == 2 and len(opt.param_groups) == 4
+    first, second = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        scheduler.step()
+        moved = not torch.equal(model[0].weight, first)
+        assert moved == (step >= 2), step  # step 2 is the first at a non-zero rate
+        assert not torch.equal(model[1].weight, second)
+        second = model[1].weight.detach().clone()
+    assert [g["lr"] > 0 for g in opt.param_groups] == [True, True, True, True]
+
+
+def test_without_freeze_the_groups_are_as_before():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert len(build_optimizer(model, _cfg()).param_groups) == 2
+    # unfreeze_at_step 0 with a prefix: frozen for the whole run
+    cfg = _cfg(freeze=["0.weight"], warmup_steps=0)
+    opt = build_optimizer(model, cfg)
+    scheduler = build_scheduler(opt, cfg)
+    for _ in range(5):
+        opt.step()  # no gradients: nothing moves
+        scheduler.step()
+    assert [g["lr"] == 0 for g in opt.param_groups] == [False, False, True]

@@ -111,6 +111,9 @@ WRITERS = {"artifacts/atomic_write.py", "artifacts/output_folder.py", "storage/o
 ALLOWED = {
     # Generated images go into the hidden build folder that replacing_folder fsyncs and swaps in whole.
     ("sources/synthetic.py", "sample.image.save(path"),
+    # The run-folder lease: a compare-and-swap under flock (temporary file, fsync, replace), which a plain
+    # atomic write cannot express.
+    ("training/lease_store.py", "os.replace(tmp, self.path)"),
 }
 
 

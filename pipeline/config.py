@@ -295,6 +295,8 @@ def _section_problems(params: Params) -> Iterable[str]:
     problem = milestones_problem(params.train)
     if problem:
         yield problem
+    if params.train.cuda_graphs and not (params.train.compile and params.train.use_gpu):
+        yield "train.cuda_graphs: needs train.compile: true and train.use_gpu: true (CUDA graphs exist only on CUDA)"
     train = params.train
     if _workers_problem(train.num_workers) is None and train.batch_size < train.worker_range[1]:
         yield (

@@ -201,6 +201,11 @@ class TrainConfig:
     grad_clip_norm: float = _p(10.0, ge=0.0, help="clip the global gradient norm (0: off)")
     precision: str = _p("fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp16: GPU only)")
     channels_last: bool = _p(False, help="NHWC memory format for convolutions")
+    compile: bool = _p(False, help="torch.compile (inductor) the forward pass, target assignment and loss")
+    cuda_graphs: bool = _p(False, help="with compile and use_gpu: replay the step's kernels as CUDA graphs")
+    max_boxes: int = _p(
+        100, ge=1, le=4096, help="ground truth padded to this many boxes per image; records with more are skipped"
+    )
     iou_threshold: float = _p(0.5, gt=0.0, le=1.0, help="prior/box IoU that makes a positive")
     neg_pos_ratio: int = _p(3, ge=1, le=1000, help="hard negatives per positive (paper: 3)")
     loss_normalize: str = _p("batch", choices=("batch", "per_image"), help="divide by N over the batch")

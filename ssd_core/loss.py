@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssd_core.static_matching import wants_static_shapes
+
 NORMALIZATIONS = ("batch", "per_image")
 _LOG2_E = 1.0 / math.log(2.0)  # exp(x) == exp2(x * log2(e))
 
@@ -143,12 +145,17 @@ def background_rank_key(cls_logits: Tensor) -> Tensor:
     with torch.no_grad():
         logits = cls_logits.detach()
         if logits.dtype == torch.float32 and logits.numel():
-            num_classes = logits.shape[-1]
-            exp = torch.sub(logits, logits[..., :1]).mul_(_LOG2_E).exp2_()  # [B, P, C], exp(x_c - x_0)
-            key = torch.mv(exp.view(-1, num_classes), exp.new_ones(num_classes)).view(exp.shape[:-1])  # [B, P]
+            key = _exp_rank_key(logits)  # [B, P]
             if bool(torch.isfinite(key.sum())):  # one cheap reduction catches any inf or NaN
                 return key
         return torch.log_softmax(logits, dim=-1)[..., 0].neg_().add_(0.0)  # + 0.0 turns -0.0 into +0.0
+
+
+def _exp_rank_key(logits: Tensor) -> Tensor:
+    """``sum_c exp(x_c - x_0)`` of float32 ``[B, P, C]`` logits -> ``[B, P]`` (see :func:`background_rank_key`)."""
+    num_classes = logits.shape[-1]
+    exp = torch.sub(logits, logits[..., :1]).mul_(_LOG2_E).exp2_()  # [B, P, C], exp(x_c - x_0)
+    return torch.mv(exp.view(-1, num_classes), exp.new_ones(num_classes)).view(exp.shape[:-1])  # [B, P]
 
 
 def _check_loss_inputs(loc_pred: Tensor, cls_logits: Tensor, loc_targets: Tensor, cls_targets: Tensor) -> None:
@@ -177,6 +184,7 @@ def multibox_loss(
     alpha: float = 1.0,
     normalize: str = "batch",
     denominator: Tensor | None = None,
+    static_shapes: bool | None = None,
 ) -> LossTerms:
     """SSD's MultiBox loss (see the module docstring).
 
@@ -193,6 +201,10 @@ def multibox_loss(
             terms by it instead of by N, ``"per_image"`` the sum of the per-image normalised terms instead of
             by B. Data-parallel training passes a global count here (N or B over every rank's share, over
             the ranks), so the ranks' losses add up to the loss of the global batch.
+        static_shapes: True: :func:`_multibox_loss_static`, dense over all B x P priors with no host read and
+            no data-dependent shape (``torch.compile(fullgraph=True)``, CUDA graphs); False: the sparse rows
+            below (fastest on a CPU); None (default): static on an accelerator and while compiling. The same
+            loss up to float summation order, the same gradients to rounding.
 
     Returns:
         ``LossTerms(total, loc, conf, num_positives)``, 0-d tensors; ``total`` carries the gradient.
@@ -205,6 +217,17 @@ def multibox_loss(
         raise ValueError(f"multibox_loss: normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     batch, num_priors, num_classes = cls_logits.shape
     cls_targets = cls_targets.long()
+    if wants_static_shapes(cls_logits, static_shapes):
+        return _multibox_loss_static(
+            loc_pred,
+            cls_logits,
+            loc_targets,
+            cls_targets,
+            neg_pos_ratio=neg_pos_ratio,
+            alpha=alpha,
+            normalize=normalize,
+            denominator=denominator,
+        )
 
     # Which rows count, as flat indices b * P + p (sparse: a few percent of the B * P priors).
     with torch.no_grad():
@@ -244,4 +267,65 @@ def multibox_loss(
         else:
             loc = (loc_per_image / per_image_n).sum() / denominator.to(loc_per_row.dtype)
             conf = (conf_per_image / per_image_n).sum() / denominator.to(loc_per_row.dtype)
+    return LossTerms(total=conf + alpha * loc, loc=loc, conf=conf, num_positives=num_positives)
+
+
+def _multibox_loss_static(
+    loc_pred: Tensor,
+    cls_logits: Tensor,
+    loc_targets: Tensor,
+    cls_targets: Tensor,
+    *,
+    neg_pos_ratio: float,
+    alpha: float,
+    normalize: str,
+    denominator: Tensor | None,
+) -> LossTerms:
+    """:func:`multibox_loss` over all ``B x P`` priors with masks instead of row lists (checked arguments).
+
+    The same mining as the sparse form (same rank key, the exact log-softmax key whenever the fast one is not
+    finite, picked by ``torch.where`` instead of a branch), but the negatives come from one sort per image
+    (rank < ``num_keep``) instead of a ``topk`` of data-dependent size, and the cross-entropy is computed for
+    every prior and masked, so the backward pass is dense ``[B, P, C]``: more arithmetic, no host read.
+    """
+    batch, num_priors, num_classes = cls_logits.shape
+    with torch.no_grad():
+        positive = cls_targets > 0  # [B, P]
+        negative = cls_targets == 0  # [B, P]
+        num_pos_per_image = positive.sum(dim=1)  # [B]
+        num_keep = _num_negatives(num_pos_per_image, negative.sum(dim=1), neg_pos_ratio)  # [B]
+        logits = cls_logits.detach()
+        exact_key = torch.log_softmax(logits, dim=-1)[..., 0].neg().add(0.0)  # [B, P], >= +0.0
+        if logits.dtype == torch.float32:
+            fast_key = _exp_rank_key(logits)  # [B, P]
+            key = torch.where(torch.isfinite(fast_key.sum()), fast_key, exact_key)
+            ranked = torch.where(negative, key.view(torch.int32), torch.iinfo(torch.int32).min)  # [B, P]
+        else:
+            ranked = torch.where(negative, exact_key, float("-inf"))  # [B, P]
+        order = torch.sort(ranked, dim=1, descending=True).indices  # [B, P], hardest first
+        keep_sorted = torch.arange(num_priors, device=order.device) < num_keep[:, None]  # [B, P]
+        mined = torch.zeros_like(positive).scatter(1, order, keep_sorted)  # [B, P]
+        counted = positive | mined
+        conf_labels = torch.where(positive, cls_targets, 0)
+
+    loc_per_prior = F.smooth_l1_loss(loc_pred, loc_targets.to(loc_pred.dtype), reduction="none").sum(dim=2)  # [B, P]
+    loc_per_prior = torch.where(positive, loc_per_prior, 0.0)
+    conf_per_prior = F.cross_entropy(cls_logits.reshape(-1, num_classes), conf_labels.view(-1), reduction="none").view(
+        batch, num_priors
+    )
+    conf_per_prior = torch.where(counted, conf_per_prior, 0.0)
+    num_positives = num_pos_per_image.sum()
+    if normalize == "batch":
+        divisor = (num_positives.clamp(min=1) if denominator is None else denominator).to(loc_per_prior.dtype)
+        loc = loc_per_prior.sum() / divisor
+        conf = conf_per_prior.sum() / divisor
+    else:
+        per_image_n = num_pos_per_image.clamp(min=1).to(loc_per_prior.dtype)  # [B]
+        loc_per_image = loc_per_prior.sum(dim=1) / per_image_n  # [B]
+        conf_per_image = conf_per_prior.sum(dim=1) / per_image_n  # [B]
+        if denominator is None:
+            loc, conf = loc_per_image.mean(), conf_per_image.mean()
+        else:
+            loc = loc_per_image.sum() / denominator.to(loc_per_prior.dtype)
+            conf = conf_per_image.sum() / denominator.to(loc_per_prior.dtype)
     return LossTerms(total=conf + alpha * loc, loc=loc, conf=conf, num_positives=num_positives)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ssd_core.boxes import box_area, cxcywh_to_xyxy, degenerate_box_mask
 from ssd_core.coding import DEFAULT_VARIANCES, encode_boxes
+from ssd_core.static_matching import assign_targets_static, wants_static_shapes
 
 IGNORE_LABEL = -1  # class target of priors the loss must skip (matched only to difficult boxes)
 _CLAIMED = -2.0  # IoU written over priors already claimed by a forced match (valid IoUs are >= 0)
@@ -136,7 +137,7 @@ def _forced_matches(
 
 
 def _check_inputs(
-    gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor, priors: Tensor, gt_difficult: Tensor | None
+    gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor, priors: Tensor, gt_difficult: Tensor | None, values: bool
 ) -> None:
     where = "assign_targets"
     if gt_boxes.ndim != 3 or gt_boxes.shape[-1] != 4:
@@ -157,6 +158,8 @@ def _check_inputs(
         )
     if priors.ndim != 2 or priors.shape[-1] != 4 or priors.shape[0] == 0:
         raise ValueError(f"{where}: priors must be [P, 4] cxcywh with P > 0, got {list(priors.shape)}")
+    if not values:  # the value checks below read the device back; the static path leaves them to its caller
+        return
     bad_prior = ~(torch.isfinite(priors).all(dim=1) & (priors[:, 2:] > 0).all(dim=1))  # [P]
     if bool(bad_prior.any()):
         index = int(bad_prior.nonzero()[0, 0])
@@ -182,6 +185,7 @@ def assign_targets(
     iou_threshold: float = 0.5,
     variances: tuple[float, float] = DEFAULT_VARIANCES,
     gt_difficult: Tensor | None = None,
+    static_shapes: bool | None = None,
 ) -> Targets:
     """Match a padded batch of ground truth to the priors and encode the regression targets.
 
@@ -194,15 +198,33 @@ def assign_targets(
         iou_threshold: IoU at or above which a prior is positive for its best box, in (0, 1].
         variances: the (centre, size) box-coding variances.
         gt_difficult: optional ``[B, G]`` bool; priors matched only to difficult boxes get class -1.
+        static_shapes: True: the dense form of :mod:`ssd_core.static_matching` (no host read, shapes fixed by
+            ``[B, G]`` and P, so ``torch.compile(fullgraph=True)`` and CUDA graphs can take it; the box and
+            prior *values* are then not checked, only shapes and dtypes). False: the packed form below (the
+            fastest on a CPU). None (default): static on an accelerator and while compiling, packed otherwise.
+            Both give the same targets.
 
     Returns:
         ``Targets(loc_targets [B, P, 4], cls_targets [B, P] int64)``; see the module docstring for the rules.
 
     Reference: :func:`ssd_core.reference.reference_assign_targets` (the rules one box and prior at a time).
     """
-    _check_inputs(gt_boxes, gt_labels, gt_mask, priors, gt_difficult)
+    static = wants_static_shapes(gt_boxes, static_shapes)
+    _check_inputs(gt_boxes, gt_labels, gt_mask, priors, gt_difficult, values=not static)
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"assign_targets: iou_threshold must be in (0, 1], got {iou_threshold}")
+    if static:
+        loc, cls = assign_targets_static(
+            gt_boxes,
+            gt_labels,
+            gt_mask,
+            priors,
+            iou_threshold=iou_threshold,
+            variances=variances,
+            gt_difficult=gt_difficult,
+            ignore_label=IGNORE_LABEL,
+        )
+        return Targets(loc_targets=loc, cls_targets=cls)
     num_images, num_priors = gt_boxes.shape[0], priors.shape[0]
     device = gt_boxes.device
     priors = priors.to(device=device, dtype=gt_boxes.dtype)

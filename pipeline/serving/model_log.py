@@ -110,6 +110,7 @@ def export_onnx_files(model_file: Path, folder: Path, *, opset: int = 17) -> tup
     Raises:
         ValueError: onnxruntime disagrees with PyTorch beyond ``onnx_verify.Tolerance`` (nothing written).
     """
+    from pipeline.artifacts.atomic_write import write_bytes_atomic
     from pipeline.artifacts.model_file import load_model_file
     from pipeline.artifacts.onnx_export import export_onnx, metadata
     from pipeline.artifacts.onnx_verify import Tolerance, sidecar, verify_onnx
@@ -125,7 +126,7 @@ def export_onnx_files(model_file: Path, folder: Path, *, opset: int = 17) -> tup
             f"scores {check.max_diff_scores:.2g}; tolerance {tolerance})"
         )
     onnx_path, json_path = folder / "ssd.onnx", folder / "ssd.onnx.json"
-    onnx_path.write_bytes(data)
+    write_bytes_atomic(onnx_path, data)
     info = sidecar(
         loaded.model,
         loaded.classes,
@@ -136,7 +137,7 @@ def export_onnx_files(model_file: Path, folder: Path, *, opset: int = 17) -> tup
         verification=check,
         size_bytes=len(data),
     )
-    json_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_bytes_atomic(json_path, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return onnx_path, json_path
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.shards.batch import TrainBatch, collate_train
 from pipeline.shards.manifest import ShardError, ShardManifest, load_manifest
 from pipeline.shards.order import epoch_plan, rank_share, sample_seed, steps_per_epoch
 from pipeline.shards.reader import CorruptSample, ShardReader
@@ -43,16 +44,6 @@ from pipeline.shards.samples import decode_sample, train_samples
 from ssd_core.augment import AugmentOptions, Sample, eval_transform
 
 logger = logging.getLogger(__name__)
-
-
-class TrainBatch(NamedTuple):
-    images: Tensor  # uint8 [B, 3, S, S]
-    boxes: Tensor  # float32 [B, G, 4] xyxy normalised; padding rows are 0
-    labels: Tensor  # int64 [B, G], 1..C-1; padding 0
-    difficult: Tensor  # bool [B, G]
-    mask: Tensor  # bool [B, G]: True for real boxes
-    num_bad: int  # corrupt samples skipped from this batch
-    sample_ids: Tensor | None = None  # int64 [B]: the samples' indices in the split (manifest order)
 
 
 class EvalBatch(NamedTuple):
@@ -107,8 +98,9 @@ class _TrainBatches(IterableDataset):
         augment: AugmentOptions,
         seed: int,
         num_classes: int,
+        max_boxes: int | None,
     ) -> None:
-        self.reader, self.start, self.count = reader, start, count
+        self.reader, self.start, self.count, self.max_boxes = reader, start, count, max_boxes
         self.share = rank_share(global_batch, rank=rank, world_size=world_size)
         self.global_batch, self.image_size, self.augment, self.seed = global_batch, image_size, augment, seed
         self.num_classes = num_classes
@@ -145,7 +137,12 @@ class _TrainBatches(IterableDataset):
             key = self.reader.locations[index][1].key
             generators.append(torch.Generator().manual_seed(sample_seed(self.seed, epoch, key)))
         made = train_samples(
-            members, self.num_classes, image_size=self.image_size, augment=self.augment, generators=generators
+            members,
+            self.num_classes,
+            image_size=self.image_size,
+            augment=self.augment,
+            generators=generators,
+            max_boxes=self.max_boxes,
         )
         outcomes.update(zip(readable, made, strict=True))
         samples, used, bad = [], [], 0
@@ -156,30 +153,8 @@ class _TrainBatches(IterableDataset):
             else:
                 samples.append(outcomes[position])
                 used.append(index)
-        return collate_train(samples, self.image_size, bad)._replace(sample_ids=torch.tensor(used, dtype=torch.int64))
-
-
-def collate_train(samples: list[Any], image_size: int, num_bad: int = 0) -> TrainBatch:
-    """Stack ``Sample``s into a ``TrainBatch``, padding boxes to the batch's largest count G.
-
-    In a DataLoader worker the images are stacked straight into shared memory (as PyTorch's default collate
-    does), so handing the batch to the main process copies nothing.
-    """
-    b, g = len(samples), max((len(s.labels) for s in samples), default=0)
-    shape = (b, 3, image_size, image_size)
-    if get_worker_info() is not None and b:
-        images = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
-        torch.stack([s.image for s in samples], out=images)
-    else:
-        images = torch.stack([s.image for s in samples]) if samples else torch.empty(shape, dtype=torch.uint8)
-    boxes = torch.zeros(b, g, 4, dtype=torch.float32)
-    labels = torch.zeros(b, g, dtype=torch.int64)
-    difficult = torch.zeros(b, g, dtype=torch.bool)
-    mask = torch.zeros(b, g, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = len(s.labels)
-        boxes[i, :n], labels[i, :n], difficult[i, :n], mask[i, :n] = s.boxes, s.labels, s.difficult, True
-    return TrainBatch(images, boxes, labels, difficult, mask, num_bad)
+        batch = collate_train(samples, self.image_size, bad, max_boxes=self.max_boxes)
+        return batch._replace(sample_ids=torch.tensor(used, dtype=torch.int64))
 
 
 class TrainLoader:
@@ -203,6 +178,7 @@ class TrainLoader:
         num_steps: int | None = None,
         multiprocessing_context: str | None = None,
         pin_memory: bool = False,
+        max_boxes: int | None = None,
     ) -> None:
         if not isinstance(augment, AugmentOptions):
             raise TypeError(f"train_loader: expected augment as an AugmentOptions, got {type(augment).__name__}")
@@ -231,6 +207,7 @@ class TrainLoader:
             augment=augment,
             seed=seed,
             num_classes=len(manifest.classes),
+            max_boxes=max_boxes,
         )
 
     def __len__(self) -> int:
@@ -256,13 +233,16 @@ def train_loader(
     verify: bool = False,
     multiprocessing_context: str | None = None,
     pin_memory: bool = False,
+    max_boxes: int | None = None,
 ) -> TrainLoader:
     """Rank ``rank``'s share of the global batches of steps ``start_step .. start_step + num_steps - 1``
     (default: to the end of ``start_step``'s epoch), in one stream across epochs (see ``TrainLoader``).
 
     ``verify=True`` recomputes every shard's sha256 first (``load_manifest``); by default only the shard
     sizes are checked, as the driver is expected to have verified once before training.
-    ``multiprocessing_context`` and ``pin_memory`` (for GPU training) go to the DataLoader.
+    ``multiprocessing_context`` and ``pin_memory`` (for GPU training) go to the DataLoader. ``max_boxes``
+    (``train.max_boxes``): pad every batch's ground truth to this many boxes, skipping a sample whose record
+    holds more as corrupt (``pipeline.shards.batch``); None pads to each batch's largest count.
     """
     manifest = load_manifest(shards, verify=verify)
     return TrainLoader(
@@ -279,6 +259,7 @@ def train_loader(
         num_steps=num_steps,
         multiprocessing_context=multiprocessing_context,
         pin_memory=pin_memory,
+        max_boxes=max_boxes,
     )
 
 

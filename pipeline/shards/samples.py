@@ -149,13 +149,15 @@ def train_samples(
     image_size: int,
     augment: AugmentOptions,
     generators: Sequence[torch.Generator],
+    max_boxes: int | None = None,
 ) -> list[Sample | CorruptSample]:
     """Augmented training samples from their shard members (jpg, json), one generator each.
 
     The records are parsed first and the whole batch is planned at once (``plan_augmentations``: the same
     plans as one by one, for a fraction of the cost); then each JPEG is decoded as small as its plan allows
     (module docstring) and rendered. A member that does not match what shard wrote gives its ``CorruptSample``
-    in its place; the others are unaffected.
+    in its place; the others are unaffected, and so does a record with more than ``max_boxes`` boxes
+    (``train.max_boxes``, see ``pipeline.shards.batch``).
 
     Returns one ``Sample`` (image uint8 ``[3, image_size, image_size]``, boxes float32 ``[G', 4]`` xyxy
     normalised) or ``CorruptSample`` per member, in the members' order.
@@ -164,7 +166,10 @@ def train_samples(
     parsed: list[tuple[int, SampleRecord, torch.Generator]] = []  # (position, record, generator)
     for position, ((_, meta_bytes), generator) in enumerate(zip(members, generators, strict=True)):
         try:
-            parsed.append((position, parse_record(meta_bytes, num_classes), generator))
+            record = parse_record(meta_bytes, num_classes)
+            if max_boxes is not None and len(record.labels) > max_boxes:
+                raise CorruptSample(f"{len(record.labels)} boxes, more than train.max_boxes={max_boxes}")
+            parsed.append((position, record, generator))
         except CorruptSample as error:
             outcomes[position] = error
     records = [record for _, record, _ in parsed]

@@ -4,13 +4,14 @@
 - ``code_closure``: the source files a run executes (its import closure), hashed into the run identity.
 - ``launcher``: join or start Ray, prepare the run folder, build and run the ``TorchTrainer``.
 - ``loop``: ``train_loop_per_worker``, what every DDP rank runs: the Ray calls, the step loop, reports.
-- ``step``: ``train_step``, one optimiser step on one batch (no Ray; runnable alone in a test).
+- ``step``: ``train_step``, one optimiser step on one batch (no Ray; runnable alone in a test), no host read.
+- ``compiled``: ``train.compile`` / ``train.cuda_graphs``: the step's target assignment and loss compiled.
 - ``state``: ``TrainState`` (what a checkpoint restores), built fresh or from the newest valid checkpoint.
 - ``step_log``: per-step bookkeeping: progress, step metrics, gradient statistics, epoch artifacts.
 - ``progress``: rank 0's progress lines and per-step metrics.
 - ``optim``: SGD, learning-rate scaling with the global batch, warm-up and decay.
 - ``checkpoint``: atomic checkpoint directories, validation, finding the newest valid one, pruning.
-- ``guard``: the joint non-finite-step decision and skip counting.
+- ``guard``: the joint non-finite-step decision (on the device) and skip counting; step values read in batches.
 - ``determinism``: seeds from (seed, epoch, step) and deterministic kernels.
 - ``grad_stats``: rank 0's per-layer gradient statistics and their per-epoch table and heatmap.
 - ``faults``: ``TrainHooks`` (does nothing) and the test-only fault injection (SIGKILL, NaN) that replaces

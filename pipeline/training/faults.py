@@ -43,6 +43,8 @@ ENV_VAR = "SSD_TRAIN_TEST_FAULTS"
 class TrainHooks:
     """Where tests reach into the loop. ``step`` counts completed optimiser steps; this default does nothing."""
 
+    reads_every_step = False  # the loop reads each step's values at once (for after_step) instead of when it logs
+
     def before_step(self, rank: int, step: int, model: nn.Module) -> None:
         """Before the update that follows ``step`` updates, ahead of its forward pass through ``model``."""
 
@@ -71,6 +73,7 @@ class Faults(TrainHooks):
     nan: tuple[dict, ...] = ()
     digest_dir: str | None = None
     samples_dir: str | None = None
+    reads_every_step = True  # after_step records every step as it happens; a stop lands on the very step
 
     @classmethod
     def from_env(cls) -> Faults | None:

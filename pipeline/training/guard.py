@@ -4,6 +4,11 @@ Every rank runs the same collectives every step whatever its values are: backwar
 all-reduce), then ``reduce_step`` (``sum_over_ranks``: one all-reduce of a small vector holding the
 "not finite" flag and the loss terms). The skip decision is read from the reduced vector, so all ranks
 skip together and a NaN on one rank can never leave the others waiting in a collective.
+
+Nothing here reads the device back inside a step: ``reduce_step`` returns the reduced vector as a
+``StepResult`` (on the training device) and the skip decision stays a 0-d tensor (``DeviceSkips``) that
+masks the update. The loop reads results only when it logs or checkpoints, several steps in one transfer
+(``read_results``), so an accelerator never waits for the host between steps.
 """
 
 from __future__ import annotations
@@ -29,6 +34,52 @@ class StepStats(NamedTuple):
     positives: float  # matched priors in the global batch
     images: float  # images in the global batch
     bad_samples: float  # corrupt samples the loaders skipped since the previous step
+
+
+class StepResult(NamedTuple):
+    """One step's values summed over all ranks, still on the training device (``reduce_step``)."""
+
+    values: Tensor  # float64 [7]: non-finite ranks, loss, loss_loc, loss_conf, positives, images, bad samples
+    world: int  # number of ranks
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """0-d bool: some rank's loss or gradient norm was not finite (the step is skipped on every rank)."""
+        return self.values[0] > 0
+
+    def read(self) -> StepStats:
+        """The values on the host (one device-to-host transfer)."""
+        return read_results([self])[0]
+
+
+def read_results(results: list[StepResult]) -> list[StepStats]:
+    """Several steps' values on the host in one transfer."""
+    if not results:
+        return []
+    rows = torch.stack([r.values for r in results]).tolist()  # [S, 7]
+    out = []
+    for (nonfinite, total, loc, conf, pos, n_images, bad), result in zip(rows, results, strict=True):
+        world = result.world
+        out.append(StepStats(nonfinite == 0, total / world, loc / world, conf / world, pos, n_images, bad))
+    return out
+
+
+class DeviceSkips:
+    """The consecutive non-finite count of ``SkipGuard`` kept on the device, so that a step decides to skip
+    without a host read. Once ``max_consecutive`` steps in a row were skipped, every later step is skipped too
+    (the run is halting; the host learns it at its next read, ``SkipGuard.record``), so weights, optimiser
+    state and loss scale stay those of the step at which the guard tripped."""
+
+    def __init__(self, max_consecutive: int, consecutive: int, device: torch.device) -> None:
+        self.max_consecutive = max_consecutive
+        self.count = torch.tensor(consecutive, dtype=torch.int64, device=device)
+
+    def decide(self, nonfinite: Tensor) -> Tensor:
+        """0-d bool: skip this step (non-finite, or the guard has tripped). Updates the count."""
+        halted = self.count >= self.max_consecutive
+        skip = nonfinite | halted
+        self.count = torch.where(halted, self.count, torch.where(nonfinite, self.count + 1, 0))
+        return skip
 
 
 SumOverRanks = Callable[[Tensor], tuple[Tensor, int]]
@@ -57,8 +108,9 @@ def reduce_step(
     images: int,
     bad_samples: int,
     sum_ranks: SumOverRanks = sum_over_ranks,
-) -> StepStats:
-    """Combine this rank's step values (0-d tensors on the training device) over all ranks in one collective.
+) -> StepResult:
+    """Combine this rank's step values (0-d tensors on the training device) over all ranks in one collective;
+    the result stays on the device (``StepResult.read``).
 
     ``sum_ranks`` is that collective (``sum_over_ranks``: one all-reduce, or nothing on one process); every
     rank must call it every step, whatever its values, or the others would wait for it forever.
@@ -70,13 +122,12 @@ def reduce_step(
             loss_loc.detach().to(torch.float64),
             loss_conf.detach().to(torch.float64),
             positives.detach().to(torch.float64),
-            torch.tensor(float(images), dtype=torch.float64, device=loss.device),
-            torch.tensor(float(bad_samples), dtype=torch.float64, device=loss.device),
+            loss.new_full((), float(images), dtype=torch.float64),  # host numbers: no device read
+            loss.new_full((), float(bad_samples), dtype=torch.float64),
         ]
     )  # [7]
     summed, world = sum_ranks(values)
-    nonfinite, total, loc, conf, pos, n_images, bad = summed.tolist()
-    return StepStats(nonfinite == 0, total / world, loc / world, conf / world, pos, n_images, bad)
+    return StepResult(summed, world)
 
 
 class SkipGuard:

@@ -30,6 +30,8 @@ OPERATIONAL_TRAIN_KEYS = frozenset(
         "num_workers",
         "threads_per_worker",
         "use_gpu",
+        "compile",
+        "cuda_graphs",
         "loader_workers",
         "checkpoint_every_steps",
         "keep_checkpoints",

@@ -1,5 +1,8 @@
 """``train_loop_per_worker``: what every DDP rank runs under Ray Train.
 
+Reads: the steps' values stay on the device until the loop logs (``train.log_every_steps``), checkpoints or
+ends, and are then read in one transfer (``_Pending``); the guard counts them at that point.
+
 Step accounting: ``step`` counts optimiser steps *attempted*. A step that the joint guard skips (a
 non-finite loss or gradient on any rank) still counts, and the learning-rate schedule still advances, so
 a run always ends after exactly ``train.max_steps`` steps, whatever was skipped and however often it was
@@ -37,8 +40,10 @@ import torch
 
 from pipeline.shards.loader import TrainBatch, train_loader
 from pipeline.training import checkpoint
+from pipeline.training.compiled import build_step_functions
 from pipeline.training.determinism import configure_determinism, seed_step
 from pipeline.training.faults import TrainHooks, hooks_from_env
+from pipeline.training.guard import StepResult, read_results
 from pipeline.training.job import TrainJob
 from pipeline.training.preemption import StopWatch
 from pipeline.training.state import TrainState, build_model, build_state, find_resume_checkpoint
@@ -73,34 +78,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     watch = StopWatch(config.get("stop_requests"))  # the driver's stop request, Ray's preemption notice
     saver, status = _Checkpoints(job, rank, world, data.steps_per_epoch, hooks, state.step), STATUS_COMPLETED
     logger.info("rank %d/%d on %s: starting at step %d of %d", rank, world, device, state.step, cfg.max_steps)
+    skips, functions, pending = state.device_skips(), build_step_functions(cfg, device), _Pending()
     for batch in data.batches(first_step=state.step):
         epoch = state.step // data.steps_per_epoch
         seed_step(job.params.seed, epoch, state.step)
         hooks.before_step(rank, state.step, model)
         hooks.on_batch(rank, world, state.step, batch)
         observer = log.update_observer(state.step + 1)  # gradient statistics, when due
-        stats = train_step(ddp, batch, priors, state.optimizer, cfg=cfg, scaler=state.scaler, observer=observer)
-        lr, stop = state.end_step(stats.finite)  # the guard counts, the schedule advances, step += 1
-        hooks.after_step(rank, state.step, model, stats)
-        decision = watch.decide(state.step)  # stop or checkpoint now? the same on every rank
-        skipped = state.guard.skipped_total
-        log.step(state.step, stats, lr=lr, epoch=epoch, skipped_total=skipped, force=stop or decision.stop)
-        if stop:
-            status = STATUS_NONFINITE
-            break
+        result = train_step(
+            ddp,
+            batch,
+            priors,
+            state.optimizer,
+            cfg=cfg,
+            scaler=state.scaler,
+            observer=observer,
+            skips=skips,
+            functions=functions,
+        )
+        pending.add(state.step + 1, result, state.advance(), epoch)  # the schedule advances, step += 1
+        decision = watch.decide(state.step)  # the same on every rank
+        stopping = decision.stop and state.step < cfg.max_steps
+        due = (state.step % cfg.checkpoint_every_steps == 0 or decision.checkpoint) and state.step < cfg.max_steps
+        if hooks.reads_every_step or due or stopping or state.step % cfg.log_every_steps == 0:
+            if pending.read(state, log, hooks, rank, model, force=stopping):  # the guard tripped: stop
+                status = STATUS_NONFINITE
+                break
         if state.step % data.steps_per_epoch == 0:
             log.end_epoch(epoch)
-        if decision.stop and state.step < cfg.max_steps:
+        if stopping:
             status = STATUS_STOPPED  # the final report below writes this step's checkpoint
             break
-        due = state.step % cfg.checkpoint_every_steps == 0 or decision.checkpoint
-        if due and state.step < cfg.max_steps:
+        if due:
             with saver.staged(state, log, status) as staged:
                 ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
+    if status != STATUS_NONFINITE and pending.read(state, log, hooks, rank, model):
+        status = STATUS_NONFINITE
     with saver.staged(state, log, status, final=True) as staged:  # a checkpoint if completed and not yet saved
         ray.train.report(staged.metrics, checkpoint=staged.checkpoint, checkpoint_dir_name=staged.dir_name)
     saver.write_outcome(state, log, status)  # rank 0
     log.close()
+
+
+class _Pending:
+    """Steps taken but not yet read back: the loop reads them, several in one transfer, only when it logs,
+    checkpoints or ends (every step while test hooks watch), so an accelerator never waits for the host
+    between steps. The guard then counts them in order; ``train_step``'s ``DeviceSkips`` has already skipped
+    every step after a trip, so stopping at the read leaves the weights of the step that tripped it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, StepResult, float, int]] = []  # (step after it, result, lr, epoch)
+
+    def add(self, step: int, result: StepResult, lr: float, epoch: int) -> None:
+        self.steps.append((step, result, lr, epoch))
+
+    def read(
+        self, state: TrainState, log: StepLog, hooks: TrainHooks, rank: int, model: torch.nn.Module, force: bool = False
+    ) -> bool:
+        """Count, log and hand to the hooks every pending step (the last one's metrics logged when ``force``: the
+        run stops there); True if the guard says stop."""
+        values = read_results([result for _, result, _, _ in self.steps])
+        stop = False
+        for (step, _, lr, epoch), stats in zip(self.steps, values, strict=True):
+            stop = state.guard.record(stats.finite)
+            hooks.after_step(rank, step, model, stats)
+            last = force and step == self.steps[-1][0]
+            log.step(step, stats, lr=lr, epoch=epoch, skipped_total=state.guard.skipped_total, force=stop or last)
+            if stop:
+                break
+        self.steps.clear()
+        return stop
 
 
 @dataclass(frozen=True)
@@ -125,6 +172,7 @@ class _RankData:
             augment=AugmentOptions(**dataclasses.asdict(params.augment)),
             seed=params.seed,
             num_workers=cfg.loader_workers,
+            max_boxes=cfg.max_boxes,
         )
         return cls(args, len(train_loader(**args, num_steps=0)), cfg.max_steps)
 

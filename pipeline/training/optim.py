@@ -76,7 +76,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999), fused=True)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+        sgd = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+        if cfg.momentum:  # zero buffers: a first step skipped through found_inf would leave empty_like ones
+            for param in (p for group in groups for p in group["params"]):  # 0 * momentum + g == g: unchanged
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return sgd
     raise ValueError(f"train.optimizer: expected 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 

@@ -19,7 +19,7 @@ from pipeline.model_builder import prior_spec_for
 from pipeline.tracking import redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import rng_state, set_rng_state
-from pipeline.training.guard import SkipGuard
+from pipeline.training.guard import DeviceSkips, SkipGuard
 from pipeline.training.init_from import read_source, transfer_table, transfer_weights
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -50,10 +50,20 @@ class TrainState:
     def end_step(self, finite: bool) -> tuple[float, bool]:
         """Count the step just taken: ``(learning rate it used, True if the run must stop)``."""
         stop = self.guard.record(finite)
+        return self.advance(), stop
+
+    def advance(self) -> float:
+        """Count the step just taken before its values are read (``guard.record`` comes at the next read):
+        returns the learning rate it used."""
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()  # skipped steps advance the schedule too: every step counts
         self.step += 1
-        return lr, stop
+        return lr
+
+    def device_skips(self) -> DeviceSkips:
+        """The guard's consecutive count on the training device, for ``train_step``."""
+        device = next(self.model.parameters()).device
+        return DeviceSkips(self.guard.max_consecutive, self.guard.consecutive, device)
 
     def checkpoint(
         self,

@@ -36,7 +36,7 @@ def _stats(loss: float, finite: bool, images: int, bad: int):
         positives=t(5.0),
         images=images,
         bad_samples=bad,
-    )
+    ).read()
 
 
 def test_single_process_reduction_is_the_identity():

@@ -90,7 +90,7 @@ def _step(model: nn.Module, batch: TrainBatch, cfg: TrainConfig, wrapped: nn.Mod
     observer = _Gradients(model)
     stats = train_step(
         wrapped or model, batch, _priors(), build_optimizer(model, cfg), cfg=cfg, observer=observer, **collectives
-    )
+    ).read()
     return stats.loss, observer.grads
 
 

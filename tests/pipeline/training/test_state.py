@@ -50,7 +50,9 @@ def _train(job: TrainJob, state: TrainState, until: int) -> list[float]:
         seed_step(job.params.seed, 0, state.step)
         faults.before_step(0, state.step, state.model)
         batch = tiny_batch(state.model.image_size, seed=state.step)
-        stats = train_step(state.model, batch, priors, state.optimizer, cfg=job.params.train, scaler=state.scaler)
+        stats = train_step(
+            state.model, batch, priors, state.optimizer, cfg=job.params.train, scaler=state.scaler
+        ).read()
         lr, stop = state.end_step(stats.finite)
         assert stats.finite == (state.step != NAN_AT + 1) and not stop
         lrs.append(lr)

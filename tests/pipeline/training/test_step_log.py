@@ -58,7 +58,7 @@ def _run(rank: int, steps: int = 4) -> tuple[_RecordingTracker, StepLog]:
     )
     for step in range(steps):
         observer = log.update_observer(step + 1)
-        stats = train_step(model, tiny_batch(model.image_size), priors, optimizer, cfg=CFG, observer=observer)
+        stats = train_step(model, tiny_batch(model.image_size), priors, optimizer, cfg=CFG, observer=observer).read()
         log.step(step + 1, stats, lr=0.01, epoch=0, skipped_total=0, force=False)
     log.end_epoch(0)
     return tracker, log

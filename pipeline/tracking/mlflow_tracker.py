@@ -17,6 +17,8 @@ How ``MlflowTracker`` behaves (where the store is and how credentials travel: ``
   on a ``Sender`` (``pipeline.tracking.sender``), which batches metrics and retries transient failures.
   Metrics carry the time they were logged, and MLflow ignores an identical metric sent twice, so a retried
   request cannot create duplicates.
+* **Unsent metrics survive a kill.** Each checkpoint carries ``pending_metrics()``; ``requeue_metrics`` sends
+  them again on resume (harmless for one already stored: MLflow skips an identical metric).
 * **Exit.** ``flush(timeout_s)`` waits until everything queued is stored (bounded); ``close(status)``
   flushes and ends the run. Artifacts are copied to a staging folder when logged, so the caller may delete
   or overwrite the file right away.
@@ -175,17 +177,30 @@ class MlflowTracker:
             if step <= self._last_step.get(name, -1):
                 self._skipped_steps += 1
                 if self._skipped_steps == 1:
-                    logger.info(
-                        "%s at step %d is already stored in run %s; skipping steps already logged",
-                        name,
-                        step,
-                        self.run_id,
-                    )
+                    message = "%s at step %d is already stored in run %s; skipping steps already logged"
+                    logger.info(message, name, step, self.run_id)
                 continue
             self._last_step[name] = step
             batch.append(Metric(name, number, now_ms, step))
         if batch:
             self._sender.put_metrics(batch, f"{len(batch)} metrics at step {step}")
+
+    def pending_metrics(self) -> list[list[Any]]:
+        """The metrics queued or in flight, ``[key, value, timestamp_ms, step]`` each, oldest first, bounded."""
+        return [[m.key, float(m.value), int(m.timestamp), int(m.step)] for m in self._sender.pending_metrics()]
+
+    def requeue_metrics(self, items: list[list[Any]]) -> None:
+        """Queue an earlier tracker's ``pending_metrics()`` again, timestamps kept; ``log_metrics`` skips their steps.
+
+        An already stored one is not stored twice: the SQL store's ``log_batch`` (also behind ``mlflow server``)
+        skips a metric identical in key, value, timestamp and step."""
+        from mlflow.entities import Metric
+
+        batch = [Metric(str(k), float(v), int(t), int(s)) for k, v, t, s in items]
+        for metric in batch:
+            self._last_step[metric.key] = max(self._last_step.get(metric.key, -1), metric.step)
+        if batch:
+            self._sender.put_metrics(batch, f"{len(batch)} metrics unsent at the checkpoint")
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Queue a file or folder for upload under ``artifact_path``; it is copied to a staging folder now."""

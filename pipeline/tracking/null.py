@@ -27,6 +27,14 @@ class Tracker(Protocol):
     ) -> None: ...
     def log_dataset(self, shards: str, *, repo_root: str | Path | None = None, context: str = "train") -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def pending_metrics(self) -> list[list[Any]]:
+        """Metrics not yet stored, ``[key, value, timestamp_ms, step]`` each: a checkpoint carries them."""
+        ...
+
+    def requeue_metrics(self, items: list[list[Any]]) -> None:
+        """Send ``pending_metrics()`` of an earlier tracker of this run again (on resume)."""
+        ...
+
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_model_file(
         self, path: str | Path, *, metrics: Mapping[str, float] | None = None, register: bool = True
@@ -59,6 +67,12 @@ class NullTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         del metrics, step
+
+    def pending_metrics(self) -> list[list[Any]]:
+        return []
+
+    def requeue_metrics(self, items: list[list[Any]]) -> None:
+        del items
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         del local_path, artifact_path

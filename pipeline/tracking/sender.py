@@ -11,6 +11,10 @@ never stalls a training step, and that survives a store that is down for a while
   ignores an identical metric sent twice), so a retry cannot create duplicates.
 * **Bounded exit.** ``flush(timeout_s)`` waits until everything queued is stored; ``close(timeout_s)``
   flushes, then stops the thread (a request still failing at that point is given up).
+* **Snapshot of what is unsent.** ``pending_metrics()`` lists the metric items queued or in flight (a
+  request in flight may or may not get stored), oldest first, at most ``MAX_PENDING_METRICS`` (the newest).
+  The training loop writes them into each checkpoint, so a job killed with metrics still queued re-sends
+  them when it resumes from that checkpoint. Calls (params, tags, artifacts) are never listed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 5.0
 _JOIN_S = 1.0  # close() waits this long for the thread to end
 _MESSAGE_CHARS = 300  # an error quoted in a log line is cut to this
+MAX_PENDING_METRICS = 10_000  # pending_metrics() lists at most this many (the newest): a checkpoint stays small
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Sender:
         self._ops: collections.deque[_Op] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False  # the thread is sending an op that is no longer in _ops
+        self._in_flight: list[Any] = []  # the metrics of the request being sent (empty for a call)
         self._closed = False
         self._flushing = 0  # flush() calls waiting: the thread does not linger for them
         self._stop = threading.Event()  # set by close(): a retry in progress gives up
@@ -105,6 +111,23 @@ class Sender:
     def pending(self) -> bool:
         """Whether anything is queued or being sent."""
         return bool(self._ops) or self._busy
+
+    def pending_metrics(self, limit: int = MAX_PENDING_METRICS) -> list[Any]:
+        """The metric items not yet known to be stored: the request in flight, then the queued ones, in send
+        order; at most ``limit`` (the newest; a warning says how many older ones are left out)."""
+        with self._cond:
+            items = list(self._in_flight)
+            for op in self._ops:
+                items.extend(op.metrics)
+        if len(items) > limit:
+            logger.warning(
+                "MLflow store %s: %d metrics unsent; only the newest %d are kept for a resume",
+                self.store,
+                len(items),
+                limit,
+            )
+            items = items[len(items) - limit :]
+        return items
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every queued request is stored or dropped, at most ``timeout_s``. Returns False (and
@@ -183,11 +206,13 @@ class Sender:
                 if op is None:
                     continue
                 self._busy = True
+                self._in_flight = op.metrics
             try:
                 self._send_with_retry(op)
             finally:
                 with self._cond:
                     self._busy = False
+                    self._in_flight = []
                     self._cond.notify_all()
 
     def _send_with_retry(self, op: _Op) -> None:

@@ -4,7 +4,8 @@ A checkpoint is a directory named ``checkpoint_step_<step>`` in the run folder
 (``<train.storage_path>/<train.run_name>``) holding two files:
 
 - ``state.pt``: ``torch.save`` of a plain dict (model, optimiser, scheduler, scaler, step, epoch, RNG
-  states, preset, class map, params, tracking run id), loaded with ``torch.load(weights_only=True)``;
+  states, preset, class map, params, tracking run id, the metrics not yet sent to MLflow), loaded with
+  ``torch.load(weights_only=True)``;
 - ``meta.json``: written after ``state.pt``: the step, the params and the sha256 and size of ``state.pt``.
 
 Rank 0 writes both into a local temporary directory (each file: temporary name, fsync, rename) and hands

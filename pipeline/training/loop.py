@@ -238,6 +238,7 @@ class _Checkpoints:
                 world=self.world,
                 bad_samples=log.bad_samples,
                 tracking_run_id=log.tracker.run_id,
+                pending_metrics=log.tracker.pending_metrics(),  # a job killed before they are sent resends them
             )
             contents.update(selector.checkpoint_state())  # EMA and best step (None when off)
             local = Path(tempfile.mkdtemp(prefix="ssd-checkpoint-"))

@@ -66,10 +66,19 @@ class TrainState:
         return DeviceSkips(self.guard.max_consecutive, self.guard.consecutive, device)
 
     def checkpoint(
-        self, job: TrainJob, *, epoch: int, world: int, bad_samples: int, tracking_run_id: str | None
+        self,
+        job: TrainJob,
+        *,
+        epoch: int,
+        world: int,
+        bad_samples: int,
+        tracking_run_id: str | None,
+        pending_metrics: list[list[Any]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(state, meta)`` for ``checkpoint.write_checkpoint``: this state, the RNG states, what the run is
-        (preset, classes, params with any storage key redacted) and where it logs."""
+        (preset, classes, params with any storage key redacted), where it logs, and the metrics the tracker
+        has not stored yet (``Tracker.pending_metrics``: ``[key, value, timestamp_ms, step]`` each, bounded),
+        which a resume from this checkpoint sends again."""
         params = redact_params(params_to_dict(job.params))  # a storage URL's key stays out of the checkpoint
         state = {
             "step": self.step,
@@ -86,6 +95,7 @@ class TrainState:
             "classes": list(job.classes),
             "params": params,
             "tracking_run_id": tracking_run_id,
+            "pending_metrics": [list(item) for item in pending_metrics or []],
             "world_size": world,
         }
         meta = {

@@ -57,7 +57,9 @@ class StepLog:
         start_step: int,
         resumed: checkpoint.LoadedCheckpoint | None,
     ) -> StepLog:
-        """Continue the checkpoint's MLflow run (or the driver's) and its bad-sample count."""
+        """Continue the checkpoint's MLflow run (or the driver's) and its bad-sample count; queue the metrics
+        that were still unsent when the checkpoint was written (a job ended abruptly never sent them) before
+        anything new is logged."""
         cfg = job.params.train
         run_id = (resumed.meta.tracking_run_id if resumed else None) or job.tracking_run_id
         tracker = create_tracker(
@@ -68,6 +70,8 @@ class StepLog:
             repo_root=job.repo_root,
             credentials=job.tracking_credentials,
         )
+        if resumed is not None:  # checkpoints older than this field carry none
+            tracker.requeue_metrics(resumed.state.get("pending_metrics", []))
         progress = Progress(
             max_steps=cfg.max_steps, start_step=start_step, bad_samples=resumed.state["bad_samples"] if resumed else 0
         )

@@ -171,6 +171,25 @@ def test_server_run_resume_and_registry(running, tmp_path):
 
 
 @pytest.mark.slow
+def test_requeued_metrics_already_stored_through_a_server_are_not_stored_twice(running, tmp_path):
+    """What a resume re-sends from a checkpoint may be stored already: the server's store skips an identical
+    (key, value, timestamp, step); the new ones are stored, and later log calls skip the requeued steps."""
+    cfg = TrackingConfig(uri=running.url, experiment="srv-requeue")
+    first = create_tracker(cfg, enabled_here=True, run_id=None, run_name="job", repo_root=tmp_path)
+    for step in (1, 2):
+        first.log_metrics({"train/loss": step / 2}, step)
+    assert first.close(status=None) and first.pending_metrics() == []
+    client = MlflowClient(running.url)
+    stored = [[m.key, m.value, m.timestamp, m.step] for m in client.get_metric_history(first.run_id, "train/loss")]
+    second = create_tracker(cfg, enabled_here=True, run_id=first.run_id, run_name="job", repo_root=tmp_path)
+    second.requeue_metrics([*stored, ["train/loss", 1.5, stored[-1][2], 3]])
+    second.log_metrics({"train/loss": 99.0}, 3)  # the requeued step 3 stands
+    second.log_metrics({"train/loss": 2.0}, 4)
+    assert second.close()
+    assert history(client, first.run_id, "train/loss") == [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0)]
+
+
+@pytest.mark.slow
 def test_server_outage_mid_run_never_stalls_a_step_and_loses_nothing(running, tmp_path):
     """Stop the server for ~30 s during a run, then restart it: every log call stays fast, and once the
     server is back every metric (and an artifact logged during the outage) is stored exactly once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -111,3 +112,34 @@ def test_flush_and_close_are_bounded_when_the_store_stays_down(caplog):
     with pytest.raises(RuntimeError, match="tracker for run r is closed"):
         sender.put_metrics([4], "1 metric")
     assert sender.close(1.0)  # closing twice is fine
+
+
+def test_pending_metrics_lists_the_queued_and_in_flight_metrics_not_the_sent_ones_nor_calls():
+    entered: queue.Queue[list[int]] = queue.Queue()  # one entry per request the store has started on
+    release = threading.Semaphore(0)  # the store finishes one request per release
+    sent: list[list[int]] = []
+
+    def blocking_store(batch):
+        entered.put(list(batch))
+        assert release.acquire(timeout=5)
+        sent.append(list(batch))
+
+    sender = make_sender(blocking_store)
+    assert sender.pending_metrics() == []
+    sender.put_metrics([1, 2], "2 metrics")
+    assert entered.get(timeout=5) == [1, 2]  # in flight, not stored yet
+    sender.put_metrics([3], "1 metric")
+    sender.put_call("params", lambda: None)  # a call is not a metric: never listed
+    sender.put_metrics([4, 5], "2 metrics")
+    assert sender.pending_metrics() == [1, 2, 3, 4, 5]
+    assert sender.pending_metrics(limit=2) == [4, 5]  # bounded: the newest kept
+    release.release()
+    assert entered.get(timeout=5) == [3]  # [1, 2] stored; [3] in flight (the call follows it)
+    assert sent == [[1, 2]] and sender.pending_metrics() == [3, 4, 5]
+    release.release()
+    assert entered.get(timeout=5) == [4, 5]
+    assert sender.pending_metrics() == [4, 5]
+    release.release()
+    assert sender.flush(5.0) and sent == [[1, 2], [3], [4, 5]]
+    assert sender.pending_metrics() == []
+    sender.close(1.0)

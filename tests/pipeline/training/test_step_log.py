@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrainConfig
-from pipeline.tracking import NullTracker
+from pipeline.tracking import MlflowTracker, NullTracker
+from pipeline.training import checkpoint
 from pipeline.training.grad_stats import GradStats
+from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer
 from pipeline.training.progress import Progress
+from pipeline.training.state import build_model, build_state, find_resume_checkpoint
 from pipeline.training.step import train_step
 from pipeline.training.step_log import StepLog
 from ssd_core.model import build_ssd
+from tests.pipeline.fixtures import make_params
 from tests.pipeline.training.tiny import tiny_batch
 
 CFG = TrainConfig(lr=0.01, lr_reference_batch=2, batch_size=2)
@@ -74,3 +81,77 @@ def test_rank_zero_logs_step_metrics_and_gradient_statistics_when_due():
 def test_other_ranks_log_nothing():
     tracker, log = _run(rank=1)
     assert tracker.metrics == {} and tracker.artifacts == [] and log.update_observer(2) is None
+
+
+class _StoreThatGoesDown:
+    """Wraps a client's ``log_batch``: once ``down()`` is called, the next request blocks until ``gate`` is set
+    and is then stored (it was in flight when the job "died"); every later one fails like a dead server."""
+
+    def __init__(self, client) -> None:
+        self.log_batch, self.is_down, self.stored_while_down = client.log_batch, False, 0
+        self.entered, self.gate = threading.Event(), threading.Event()
+        client.log_batch = self
+
+    def down(self) -> None:
+        self.is_down = True
+
+    def __call__(self, *args, **kwargs):
+        if self.is_down:
+            if self.entered.is_set():
+                raise ConnectionError("the store is gone")
+            self.entered.set()
+            assert self.gate.wait(120)
+            self.stored_while_down += 1
+        return self.log_batch(*args, **kwargs)
+
+
+def _log(tracker, step: int) -> None:
+    tracker.log_metrics({"train/loss": step / 2, "train/lr": step / 100}, step)
+
+
+@pytest.mark.slow
+def test_metrics_unsent_at_a_checkpoint_are_stored_exactly_once_after_the_job_dies_and_resumes(tmp_path):
+    params = make_params(**{"model.preset": "ssd_tiny", "train.max_steps": 8, "tracking.grad_stats_every": 0})
+    params.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = TrainJob(params, str(tmp_path / "shards"), ("a", "b"), str(tmp_path / "run"), str(tmp_path), "0" * 64)
+    model = build_model(job, None)
+    first = StepLog.start(job, 0, 1, model, 0, None)
+    tracker = first.tracker
+    assert isinstance(tracker, MlflowTracker)
+    for step in (1, 2, 3):
+        _log(tracker, step)
+    assert tracker.flush(30)
+    store = _StoreThatGoesDown(tracker.client)
+    store.down()
+    _log(tracker, 4)
+    assert store.entered.wait(10)  # step 4 in flight
+    _log(tracker, 5)  # step 5 queued
+    state = build_state(job, model, 1, None)
+    state.step = 5
+    contents, meta = state.checkpoint(
+        job, epoch=0, world=1, bad_samples=0, tracking_run_id=tracker.run_id, pending_metrics=tracker.pending_metrics()
+    )
+    assert sorted((k, s) for k, _, _, s in contents["pending_metrics"]) == [
+        ("train/loss", 4),
+        ("train/loss", 5),
+        ("train/lr", 4),
+        ("train/lr", 5),
+    ]
+    checkpoint.write_checkpoint(checkpoint.join(job.run_uri, checkpoint.dir_name(5)), contents, meta)
+    _log(tracker, 6)  # logged after the checkpoint: the resumed job recomputes and logs it again
+    store.gate.set()  # step 4 is stored after all; 5 and 6 never are
+    assert not tracker.close(status=None, timeout_s=1.0)  # the job dies: what is still queued is lost
+    assert store.stored_while_down == 1
+
+    resumed = find_resume_checkpoint(job, None, world=1)
+    assert resumed is not None and resumed.meta.step == 5
+    second = StepLog.start(job, 0, 1, model, 5, resumed)
+    assert second.tracker.run_id == tracker.run_id
+    for step in (6, 7, 8):
+        _log(second.tracker, step)
+    assert second.tracker.close(status=None, timeout_s=30)
+
+    client = MlflowClient(params.tracking.uri)
+    for key, scale in (("train/loss", 2), ("train/lr", 100)):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, key))
+        assert history == [(step, step / scale) for step in range(1, 9)], key  # 5 resent; 4 resent, not doubled

@@ -126,7 +126,7 @@ def test_a_coco_recipe_trained_one_step_records_coco_priors(tmp_path):
     state = build_state(job, model, 1, None)
     batch = tiny_batch(model.image_size)
     one = batch._replace(**{k: getattr(batch, k)[:1] for k in ("images", "boxes", "labels", "difficult", "mask")})
-    stats = train_step(model, one, model.priors(), state.optimizer, cfg=params.train, scaler=state.scaler)
+    stats = train_step(model, one, model.priors(), state.optimizer, cfg=params.train, scaler=state.scaler).read()
     state.end_step(stats.finite)
     assert stats.finite and state.step == 1
     contents, meta = state.checkpoint(job, epoch=0, world=1, bad_samples=0, tracking_run_id=None)

@@ -65,9 +65,12 @@ def publish_model(
     params: Mapping[str, Any],
     data_digest: str,
     credentials: Mapping[str, str] | None = None,
+    lock: Path | None = None,
 ) -> Published:
     """Log ``model_file`` (trained with ``params`` on data ``data_digest``) to run ``run_id`` as an MLflow
     model and, with ``cfg.register_model``, register it as a new version of ``cfg.model_name`` (``challenger``).
+
+    ``lock``: the requirements lock to pin from (default ``repo_root/requirements.lock``).
 
     Raises:
         TrackingError: the store refused or could not be reached (the model file itself is unaffected).
@@ -85,7 +88,7 @@ def publish_model(
             run_id=run_id,
             model_file=model_file,
             params=params,
-            lock=repo_root / LOCK_FILE,
+            lock=lock if lock is not None else repo_root / LOCK_FILE,
             tags=tags,
         )
         version = None

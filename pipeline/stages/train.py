@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -211,6 +212,9 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
 
     cfg = job.params.train
     recorded = redact_params(params_to_dict(params))
+    # Read now: under `ray job submit` Ray may delete the job's working directory (this repository's copy, the
+    # driver's cwd) once the training actors end, before the model is published
+    lock = _read_lock(Path(job.repo_root))
     found = prepare_run_folder(job.run_uri, resume=cfg.resume)
     run_folder = redact_uri(job.run_uri)
     if found:
@@ -264,7 +268,17 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
         )
         _finish_run(job, local, "FINISHED", selection)
         if job.tracking_run_id is not None:
-            _publish(job, local, recorded)
+            _publish(job, local, recorded, lock, Path(scratch))
+
+
+def _read_lock(repo_root: Path) -> bytes | None:
+    """``requirements.lock``'s bytes (the MLflow model's pins), or None where the checkout has none."""
+    from pipeline.serving.publish import LOCK_FILE
+
+    try:
+        return (repo_root / LOCK_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _selection_record(state: dict, choice: str, weights_step: int, status: str) -> dict:
@@ -274,9 +288,23 @@ def _selection_record(state: dict, choice: str, weights_step: int, status: str) 
     return {"final_weights": choice, "weights_step": weights_step, "status": status, **summary}
 
 
-def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
-    """The model file as an MLflow model of the run, registered with the alias challenger (pipeline.serving)."""
-    from pipeline.serving.publish import publish_model
+def _publish(job: TrainJob, model_file: Path, recorded: dict, lock: bytes | None, scratch: Path) -> None:
+    """The model file as an MLflow model of the run, registered with the alias challenger (pipeline.serving).
+
+    ``lock``: ``requirements.lock`` as read before training. A working directory that Ray has deleted
+    meanwhile is left for ``scratch`` (torch and MLflow ask for the cwd while they export and save).
+    """
+    from pipeline.serving.publish import LOCK_FILE, publish_model
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        logger.info("train: the working directory is gone (Ray removed the job's copy); publishing from %s", scratch)
+        os.chdir(scratch)
+    lock_path = None
+    if lock is not None:
+        lock_path = scratch / LOCK_FILE
+        lock_path.write_bytes(lock)
 
     published = publish_model(
         job.params.tracking,
@@ -286,6 +314,7 @@ def _publish(job: TrainJob, model_file: Path, recorded: dict) -> None:
         params=recorded,
         data_digest=job.data_digest,
         credentials=job.tracking_credentials,
+        lock=lock_path,
     )
     where = f"{job.params.tracking.model_name} version {published.version}" if published.version else "unregistered"
     logger.info("train: MLflow model models:/%s (%s)", published.model_id, where)

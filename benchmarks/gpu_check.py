@@ -213,7 +213,7 @@ def measure_flops(args, device: torch.device, train: dict) -> dict:
     compiled training rate as a fraction of the device's dense bf16 peak."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_ssd(args.preset, NUM_CLASSES).to(device)
+    model = build_ssd(args.preset, NUM_CLASSES).to(device).eval()  # eval: batch norm takes one image; same FLOPs
     x = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

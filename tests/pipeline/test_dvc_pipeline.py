@@ -50,9 +50,9 @@ def test_dvc_repro_runs_the_data_stages_once(tmp_path):
     first = _dvc(work, "repro", "shard")
     assert "Running stage 'prepare'" in first.stdout and "Running stage 'shard'" in first.stdout
     manifest = json.loads((work / "shards" / "manifest.json").read_text())
-    assert sum(s["count"] for s in manifest["shards"]) == 32
+    assert sum(s["count"] for s in manifest["shards"]) == 36  # 24 train + 8 val + 4 test
     report = json.loads((work / "reports" / "prepare.json").read_text())
-    assert report["images"] == {**report["images"], "in": 32, "kept": 32, "rejected": 0}
+    assert report["images"] == {**report["images"], "in": 36, "kept": 36, "rejected": 0}
 
     second = _dvc(work, "repro", "shard")
     assert "Running stage" not in second.stdout, second.stdout

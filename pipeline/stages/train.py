@@ -272,13 +272,17 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
 
 
 def _read_lock(repo_root: Path) -> bytes | None:
-    """``requirements.lock``'s bytes (the MLflow model's pins), or None where the checkout has none."""
+    """``requirements.lock``'s bytes (the MLflow model's pins): the one beside the running ``pipeline`` package
+    (the environment this code was installed from), else the repository's; None where neither exists."""
+    import pipeline
     from pipeline.serving.publish import LOCK_FILE
 
-    try:
-        return (repo_root / LOCK_FILE).read_bytes()
-    except FileNotFoundError:
-        return None
+    for folder in (Path(pipeline.__file__).resolve().parent.parent, repo_root):
+        try:
+            return (folder / LOCK_FILE).read_bytes()
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def _selection_record(state: dict, choice: str, weights_step: int, status: str) -> dict:

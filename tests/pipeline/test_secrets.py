@@ -226,6 +226,8 @@ def test_train_and_evaluate_with_credentials_in_the_uri_leave_them_nowhere(
     secret_uri = f"http://{USER}:{password}@127.0.0.1:{proxy.port}"
     work = tmp_path / "work"
     work.mkdir()
+    # a checkout holds the lock, which the registered MLflow model's pinned requirements come from
+    shutil.copy(Path(__file__).resolve().parents[2] / "requirements.lock", work)
     clean_env.chdir(work)
     clean_env.setenv("SSD_TEST_TRACKING_URI", secret_uri)
     params_file = work / "params.yaml"

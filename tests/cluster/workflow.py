@@ -32,7 +32,7 @@ EXCLUDES = '{"excludes": ["/.git", "/.venv", "/.dvc/cache", "/data", "/shards", 
 SUBMIT = (
     ".venv/bin/ray job submit --submission-id $JOB --no-wait --working-dir . "
     f"--runtime-env-json '{EXCLUDES}' "
-    "-- python -m pipeline train --shards s3://$SSD_S3_BUCKET/shards "
+    "-- python -m pipeline train --wait --shards s3://$SSD_S3_BUCKET/shards "
     "--model-out s3://$SSD_S3_BUCKET/models/$RUN.pt "
     "train.storage_path=s3://$SSD_S3_BUCKET/runs tracking.uri=$MLFLOW_TRACKING_URI "
     f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=4 train.checkpoint_every_steps=10 "

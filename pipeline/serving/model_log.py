@@ -27,7 +27,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "model"  # the LoggedModel's name in the run
+MODEL_NAME = "ssd_detector"  # the LoggedModel's name in the run; not "model", the run artifact folder of ssd.pt
+# (MLflow 3 lists and downloads runs:/<run>/<name> as the run's folder and the logged model together)
 SERVING_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pillow", "omegaconf", "defusedxml", "cloudpickle")
 EXAMPLE_SIDE = 64  # the input example: a 64x64 JPEG (small in MLmodel's folder, still a real image)
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
+from pipeline.artifacts.atomic_write import write_bytes_atomic
 from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
 from pipeline.model_builder import build_model, build_recorded
@@ -308,7 +309,7 @@ def _publish(job: TrainJob, model_file: Path, recorded: dict, lock: bytes | None
     lock_path = None
     if lock is not None:
         lock_path = scratch / LOCK_FILE
-        lock_path.write_bytes(lock)
+        write_bytes_atomic(lock_path, lock)
 
     published = publish_model(
         job.params.tracking,

@@ -77,6 +77,14 @@ def test_the_model_is_logged_to_the_run_and_registered_as_the_challenger(publish
     assert experiment.tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT
 
 
+def test_the_runs_model_folder_holds_only_the_model_file(published, random_file):
+    """MLflow 3 lists ``runs:/<run>/<name>`` as the run's folder plus the run's logged model of that name: the
+    logged model must not share the name of the folder that holds ``ssd.pt``."""
+    client = MlflowClient(published.server.url)
+    assert client.get_logged_model(published.result.model_id).name != "model"
+    assert {a.path for a in client.list_artifacts(published.run_id, "model")} == {f"model/{random_file.name}"}
+
+
 def test_params_digest_ignores_key_order():
     assert params_digest({"a": 1, "b": {"c": 2, "d": 3}}) == params_digest({"b": {"d": 3, "c": 2}, "a": 1})
     assert params_digest({"a": 1}) != params_digest({"a": 2})

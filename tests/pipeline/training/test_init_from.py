@@ -145,7 +145,7 @@ def _train(job, steps: int, shards: Path):
 
 
 def _voc07(model, shards: Path, params, classes) -> float:
-    from pipeline.stages.evaluate_scoring import run_inference, score_detections
+    from pipeline.report.scoring import run_inference, score_detections
 
     collected = run_inference(
         model.eval(), str(shards), params.eval, device=torch.device("cpu"), num_workers=0, progress=False

@@ -54,7 +54,7 @@ run: install
 LINTED := ssd_core pipeline tests benchmarks infra
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 # The markers are registered in pyproject.toml: slow (over a few seconds), ray (starts Ray), dvc (runs dvc).
 test-fast: install

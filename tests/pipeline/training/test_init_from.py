@@ -180,7 +180,7 @@ def _subset_index(source: Path, target: Path, keep: dict[str, str]) -> tuple[str
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # ~230 CPU training steps of ssd_tiny and two evaluations
+@pytest.mark.timeout(1500)  # 760 CPU training steps of ssd_tiny (~90 s on a quiet machine) and two evaluations
 def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratch(tmp_path):
     """The embedded default's data and model (ssd_tiny, AdamW; shortened): a source trained on the five shapes,
     then the same number of steps on ellipses and rectangles renamed "box", from the source and from scratch.
@@ -201,18 +201,18 @@ def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratc
         "train.warmup_steps": 10,
         "train.precision": "fp32",
     }
-    params = make_params(**base, **{"train.max_steps": 150})
+    params = make_params(**base, **{"train.max_steps": 600})
     index, shards = prepare_and_shard(params, tmp_path / "five")
     classes = tuple(__import__("json").loads((index / "classes.json").read_text()))
     job = TrainJob(params, str(shards), classes, str(tmp_path / "r"), str(tmp_path), "0" * 64)
-    source = _train(job, 150, shards)
+    source = _train(job, 600, shards)
     source_path = tmp_path / "source.pt"
     save_model_file(source_path, source, classes=list(classes), params={})
 
     names = _subset_index(index, tmp_path / "two" / "prepared", {"ellipse": "ellipse", "rectangle": "box"})
     two = tmp_path / "two" / "shards"
     shard(tmp_path / "two" / "prepared", two, params.shard, progress=False)
-    steps = 40
+    steps = 80
     runs = {}
     for name, init in (("scratch", ""), ("fine-tuned", str(source_path))):
         p = make_params(**base, **{"train.max_steps": steps, "model.init_from": init})
@@ -223,5 +223,6 @@ def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratc
             assert torch.equal(rows[:, 1], src[:, classes.index("ellipse") + 1])
             assert not torch.equal(rows[:, 2], src[:, classes.index("rectangle") + 1])
         runs[name] = _voc07(_train(job, steps, two), two, p, names)
-    # 40 steps are few for either (at batch 16: scratch 0.006, fine-tuned 0.053); the source saw 150
-    assert runs["fine-tuned"] > max(3 * runs["scratch"], runs["scratch"] + 0.03), runs
+    # The source saw 600 steps (VOC07 mAP 0.22 on the five shapes); after 80 steps on the two classes, scratch
+    # scored 0.050 and fine-tuned 0.167 (after 40: 0.053 and 0.112)
+    assert runs["fine-tuned"] > max(2 * runs["scratch"], runs["scratch"] + 0.05), runs

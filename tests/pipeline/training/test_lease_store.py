@@ -86,13 +86,13 @@ def _replace_at(uri: str, start: float, data: bytes, version: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pool", ["threads", "processes"])
+@pytest.mark.parametrize(
+    ("uri", "pool"), [("local", "threads"), ("local", "processes"), ("s3", "threads")], indirect=["uri"]
+)
 def test_concurrent_writers_exactly_one_wins(uri, pool):
     """RACERS writers released at the same instant; the object ends as the one winner wrote it. Locally the
     writers are threads or processes (the flock must hold across both); S3 decides on the server, where
     client threads are as concurrent as client processes."""
-    if pool == "processes" and uri.startswith("s3://"):
-        pytest.skip("the server serialises S3 writes; the thread racers cover it")
     if pool == "threads":
         executor = concurrent.futures.ThreadPoolExecutor(RACERS)
         _STORES.clear()  # each thread's store is its own object: the tasks get fresh ones

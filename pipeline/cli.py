@@ -119,14 +119,28 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--out",
-        type=Path,
-        default=Path("predictions"),
-        help="folder for detections.json (COCO results format) and the drawn images",
+        default="predictions",
+        help="folder for detections.json (COCO results format) and the drawn images; with --ray also an "
+        "object-store prefix (s3://bucket/predictions)",
     )
     p.add_argument("--min-score", type=float, default=0.3, help="detections below this score are left out")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--no-draw", action="store_true", help="write detections.json only, no drawn copies")
+    ray = p.add_argument_group("Ray Data (--ray)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data actors (many machines; inputs and --out may be s3:// prefixes); writes "
+        "detections.json, results.json and detections.parquet, no drawn copies",
+    )
+    ray.add_argument("--ray-workers", type=int, default=2, help="actors, each holding the model (default 2)")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per actor")
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray on 127.0.0.1)",
+    )
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +190,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "predict",
         "pipeline.stages.predict",
-        "detect objects in images or folders (no Ray, no MLflow)",
+        "detect objects in images or folders (no Ray, no MLflow; with --ray: on Ray Data actors)",
         _predict_args,
         takes_inputs=True,
     ),

@@ -4,6 +4,8 @@ A stage writes into a folder only when it is missing, empty, or carries the mark
 ``.ssd-pipeline`` that the same stage left there: one JSON line, ``{"made_by": "ssd-pipeline", "stage":
 "prepare"}``. Anything else (a folder holding the user's files, or another stage's output) is refused with
 the folder named, before any work starts, so that nothing the user put there is deleted or overwritten.
+On an object store (``predict --ray --out s3://...``) the marker is an object under the prefix
+(``marker_stage``, ``write_marker``).
 
 ``replacing_folder`` builds a folder's new content in a hidden sibling (``.<name>.build-<pid>-<token>``)
 and swaps it in once it is complete: the old folder is renamed aside, the new one renamed into place, and
@@ -37,9 +39,16 @@ class OutputFolderError(ValueError):
 
 
 def marker_stage(folder: str | Path) -> str | None:
-    """The stage named by ``folder``'s marker file; None when there is none or it is not the pipeline's."""
+    """The stage named by ``folder``'s marker file; None when there is none or it is not the pipeline's.
+
+    ``folder`` may also be an object-store prefix (``s3://bucket/out``, through ``pipeline.storage``)."""
     try:
-        text = (Path(folder) / MARKER_NAME).read_text(encoding="utf-8")
+        if _is_url(folder):
+            from pipeline import storage
+
+            text = storage.read_bytes(storage.join(str(folder), MARKER_NAME)).decode("utf-8")
+        else:
+            text = (Path(folder) / MARKER_NAME).read_text(encoding="utf-8")
         data = json.loads(text)
     except (OSError, ValueError):
         return None
@@ -49,8 +58,19 @@ def marker_stage(folder: str | Path) -> str | None:
 
 
 def write_marker(folder: str | Path, stage: str) -> None:
-    """Mark ``folder`` (which must exist) as made by ``stage``."""
-    write_text_atomic(Path(folder) / MARKER_NAME, json.dumps({"made_by": MADE_BY, "stage": stage}) + "\n")
+    """Mark ``folder`` (which must exist; on an object store, a prefix: one object under it) as made by
+    ``stage``."""
+    text = json.dumps({"made_by": MADE_BY, "stage": stage}) + "\n"
+    if _is_url(folder):
+        from pipeline import storage
+
+        storage.put_bytes(storage.join(str(folder), MARKER_NAME), text.encode("utf-8"))
+    else:
+        write_text_atomic(Path(folder) / MARKER_NAME, text)
+
+
+def _is_url(folder: str | Path) -> bool:
+    return isinstance(folder, str) and "://" in folder and not folder.startswith("file://")
 
 
 def check_output_folder(folder: str | Path, stage: str, *, option: str = "--out") -> None:

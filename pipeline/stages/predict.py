@@ -25,6 +25,9 @@ their formats are in ``pipeline.stages.predict_outputs``:
 Exit status: 0 when at least one image was read, 1 when every image failed, 2 for a usage error (no
 inputs, a missing path, an unreadable model file or registered model, a bad ``--device``, an ``--out``
 that ``check_output`` refuses).
+
+``--ray`` runs the same ``predict_images`` on Ray Data actors over many machines, and reads and writes
+object stores too (``pipeline.stages.predict_ray``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from pipeline.stages.predict_inputs import (
     check_output,
     collect_inputs,
     drawn_names,
+    is_object_url,
     resolve_device,
 )
 from pipeline.stages.predict_outputs import Failure, Prediction, detections_json, results_list, save_drawn, write_json
@@ -65,17 +69,22 @@ READ_THREADS = 4  # decoding and resizing overlap with the forward pass (PIL and
 
 
 # ------------------------------------------------------------------------------------------ inference
-def read_image(path: Path, *, image_size: int, max_pixels: int) -> tuple[Image.Image, torch.Tensor]:
+def read_image(path: Path | str, *, image_size: int, max_pixels: int) -> tuple[Image.Image, torch.Tensor]:
     """The upright RGB image and its uint8 ``[3, S, S]`` model input (``S = image_size``).
+
+    ``path``: a local file, or an object-store URL (``predict --ray``) whose bytes are read whole first.
 
     Raises:
         ImageRejected: the file is not a usable image (reason as ``pipeline.sources.images``).
     """
-    image = load_rgb(path, max_pixels=max_pixels)
+    from pipeline import storage
+
+    source = storage.read_bytes(path) if is_object_url(path) else path
+    image = load_rgb(source, max_pixels=max_pixels)
     return image, model_input(image, image_size)
 
 
-def _read(path: Path, image_size: int, max_pixels: int) -> tuple[Image.Image, torch.Tensor] | Failure:
+def _read(path: Path | str, image_size: int, max_pixels: int) -> tuple[Image.Image, torch.Tensor] | Failure:
     try:
         return read_image(path, image_size=image_size, max_pixels=max_pixels)
     except ImageRejected as error:
@@ -86,7 +95,7 @@ def _read(path: Path, image_size: int, max_pixels: int) -> tuple[Image.Image, to
 
 def predict_images(
     model: torch.nn.Module,
-    paths: Sequence[Path],
+    paths: Sequence[Path | str],
     cfg: EvalConfig,
     *,
     min_score: float,
@@ -94,7 +103,8 @@ def predict_images(
     device: torch.device,
     max_pixels: int,
 ) -> Iterator[Prediction | Failure]:
-    """Run ``model`` (an ``ssd_core.model.SSD``) over ``paths``, yielding one result per path, in order.
+    """Run ``model`` (an ``ssd_core.model.SSD``) over ``paths`` (local files, or object-store URLs as
+    strings), yielding one result per path, in order.
 
     Images are read ``batch_size`` at a time on ``READ_THREADS`` threads, the next batch while the model
     runs on this one; the images of a batch that could be read go through one forward pass.
@@ -107,7 +117,7 @@ def predict_images(
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, batch_size))) as pool:
 
-        def submit(chunk: list[Path]) -> list[Future]:
+        def submit(chunk: list[Path | str]) -> list[Future]:
             return [pool.submit(_read, p, image_size, max_pixels) for p in chunk]
 
         pending = submit(chunks[0]) if chunks else []
@@ -155,38 +165,57 @@ def load_model(model: str | Path, params: Params, map_location: str | torch.devi
         shutil.rmtree(local.parent, ignore_errors=True)
 
 
-def main(args: argparse.Namespace, params: Params) -> int:
-    from tqdm import tqdm
-
-    started = time.perf_counter()
-    out = Path(args.out)
-    try:
-        paths = collect_inputs(args.inputs)
-        owned = check_output(out, args.inputs, paths, draw=not args.no_draw)
-        device = resolve_device(args.device)
-        if not 0.0 <= args.min_score <= 1.0:
-            raise InputError(f"predict: --min-score: expected a score in [0, 1], got {args.min_score}")
-        if args.batch_size < 1:
-            raise InputError(f"predict: --batch-size: expected a positive number, got {args.batch_size}")
-        loaded = load_model(args.model, params, map_location=device)
-    except InputError as error:
-        logger.error("%s", error)
-        return 2
-    except FileNotFoundError:
-        logger.error(
-            "predict: model file %s not found (write one with `python -m pipeline train`, or pass --model PATH)",
-            args.model,
-        )
-        return 2
-    except (ValueError, TrackingError) as error:  # not a model file of this format; no such registered model
-        logger.error("predict: %s", error)
-        return 2
+def check_options(args: argparse.Namespace, params: Params) -> None:
+    """Refuse a bad ``--min-score`` or ``--batch-size`` (``InputError``); warn when ``eval.score_threshold``
+    decides before ``--min-score``."""
+    if not 0.0 <= args.min_score <= 1.0:
+        raise InputError(f"predict: --min-score: expected a score in [0, 1], got {args.min_score}")
+    if args.batch_size < 1:
+        raise InputError(f"predict: --batch-size: expected a positive number, got {args.batch_size}")
     if args.min_score < params.eval.score_threshold:
         logger.warning(
             "predict: --min-score %.3g is below eval.score_threshold %.3g, which decides first",
             args.min_score,
             params.eval.score_threshold,
         )
+
+
+def refuse(error: Exception, args: argparse.Namespace) -> int:
+    """Log a usage error raised while checking inputs, options or the model; the exit status (2)."""
+    if isinstance(error, FileNotFoundError):
+        logger.error(
+            "predict: model file %s not found (write one with `python -m pipeline train`, or pass --model PATH)",
+            args.model,
+        )
+    elif isinstance(error, InputError):
+        logger.error("%s", error)
+    else:  # not a model file of this format; no such registered model; an object store that does not answer
+        logger.error("predict: %s", error)
+    return 2
+
+
+USAGE_ERRORS = (FileNotFoundError, ValueError, TrackingError)  # InputError and StorageError are ValueErrors
+
+
+def main(args: argparse.Namespace, params: Params) -> int:
+    from tqdm import tqdm
+
+    if getattr(args, "ray", False):
+        from pipeline.stages.predict_ray import run_ray  # imports Ray: only here
+
+        return run_ray(args, params)
+    started = time.perf_counter()
+    out = Path(args.out)
+    try:
+        if is_object_url(args.out):
+            raise InputError(f"predict: --out {args.out}: object-store outputs need --ray")
+        paths = collect_inputs(args.inputs)
+        owned = check_output(out, args.inputs, paths, draw=not args.no_draw)
+        device = resolve_device(args.device)
+        check_options(args, params)
+        loaded = load_model(args.model, params, map_location=device)
+    except USAGE_ERRORS as error:
+        return refuse(error, args)
 
     if owned:
         claim_output_folder(out, PREDICT_STAGE)

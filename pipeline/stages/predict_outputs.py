@@ -17,11 +17,13 @@ atomically (``pipeline.artifacts.atomic_write``):
 ``images/<name>``      each image with its detections drawn (``pipeline.report.drawing``), upright, at its
                        original size; PNG for ``.png`` inputs, JPEG otherwise; a name already taken by an
                        earlier input gets ``-2``, ``-3``, ... before its extension
+``detections.parquet`` ``predict --ray`` only (it draws nothing): one row per detection, ``TABLE_COLUMNS``
+                       (``detections_table``)
 =====================  ==================================================================================
 
 Both JSON files are written with one record per line (``dumps_by_record``).
 
-Tested through the command, in ``tests/pipeline/stages/test_predict.py``.
+Tested through the command, in ``tests/pipeline/stages/test_predict.py`` and ``test_predict_ray.py``.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from pipeline.artifacts.atomic_write import write_bytes_atomic
 JPEG_QUALITY = 90  # drawn copies: small files, labels still crisp
 _BOX_DECIMALS = 2  # as pipeline.report.coco_eval: 1/100 pixel
 _SCORE_DECIMALS = 5
+# predict --ray's Parquet table: the served model's columns (pipeline.serving.pyfunc), then the image's id
+TABLE_COLUMNS = ("image", "label", "class_name", "score", "x1", "y1", "x2", "y2", "image_id")
 
 
 class Prediction(NamedTuple):
     """Detections of one image that was read, boxes in pixels of the upright original."""
 
-    path: Path
+    path: Path | str  # a local file, or an object-store URL (predict --ray)
     width: int  # upright (EXIF-oriented) size
     height: int
     boxes: np.ndarray  # float64 [K, 4] xyxy pixels, by decreasing score
@@ -57,7 +61,7 @@ class Prediction(NamedTuple):
 class Failure(NamedTuple):
     """An input that could not be read; ``reason`` is ``"<kind>: <detail>"``."""
 
-    path: Path
+    path: Path | str
     reason: str
 
 
@@ -110,6 +114,38 @@ def results_list(document: dict[str, Any]) -> list[dict[str, Any]]:
     """The plain COCO results list of a ``detections_json`` document."""
     keys = ("image_id", "category_id", "bbox", "score")
     return [{k: a[k] for k in keys} for a in document["annotations"]]
+
+
+def detections_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> bytes:
+    """The Parquet table of ``predict --ray`` (``TABLE_COLUMNS``), one row per detection, as file bytes.
+
+    The columns of the served model's output (``pipeline.serving.pyfunc.OUTPUT_COLUMNS``), with ``image`` the
+    input's path or URL (``file_name`` in ``detections.json``) instead of a request row, and ``image_id`` its id
+    there; boxes and scores are the detector's float64 values, unrounded. Rows follow ``predictions``, each
+    image's by decreasing score; an image without detections has no row.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    counts = [len(p.scores) for p in predictions]
+    boxes = np.concatenate([p.boxes.reshape(-1, 4) for p in predictions]) if predictions else np.zeros((0, 4))
+    labels = np.concatenate([p.labels for p in predictions]).astype(np.int64) if predictions else np.zeros(0, np.int64)
+    table = pa.table(
+        {
+            "image": pa.array(
+                [str(p.path) for p, n in zip(predictions, counts, strict=True) for _ in range(n)], pa.string()
+            ),
+            "label": pa.array(labels, pa.int64()),
+            "class_name": pa.array([classes[label - 1] for label in labels.tolist()], pa.string()),
+            "score": pa.array(np.concatenate([p.scores for p in predictions]) if predictions else [], pa.float64()),
+            **{name: pa.array(boxes[:, i], pa.float64()) for i, name in enumerate(("x1", "y1", "x2", "y2"))},
+            "image_id": pa.array(np.repeat(np.arange(1, len(predictions) + 1), counts), pa.int64()),
+        }
+    )
+    assert tuple(table.column_names) == TABLE_COLUMNS
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
 
 
 def save_drawn(pred: Prediction, classes: Sequence[str], path: Path, *, overwrite: bool) -> None:

@@ -2,6 +2,7 @@
 
 - ``job``: ``TrainJob``, what the driver hands the workers; the run identity that names the run folder.
 - ``code_closure``: the source files a run executes (its import closure), hashed into the run identity.
+- ``ray_runtime``: join a Ray cluster or start a private one (``train`` and ``predict --ray``).
 - ``launcher``: join or start Ray, prepare the run folder, build and run the ``TorchTrainer``.
 - ``loop``: ``train_loop_per_worker``, what every DDP rank runs: the Ray calls, the step loop, reports.
 - ``step``: ``train_step``, one optimiser step on one batch (no Ray; runnable alone in a test), no host read.
@@ -17,5 +18,5 @@
 - ``faults``: ``TrainHooks`` (does nothing) and the test-only fault injection (SIGKILL, NaN) that replaces
   it when an environment variable is set.
 
-Nothing here imports Ray at module import time except ``launcher`` and ``loop``.
+Nothing here imports Ray at module import time except ``ray_runtime``, ``launcher`` and ``loop``.
 """

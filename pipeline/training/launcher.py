@@ -42,7 +42,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.tracking import redact_uri
-from pipeline.training import checkpoint, faults
+from pipeline.training import checkpoint, faults, ray_runtime
 from pipeline.training.checkpoint import SNAPSHOT_FILE
 from pipeline.training.job import TrainJob
 from pipeline.training.loop import (
@@ -78,22 +78,15 @@ class TrainOutcome(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------ Ray
 def connect_ray(cfg: TrainConfig) -> bool:
-    """Attach to Ray: an initialised one, ``RAY_ADDRESS``'s cluster, or a new local one on 127.0.0.1.
+    """Attach to Ray (``pipeline.training.ray_runtime.connect_ray``): an initialised one, ``RAY_ADDRESS``'s
+    cluster, or a new local one on 127.0.0.1 with at least the CPUs the workers ask for (most workers x
+    ``threads_per_worker``), so that the trainer can always be scheduled.
 
     Returns True when this call connected (the caller then calls ``ray.shutdown()`` at the end).
-    A local instance gets at least the CPUs the workers ask for (most workers x ``threads_per_worker``) so
-    that the trainer can always be scheduled; more than the machine has only oversubscribes it.
     """
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        logger.info("joining the Ray cluster at %s", redact_uri(address))
-        ray.init(address=address, logging_level=logging.WARNING)
-        return True
     needed = cfg.worker_range[1] * cfg.threads_per_worker
     cores = os.cpu_count() or 1
-    if needed > cores:
+    if needed > cores and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         logger.warning(
             "train: %d workers x %d threads = %d CPUs requested on a %d-core machine (oversubscribed)",
             cfg.worker_range[1],
@@ -101,18 +94,9 @@ def connect_ray(cfg: TrainConfig) -> bool:
             needed,
             cores,
         )
-    logger.info("starting a local Ray instance (%d CPUs) on 127.0.0.1", max(cores, needed))
     # The dashboard serves the State API that Ray Train V2's placement-group cleaner polls; without it
     # the cleaner logs a warning every second and cannot clean up after a crashed controller.
-    ray.init(
-        address="local",  # a new instance: never join a `ray start` cluster that happens to run on this machine
-        num_cpus=max(cores, needed),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-    )
-    return True
+    return ray_runtime.connect_ray(cpus_needed=needed, dashboard=True, purpose="train")
 
 
 # ------------------------------------------------------------------------------------------ run folder

@@ -158,7 +158,9 @@ class ModelConfig:
     prior_spec: PriorSpecConfig = field(default_factory=PriorSpecConfig)
     pretrained_backbone: str = _p("", help="path to an ImageNet VGG16 state dict (empty: random init)")
     init_from: str = _p(
-        "", help="fine-tune: start from a model file or a checkpoint folder; class rows matched by name (empty: off)"
+        "",
+        help="fine-tune: start from a model file, a checkpoint folder or a registered model (models:/NAME@ALIAS, "
+        "models:/NAME/VERSION); class rows matched by name (empty: off)",
     )
 
 

@@ -33,6 +33,7 @@ from pipeline.artifacts.atomic_write import write_bytes_atomic
 from pipeline.artifacts.model_file import save_model_file
 from pipeline.config import Params, params_to_dict
 from pipeline.model_builder import build_model, build_recorded
+from pipeline.serving.model_uri import is_model_uri
 from pipeline.shards.manifest import ShardError, load_manifest
 from pipeline.stage_paths import DVC_FILE, stage_options
 from pipeline.tracking import (
@@ -45,7 +46,7 @@ from pipeline.tracking import (
     tracking_credentials,
 )
 from pipeline.training import checkpoint
-from pipeline.training.init_from import read_source, source_digest
+from pipeline.training.init_from import Registry, read_source
 from pipeline.training.job import TrainJob, identity_digest
 from pipeline.training.lease import LeaseHeld, RunLease
 from pipeline.training.optim import check_schedule
@@ -150,31 +151,36 @@ def build_job(shards: str, params: Params, repo_root: Path) -> TrainJob:
         repo_root=str(repo_root),
         data_digest=data_digest,
         tracking_credentials=tracking_credentials(tracking_uri),
+        init_digest=init_digest,
     )
 
 
 def _check_init_from(params: Params, repo_root: Path, classes: list[str]) -> tuple[str, str]:
-    """``(absolute location, sha256)`` of the ``model.init_from`` source, read and checked here, before any
-    worker starts (``("", "")`` when not fine-tuning). Raises ``ValueError`` naming the key."""
+    """``(location, sha256)`` of the ``model.init_from`` source, read and checked here, before any worker starts
+    (``("", "")`` when not fine-tuning): a path made absolute, a URL, or a registered model's alias resolved to
+    its version (``models:/NAME/VERSION``; workers download that version, the identity has its file's sha256).
+    Raises ``ValueError`` naming the key."""
     if not params.model.init_from:
         return "", ""
-    location = storage.absolute(params.model.init_from, repo_root)
-    source = read_source(location)
+    given = params.model.init_from
+    location = given if is_model_uri(given) else storage.absolute(given, repo_root)
+    source = read_source(location, Registry(params.tracking, str(repo_root)))  # credentials: this process's
     if source.preset != params.model.preset:
         raise ValueError(
-            f"model.init_from: {storage.describe(location)} is a {source.preset} model, but model.preset is "
+            f"model.init_from: {storage.describe(source.uri)} is a {source.preset} model, but model.preset is "
             f"{params.model.preset}"
         )
     shared = sorted(set(source.classes) & set(classes))
     logger.info(
-        "fine-tuning from %s (%s): %d of this run's %d classes by name (%s); the others start fresh",
-        storage.describe(location),
+        "fine-tuning from %s (%s%s): %d of this run's %d classes by name (%s); the others start fresh",
+        storage.describe(source.uri),
         source.kind,
+        f" {given}" if source.uri != location else "",
         len(shared),
         len(classes),
         ", ".join(shared) or "none",
     )
-    return location, source_digest(location)
+    return source.uri, source.sha256
 
 
 def _check_rank_share(params: Params) -> None:

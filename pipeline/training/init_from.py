@@ -1,28 +1,40 @@
 """Fine-tuning: start a run from an earlier detector (``model.init_from``), its class rows matched by name.
 
 The source is a model file (``models/ssd.pt``, ``pipeline.artifacts.model_file``) or a checkpoint folder
-(``checkpoint_step_N``, ``pipeline.training.checkpoint``), local or at a storage URL, of the same preset.
-Every tensor of the fresh model is taken from the source when the source has it with the same shape. The
-classification heads ``conf.k`` are the exception: their output channels are ``[A, C]`` (boxes per
-location x classes, background first), so their rows are copied class by class, by *name*: background from
-background, a class the source knows from that class's rows, a new class keeps its fresh initialisation.
-A head whose boxes per location differ (other priors) is re-initialised whole.
+(``checkpoint_step_N``, ``pipeline.training.checkpoint``), local or at a storage URL, or a registered MLflow
+model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), of the same preset. Every tensor of the fresh model
+is taken from the source when the source has it with the same shape. The classification heads ``conf.k`` are
+the exception: their output channels are ``[A, C]`` (boxes per location x classes, background first), so
+their rows are copied class by class, by *name*: background from background, a class the source knows from
+that class's rows, a new class keeps its fresh initialisation. A head whose boxes per location differ (other
+priors) is re-initialised whole.
 
 ``transfer_weights`` returns one ``TransferRow`` per tensor; ``transfer_table`` prints them for the log.
-The source file's sha256 (``source_digest``) joins the run identity, so a changed source starts a new run
-folder rather than resuming one trained from another start.
+The source file's sha256 (``InitSource.sha256``, ``source_digest``) joins the run identity, so a changed
+source starts a new run folder rather than resuming one trained from another start, and a worker refuses a
+source whose sha256 is not the one the identity names.
+
+A registered model is resolved on the driver to the version its alias points at then (``models:/NAME/VERSION``,
+what the workers are given), and every reader downloads that version's model file from the tracking store
+(``Registry``: the job's store and credentials) into a temporary folder: no disk shared between the driver and
+the workers is needed, and an alias that moves later is another source, hence another run.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from pipeline import storage
 from pipeline.artifacts.model_file import load_model_file
+from pipeline.config import TrackingConfig
+from pipeline.serving.model_uri import download_registered, is_model_uri
+from pipeline.tracking.uris import TrackingError
 from pipeline.training import checkpoint
 from ssd_core.model import SSD
 
@@ -33,12 +45,23 @@ LOADED, CLASS_ROWS, REINITIALISED, SKIPPED = "loaded", "class rows", "re-initial
 class InitSource(NamedTuple):
     """What a run starts from."""
 
-    uri: str
-    kind: str  # "model file" | "checkpoint"
+    uri: str  # a registered model's as models:/NAME/VERSION, the version its alias pointed at
+    kind: str  # "model file" | "checkpoint" | "registered model"
     preset: str
     classes: list[str]  # label i + 1 is classes[i]
     prior_spec: dict[str, Any] | None  # PriorSpec.to_dict() of the source (None: not recorded)
     state_dict: dict[str, Tensor]
+    sha256: str  # of the weights file (source_digest): the run identity's
+
+
+class Registry(NamedTuple):
+    """The tracking store a ``models:/`` source is downloaded from: the job's ``params.tracking``, the repository
+    root (the default store lives there) and the store's credentials (``TrainJob.tracking_credentials``; on the
+    driver MLflow's variables of the process serve as well)."""
+
+    tracking: TrackingConfig
+    repo_root: str
+    credentials: Mapping[str, str] | None = None
 
 
 class TransferRow(NamedTuple):
@@ -52,23 +75,40 @@ def is_checkpoint(uri: str) -> bool:
     return storage.exists(checkpoint.join(uri, checkpoint.STATE_FILE))
 
 
-def read_source(uri: str) -> InitSource:
-    """Load and check the model file or checkpoint folder at ``uri`` (its sha256 and format checked).
+def read_source(uri: str, registry: Registry | None = None, *, expect_sha256: str = "") -> InitSource:
+    """Load and check the source at ``uri`` (its sha256 and format checked): a model file or checkpoint folder, or
+    a registered model downloaded from ``registry``'s store (needed for ``models:/`` URIs).
+
+    ``expect_sha256``: the digest the run identity names (``TrainJob.init_digest``); a source with other weights
+    (the file was replaced, the version re-created) is refused rather than trained from.
 
     Raises:
-        ValueError: ``model.init_from`` names no usable model file or checkpoint (what and why).
+        ValueError: ``model.init_from`` names no usable model file, checkpoint folder or registered model (what
+            and why: the URI of an unknown model, alias or version named), or other weights than expected.
     """
-    if uri.startswith("models:/"):
+    source = _read_registered(uri, registry) if is_model_uri(uri) else _read_stored(uri)
+    if expect_sha256 and source.sha256 != expect_sha256:
         raise ValueError(
-            f"model.init_from: {uri}: registered-model URIs are not resolved here; download the version's "
-            "ssd.pt (`mlflow artifacts download -u models:/NAME@ALIAS`) and give its path"
+            f"model.init_from: {storage.describe(source.uri)} holds other weights (sha256 {source.sha256[:12]}) "
+            f"than this run started from ({expect_sha256[:12]}); it changed after the job was submitted"
         )
+    return source
+
+
+def _read_stored(uri: str) -> InitSource:
+    """A model file or checkpoint folder, local or at a storage URL."""
     try:
         if is_checkpoint(uri):
             loaded = checkpoint.load_checkpoint(uri)
             state = loaded.state
             return InitSource(
-                uri, "checkpoint", state["preset"], list(state["classes"]), state.get("prior_spec"), state["model"]
+                uri,
+                "checkpoint",
+                state["preset"],
+                list(state["classes"]),
+                state.get("prior_spec"),
+                state["model"],
+                loaded.meta.sha256,  # load_checkpoint checked state.pt against it
             )
         model = load_model_file(uri)
     except FileNotFoundError as error:
@@ -76,7 +116,33 @@ def read_source(uri: str) -> InitSource:
     except (checkpoint.CheckpointError, ValueError) as error:
         raise ValueError(f"model.init_from: {error}") from None
     spec = model.model.prior_spec.to_dict()
-    return InitSource(uri, "model file", model.preset, model.classes, spec, model.model.state_dict())
+    return InitSource(
+        uri, "model file", model.preset, model.classes, spec, model.model.state_dict(), source_digest(uri)
+    )
+
+
+def _read_registered(uri: str, registry: Registry | None) -> InitSource:
+    """The model file of registered model ``uri``, downloaded into a temporary folder that is removed once it is
+    read; the source's ``uri`` is the version it is (``models:/NAME/VERSION``)."""
+    if registry is None:
+        raise ValueError(f"model.init_from: {uri}: a registered model needs the tracking store to read it from")
+    with tempfile.TemporaryDirectory(prefix="ssd-init-from-") as scratch:
+        try:
+            found = download_registered(
+                uri,
+                registry.tracking,
+                registry.repo_root,
+                credentials=registry.credentials,
+                key="model.init_from:",
+                into=Path(scratch),
+            )
+        except TrackingError as error:  # an unknown model, alias or version: bad input, refused before training
+            text = str(error)  # the store's answer names the URI; an unreachable store's names the server
+            raise ValueError(
+                text if text.startswith("model.init_from") else f"model.init_from: {uri}: {text}"
+            ) from None
+        source = _read_stored(str(found.path))
+    return source._replace(uri=found.pinned_uri, kind="registered model")
 
 
 def source_digest(uri: str) -> str:

@@ -75,6 +75,7 @@ class TrainJob:
     data_digest: str  # sha256 of the shard manifest
     tracking_run_id: str | None = None  # MLflow run to continue (from that checkpoint, or made by the driver)
     invocation: str = ""  # unique per driver invocation: tells this attempt's outcome.json from an older one
+    init_digest: str = ""  # sha256 of the model.init_from source the run identity names; checked where it is read
     # MLflow's credential variables (tracking.CREDENTIAL_VARS) for rank 0's tracker; never recorded or shown
     tracking_credentials: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -20,7 +20,7 @@ from pipeline.tracking import redact_params, redact_uri
 from pipeline.training import checkpoint
 from pipeline.training.determinism import rng_state, set_rng_state
 from pipeline.training.guard import DeviceSkips, SkipGuard
-from pipeline.training.init_from import read_source, transfer_table, transfer_weights
+from pipeline.training.init_from import Registry, read_source, transfer_table, transfer_weights
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer, build_scheduler
 from ssd_core.backbone import load_vgg16_backbone
@@ -121,7 +121,8 @@ def build_model(job: TrainJob, resumed: checkpoint.LoadedCheckpoint | None) -> S
         if params.model.pretrained_backbone:
             load_vgg16_backbone(model, params.model.pretrained_backbone)
         if params.model.init_from:  # fine-tuning: over the backbone, class rows by name
-            source = read_source(params.model.init_from)
+            registry = Registry(params.tracking, job.repo_root, job.tracking_credentials)
+            source = read_source(params.model.init_from, registry, expect_sha256=job.init_digest)
             logger.info("%s", transfer_table(transfer_weights(model, source, job.classes), source))
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -1,5 +1,6 @@
 """Challenger and champion on a real SQLite registry: the champion only improves on the same validation data,
-and a promotion by hand says who, why, when and what it replaced."""
+and a promotion by hand says who, why, when and what it replaced. Then the same rule end to end (#16): two real
+training runs on the same data, published to a real ``mlflow server`` and scored by the ``evaluate`` stage."""
 
 from __future__ import annotations
 
@@ -117,3 +118,111 @@ def test_promote_records_who_why_when_and_the_previous_champion(client, tmp_path
         promote(client, NAME, "99", user="ana", reason="x")
     assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
     assert str(alias_version(client, NAME, CHAMPION).version) == v2
+
+
+# ------------------------------------------------------------------------------ two real runs, one data set
+TRAINING = {  # the embedded default's data, model and optimiser, shrunk: ssd_tiny on 96 synthetic images, batch 8
+    "data.synthetic.num_train": 96,
+    "data.synthetic.num_val": 32,
+    "data.synthetic.num_test": 0,  # evaluate scores val: the split the champion's metric is named after
+    "train.batch_size": 8,
+    "train.lr_reference_batch": 8,
+    "train.optimizer": "adamw",
+    "train.lr": 2e-3,
+    "train.weight_decay": 0.05,
+    "train.warmup_steps": 5,
+    "train.val_every_steps": 0,
+}
+BETTER_STEPS, WORSE_STEPS = 60, 2  # 60 steps reach VOC07 mAP 0.033 on these 32 images; 2 steps score 0
+
+
+@pytest.mark.timeout(600)
+def test_two_real_runs_the_better_is_champion_and_the_worse_evaluated_after_stays_challenger(
+    tmp_path, monkeypatch, caplog
+):
+    """Two real trainings (the loop's steps without Ray) on the same shards, each published to a real
+    ``mlflow server`` as train publishes (model file logged to its run, MLflow model registered as the
+    ``challenger``), then scored by the real ``evaluate`` stage, better run first: it becomes the champion;
+    the worse run, registered and evaluated after it, stays the challenger and its decision says why."""
+    from pipeline.artifacts.model_file import save_model_file
+    from pipeline.cli import main as cli_main
+    from pipeline.config import TrackingConfig, params_to_dict
+    from pipeline.serving.publish import publish_model
+    from pipeline.stages.evaluate import validation_digest
+    from pipeline.stages.train import build_job
+    from pipeline.tracking import MlflowTracker
+    from tests.pipeline.fixtures import make_params, prepare_and_shard
+    from tests.pipeline.mlflow_server import MlflowServer
+    from tests.pipeline.serving.conftest import REPO
+    from tests.pipeline.training.test_init_from import train_steps
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name, experiment = "ssd-two-runs", "two-runs"
+    _, shards = prepare_and_shard(make_params(**TRAINING), tmp_path / "data")
+    server = MlflowServer(tmp_path / "mlflow-server").start(timeout_s=240)
+    cfg = TrackingConfig(uri=server.url, experiment=experiment, model_name=name)
+    tracking = [f"tracking.uri={server.url}", f"tracking.experiment={experiment}", f"tracking.model_name={name}"]
+    client = MlflowClient(server.url)
+    scores, decisions = {}, {}
+    try:
+        for run, steps in (("better", BETTER_STEPS), ("worse", WORSE_STEPS)):
+            params = make_params(**TRAINING, **{"train.max_steps": steps, "train.run_name": run})
+            job = build_job(str(shards), params, tmp_path)
+            model_file = tmp_path / run / "ssd.pt"
+            recorded = params_to_dict(params)
+            save_model_file(model_file, train_steps(job, steps, shards), classes=list(job.classes), params=recorded)
+            tracker = MlflowTracker(cfg, run_id=None, run_name=run, repo_root=REPO)
+            tracker.log_model_file(model_file, register=False)  # evaluate finds the run by the file's sha256
+            assert tracker.close()
+            published = publish_model(
+                cfg,
+                repo_root=REPO,
+                run_id=tracker.run_id,
+                model_file=model_file,
+                params=recorded,
+                data_digest=job.data_digest,
+            )
+            assert str(alias_version(client, name, CHALLENGER).version) == published.version
+
+            out = tmp_path / "evaluate" / run
+            code = cli_main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(model_file),
+                    "--shards",
+                    str(shards),
+                    "--metrics",
+                    str(out / "eval.json"),
+                    "--plots",
+                    str(out / "plots"),
+                    "--out",
+                    str(out / "eval"),
+                    "eval.batch_size=8",
+                    "eval.num_workers=0",
+                    "eval.num_sample_images=2",
+                    *tracking,
+                ]
+            )
+            assert code == 0
+            scores[run] = json.loads((out / "eval.json").read_text())["map_voc07"]
+            version = client.get_model_version(name, published.version)
+            assert float(version.tags[CHAMPION_METRIC]) == pytest.approx(scores[run], abs=1e-6)  # eval.json: 6 places
+            assert version.tags[VAL_DIGEST_TAG] == validation_digest(str(shards))  # the same data for both
+            decisions[run] = (published.version, version.tags[DECISION_TAG])
+
+        assert scores["better"] > scores["worse"] + 0.01, scores  # training learnt: the comparison means something
+        (better, why_better), (worse, why_worse) = decisions["better"], decisions["worse"]
+        assert (
+            why_better == f"version {better} is the first champion of {name} ({CHAMPION_METRIC} {scores['better']:.4f})"
+        )
+        assert why_worse == (
+            f"not promoted: version {worse}'s {CHAMPION_METRIC} {scores['worse']:.4f} does not beat champion "
+            f"version {better}'s {scores['better']:.4f} on the same validation data"
+        )
+        assert str(alias_version(client, name, CHAMPION).version) == better
+        assert str(alias_version(client, name, CHALLENGER).version) == worse
+        assert f"champion: {why_worse}" in caplog.text  # evaluate says it, not only the tag
+    finally:
+        server.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts.model_file import save_model_file
+from pipeline.artifacts.model_file import load_model_file, save_model_file
 from pipeline.training import checkpoint
 from pipeline.training.init_from import (
     CLASS_ROWS,
@@ -97,7 +97,9 @@ def test_refusals_name_the_key(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="model.init_from: .*not a readable model file"):
         read_source(str(tmp_path / "junk.pt"))
-    with pytest.raises(ValueError, match="registered-model URIs are not resolved here"):
+    with pytest.raises(ValueError, match="model.init_from: .* holds other weights .* than this run started from"):
+        read_source(str(path), expect_sha256="0" * 64)  # the file was replaced after the job's identity was made
+    with pytest.raises(ValueError, match="model.init_from: models:/ssd@champion: a registered model needs the"):
         read_source("models:/ssd@champion")
 
 
@@ -112,7 +114,7 @@ def test_the_sources_digest_joins_the_run_identity(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a real fine-tuning run
-def _train(job, steps: int, shards: Path):
+def train_steps(job, steps: int, shards: Path):
     """``steps`` optimiser steps of the loop's sequence without Ray (one rank), from ``build_model(job)``."""
     import dataclasses
 
@@ -205,7 +207,7 @@ def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratc
     index, shards = prepare_and_shard(params, tmp_path / "five")
     classes = tuple(__import__("json").loads((index / "classes.json").read_text()))
     job = TrainJob(params, str(shards), classes, str(tmp_path / "r"), str(tmp_path), "0" * 64)
-    source = _train(job, 600, shards)
+    source = train_steps(job, 600, shards)
     source_path = tmp_path / "source.pt"
     save_model_file(source_path, source, classes=list(classes), params={})
 
@@ -222,7 +224,99 @@ def test_fine_tuning_the_default_on_a_renamed_two_class_subset_beats_from_scratc
             rows, src = _conf_rows(start, 3), _conf_rows(source.state_dict()["conf.0.weight"], 6)
             assert torch.equal(rows[:, 1], src[:, classes.index("ellipse") + 1])
             assert not torch.equal(rows[:, 2], src[:, classes.index("rectangle") + 1])
-        runs[name] = _voc07(_train(job, steps, two), two, p, names)
+        runs[name] = _voc07(train_steps(job, steps, two), two, p, names)
     # The source saw 600 steps (VOC07 mAP 0.22 on the five shapes); after 80 steps on the two classes, scratch
     # scored 0.050 and fine-tuned 0.167 (after 40: 0.053 and 0.112)
     assert runs["fine-tuned"] > max(2 * runs["scratch"], runs["scratch"] + 0.05), runs
+
+
+# ------------------------------------------------------------------------------ a registered model as the source
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_registered_model_starts_the_run_from_the_version_its_alias_names(tmp_path, uneven_shards, monkeypatch):
+    """``models:/NAME@champion`` on a real ``mlflow server`` behind basic auth: the driver (``build_job``) resolves
+    the alias to its version and names that file's sha256 in the run identity; the worker (``build_model``),
+    without the credentials in its environment, downloads that version with the job's and starts from exactly
+    its weights. An alias that moves makes another run; an unknown alias, version or name is refused first."""
+    import dataclasses
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main as cli_main
+    from pipeline.config import TrackingConfig, load_params, params_to_dict
+    from pipeline.serving.publish import publish_model
+    from pipeline.stages.train import build_job
+    from pipeline.tracking import MlflowTracker, file_sha256
+    from pipeline.training.state import build_model
+    from tests.pipeline.mlflow_server import MlflowServer
+    from tests.pipeline.test_secrets import USER, BasicAuthProxy
+
+    repo = Path(__file__).resolve().parents[3]
+    classes = json.loads((uneven_shards / "manifest.json").read_text())["classes"]
+    password = f"pw-{tmp_path.name}"
+    credentials = {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": password}
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", *credentials):
+        monkeypatch.delenv(var, raising=False)
+    server = MlflowServer(tmp_path / "mlflow-server").start(timeout_s=240)
+    proxy = BasicAuthProxy(server.url, USER, password).start()
+    uri, name = f"http://127.0.0.1:{proxy.port}", "ssd-init-from"
+    try:
+        for var, value in credentials.items():  # the driver's environment: where train reads them
+            monkeypatch.setenv(var, value)
+        cfg = TrackingConfig(uri=uri, experiment="init-from", model_name=name)
+        files = []
+        for seed in (1, 2):  # versions 1 and 2, the first made the champion
+            files.append(tmp_path / f"source-{seed}.pt")
+            save_model_file(files[-1], random_tiny_ssd(len(classes) + 1, seed=seed), classes=classes, params={})
+            tracker = MlflowTracker(cfg, run_id=None, run_name=f"source-{seed}", repo_root=repo)
+            assert tracker.close()
+            recorded = params_to_dict(load_params(None))
+            publish_model(
+                cfg, repo_root=repo, run_id=tracker.run_id, model_file=files[-1], params=recorded, data_digest="d" * 64
+            )
+        client = MlflowClient(uri)
+        client.set_registered_model_alias(name, "champion", "1")
+
+        overrides = [f"tracking.uri={uri}", f"tracking.model_name={name}", f"train.storage_path={tmp_path / 'runs'}"]
+        params = load_params(None, [*overrides, f"model.init_from=models:/{name}@champion"])
+        job = build_job(str(uneven_shards), params, tmp_path)
+        assert job.params.model.init_from == f"models:/{name}/1"  # what the workers read: the version, not the alias
+        assert job.init_digest == file_sha256(files[0]) and job.tracking_credentials == credentials
+        assert password not in repr(job) and password not in json.dumps(params_to_dict(job.params))
+
+        for var in credentials:  # a Ray worker on another node: the credentials come with the job only
+            monkeypatch.delenv(var)
+        started = build_model(job, None).state_dict()
+        source = load_model_file(files[0]).model.state_dict()
+        assert started.keys() == source.keys() and all(torch.equal(started[k], source[k]) for k in source)
+        assert proxy.refused == []
+        for var in credentials:  # the download above set them in this process, as MLflow reads them there
+            monkeypatch.delenv(var)
+        without = dataclasses.replace(job, tracking_credentials={})
+        with pytest.raises(ValueError, match=f"model.init_from: models:/{name}/1: .*401"):
+            build_model(without, None)  # the proxy refuses a worker without them
+        with pytest.raises(ValueError, match="holds other weights"):
+            build_model(dataclasses.replace(job, init_digest="0" * 64), None)
+
+        for var, value in credentials.items():
+            monkeypatch.setenv(var, value)
+        client.set_registered_model_alias(name, "champion", "2")  # the alias moves: another source, another run
+        moved = build_job(str(uneven_shards), params, tmp_path)
+        assert moved.params.model.init_from == f"models:/{name}/2" and moved.init_digest == file_sha256(files[1])
+        assert moved.run_uri != job.run_uri
+        assert build_job(str(uneven_shards), params, tmp_path).run_uri == moved.run_uri  # same version: resumes
+
+        for bad, reason in (
+            (f"models:/{name}@nope", "alias"),
+            (f"models:/{name}/9", "version"),
+            ("models:/nobody@champion", "nobody"),
+        ):
+            with pytest.raises(ValueError, match=f"^model.init_from: {bad}: .*{reason}"):
+                build_job(str(uneven_shards), load_params(None, [*overrides, f"model.init_from={bad}"]), tmp_path)
+        train = ["train", "--shards", str(uneven_shards), "--model-out", str(tmp_path / "m.pt"), *overrides]
+        assert cli_main([*train, f"model.init_from=models:/{name}@nope"]) == 2  # refused before Ray starts
+        assert not (tmp_path / "runs").exists()
+    finally:
+        proxy.stop()
+        server.stop()

@@ -12,16 +12,18 @@ update_ratio    ||w_after - w_before|| / ||w_before||: the relative size of the 
                 usual rule of thumb puts a healthy value near 1e-3)
 ==============  ==========================================================================
 
-The gradients are the ones the optimiser applies: after unscaling and clipping (``train.grad_clip_norm``).
+The table's gradients are the ones the optimiser applies: after unscaling and clipping (``train.grad_clip_norm``);
+``grad_norm`` is their total norm before clipping, the value the clip compares (above the clip, the layers'
+norms add up to the clip, not to ``grad_norm``).
 
 What reaches MLflow (``GradSummary``, ``write_artifacts``):
 
-* metrics, every ``tracking.grad_stats_every`` steps: ``grad_norm`` (the global L2 norm over all layers),
+* metrics, every ``tracking.grad_stats_every`` steps: ``grad_norm`` (the global L2 norm before clipping),
   ``grad_max_update_ratio`` (the largest ``update_ratio``) and ``grad_max_update_layer`` (that layer's
   ``layer_index`` in the table; the training loop also sets its name as the run tag of the same key). The keys
   have no ``/``: MLflow 3's UI puts such keys in its "Model metrics" section, which it shows after the sections
-  of prefixed keys (those sorted by name: ``best/val``, ``data``, ``train``, ``val``), so the first screen of a
-  run shows the losses, not gradient diagnostics.
+  of prefixed keys (those sorted by name: ``train``, ``val``, ``val/best``, ...), so the first screen of a run
+  shows the losses, not gradient diagnostics.
 * ``grad_stats.csv``: one row per layer per due step, the whole run, newest step first (MLflow's CSV preview
   shows the first 500 rows); ``grad_norm_heatmap.png``: gradient norm by layer (rows) and step (columns). Both
   are rewritten under the same names, so a run has one of each, plus at most ``len(SNAPSHOT_FRACTIONS)``
@@ -32,7 +34,7 @@ still start at the run's first step. Use on the steps where statistics are due, 
 
     loss.backward()
     if grad_stats.is_due(step):
-        grad_stats.before_step()           # gradients final (after unscale/clip), weights not yet updated
+        grad_stats.before_step(grad_norm)  # gradients final (after unscale/clip), weights not yet updated
     optimizer.step()
     if grad_stats.is_due(step):
         tracker.log_metrics(grad_stats.after_step(step).metrics(), step)
@@ -84,7 +86,7 @@ class GradStatsRow(NamedTuple):
 class GradSummary(NamedTuple):
     """What one due step logs as metrics."""
 
-    global_norm: float  # sqrt(sum of the layers' squared gradient norms)
+    global_norm: float  # the total gradient norm before clipping (the applied gradients': sqrt(sum of norm^2))
     max_update_ratio: float
     max_update_layer: int  # layer_index of the layer with the largest update ratio
 
@@ -132,6 +134,7 @@ class GradStats:
         self._params = [layers[name] for name in self.layers]
         self._before: list[list[torch.Tensor]] | None = None
         self._pending: torch.Tensor | None = None  # [L, 5] grad stats + weight norm of the current step
+        self._pending_norm = 0.0  # its global gradient norm
         self._steps: list[int] = []  # the due steps recorded, ascending
         self._values: list[np.ndarray] = []  # one [L, len(STAT_NAMES)] float64 per recorded step
         self._max_steps = max_steps
@@ -143,8 +146,10 @@ class GradStats:
         return self.every > 0 and step % self.every == 0
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        """Record gradient statistics and weight norms, and keep a copy of the weights (for the update ratio)."""
+    def before_step(self, grad_norm: torch.Tensor | float | None = None) -> None:
+        """Record gradient statistics and weight norms, and keep a copy of the weights (for the update ratio).
+        ``grad_norm``: the total gradient norm before clipping (``train_step`` hands it over), the summary's
+        ``global_norm``; None: the norm of the gradients as they are."""
         rows = []
         for params in self._params:
             device = params[0].device
@@ -164,7 +169,10 @@ class GradStats:
             mean = sum_g / count
             variance = torch.clamp(sum_sq / count - mean.square(), min=0.0)
             rows.append(torch.stack([sum_sq.sqrt(), mean, variance.sqrt(), max_abs, weight_sq.sqrt()]))
-        self._pending = torch.stack([r.to(rows[0].device) for r in rows]).cpu()  # [L, 5], one copy to the host
+        stats = torch.stack([r.to(rows[0].device) for r in rows])  # [L, 5]
+        total = stats[:, 0].square().sum().sqrt() if grad_norm is None else torch.as_tensor(grad_norm)
+        packed = torch.cat([stats.flatten(), total.to(stats).reshape(1)]).cpu()  # one copy to the host
+        self._pending, self._pending_norm = packed[:-1].reshape(stats.shape), float(packed[-1])
         self._before = [[p.detach().clone() for p in params] for params in self._params]
 
     @torch.no_grad()
@@ -186,7 +194,7 @@ class GradStats:
         self._steps.append(int(step))
         self._values.append(np.concatenate([stats, ratio[:, None]], axis=1))  # [L, 6] in STAT_NAMES order
         top = int(np.argmax(ratio))
-        return GradSummary(float(np.sqrt(np.square(stats[:, 0]).sum())), float(ratio[top]), top)
+        return GradSummary(self._pending_norm, float(ratio[top]), top)
 
     @property
     def table_rows(self) -> list[GradStatsRow]:

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from pipeline.tracking import create_tracker
 from pipeline.training import checkpoint
 from pipeline.training.grad_stats import MAX_LAYER_KEY, GradStats
@@ -157,8 +159,8 @@ class _GradStatsAtStep:
     def __init__(self, log: StepLog, grad_stats: GradStats, step: int) -> None:
         self.log, self.grad_stats, self.step = log, grad_stats, step
 
-    def before_update(self) -> None:
-        self.grad_stats.before_step()
+    def before_update(self, grad_norm: Tensor) -> None:
+        self.grad_stats.before_step(grad_norm)
 
     def after_update(self) -> None:
         self.log._log_grad_summary(self.step)

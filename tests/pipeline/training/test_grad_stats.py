@@ -40,6 +40,15 @@ def test_hand_computed_single_layer():
     )
 
 
+def test_the_summary_norm_is_the_one_handed_over_before_clipping():
+    # train_step hands over the total norm before clipping; the table keeps the clipped gradients' norms.
+    model = nn.Linear(2, 1, bias=False)
+    model.weight.grad = torch.tensor([[0.6, -0.8]])  # norm 1: as if clipped from 4
+    stats = GradStats(model)
+    stats.before_step(torch.tensor(4.0))
+    assert stats.after_step(1).global_norm == 4.0 and stats.table_rows[0].norm == pytest.approx(1.0)
+
+
 def test_summary_keys_are_legal_have_no_section_prefix_and_sort_after_no_headline_section():
     # MLflow 3's run page groups chart keys by the part before the last '/', sorts those sections by name
     # (JavaScript's default sort) and appends "Model metrics", the section of keys without any '/'

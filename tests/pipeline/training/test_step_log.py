@@ -154,10 +154,10 @@ def test_gradient_artifacts_are_replaced_in_place_and_their_history_survives_a_r
     assert [(int(r["step"]), int(r["layer_index"]), r["layer"]) for r in rows] == [row[:3] for row in expected]
     for r, row in zip(rows, expected, strict=True):
         assert [float(r[name]) for name in STAT_NAMES] == list(row[3:])  # csv writes repr(float): exact
-    for step in (2, 4, 6, 8):  # the global norm is the root of the sum of the layers' squared norms
+    for step in (2, 4, 6, 8):  # the layers' (clipped) norms add up to the global norm, or to the clip below it
         squares = sum(row.norm**2 for row in expected if row.step == step)
-        norm = [m.value for m in client.get_metric_history(run_id, NORM_KEY) if m.step == step]
-        assert norm == [pytest.approx(squares**0.5, rel=1e-9)], step
+        (norm,) = [m.value for m in client.get_metric_history(run_id, NORM_KEY) if m.step == step]
+        assert min(norm, CFG.grad_clip_norm) == pytest.approx(squares**0.5, rel=1e-5), step
     assert MAX_LAYER_KEY in client.get_run(run_id).data.tags
 
 

@@ -270,6 +270,7 @@ class GradStats:
         from pipeline.report.plots import grad_norm_heatmap_png
 
         steps, layers, values = self.norm_history(up_to)
-        kind = "" if up_to is None else f" (snapshot: {up_to} of {self._max_steps} steps)"
-        title = f"gradient L2 norm by layer, steps {steps[0]}-{steps[-1]}{kind}"
-        return grad_norm_heatmap_png(steps, layers, values, path, title=title)
+        labels = [f"{index} {name}" for index, name in enumerate(layers)]  # layer_index, as in the table
+        kind = "" if up_to is None else f", snapshot at {up_to} of {self._max_steps}"
+        title = f"gradient L2 norm by layer\nsteps {steps[0]}-{steps[-1]}{kind}"
+        return grad_norm_heatmap_png(steps, labels, values, path, title=title)

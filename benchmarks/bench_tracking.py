@@ -8,7 +8,7 @@ training worker (``train.threads_per_worker: 1``). Three configurations, all in 
 - ``metrics``: the step, then ``log_metrics`` of the 8 per-step training metrics (``train/loss`` ...
   ``train/bad_samples``) to an ``MlflowTracker`` on ``sqlite:///<tmp>/metrics.db``;
 - ``grad_every_step``: as ``metrics``, plus ``GradStats.before_step`` / ``after_step`` around the
-  optimiser step and its ~230 per-layer metrics logged on every step (the worst case), to its own store.
+  optimiser step and its 3 summary metrics logged on every step (the worst case), to its own store.
 ``grad_every_50`` (the default interval) is derived: metrics overhead + 1/50 of the grad-stats overhead.
 
 The machine is shared, so the configurations run in short interleaved blocks (``--block`` steps each,
@@ -120,7 +120,7 @@ class Bench:
                     "train/skipped_steps": 0,
                     "train/bad_samples": 0,
                 }
-                grad_metrics = self.grad_stats.after_step(self.step) if grads else None
+                grad_metrics = self.grad_stats.after_step(self.step).metrics() if grads else None
                 log_started = time.perf_counter()  # what the step waits for in the tracker itself
                 tracker.log_metrics(step_metrics, self.step)
                 if grad_metrics is not None:

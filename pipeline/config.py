@@ -36,6 +36,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from pipeline.config_schema import (
     MAX_BATCH,
+    MAX_GRAD_STATS_STEPS,
     MAX_IMAGES,
     MAX_PROCESSES,
     MAX_STEPS,
@@ -61,6 +62,7 @@ from pipeline.config_schema import (
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_GRAD_STATS_STEPS",
     "MAX_IMAGES",
     "MAX_PROCESSES",
     "MAX_STEPS",
@@ -136,6 +138,7 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         problems += model_problems(params.model) or freeze_problems(params.model, params.train)
     if not any(problem.startswith("train.") for problem in problems):
         problems += list(selection_problems(params.train))
+        problems += [p for p in (grad_stats_problem(params),) if p]
     if problems:
         raise ConfigError("; ".join(problems))
     return params
@@ -343,6 +346,19 @@ def selection_problems(train: TrainConfig) -> Iterable[str]:
         yield "train.final_weights: 'ema' needs an EMA (train.ema_decay > 0), got ema_decay=0"
     if train.patience and not train.val_every_steps:
         yield f"train.patience: {train.patience} needs validation (train.val_every_steps > 0), got val_every_steps=0"
+
+
+def grad_stats_problem(params: Params) -> str | None:
+    """Why a tracked run would record too many steps of gradient statistics, or None: the table, the heatmap
+    and every checkpoint hold all of them (``pipeline.training.grad_stats``)."""
+    every, steps = params.tracking.grad_stats_every, params.train.max_steps
+    if params.tracking.enabled and every and steps // every > MAX_GRAD_STATS_STEPS:
+        return (
+            f"tracking.grad_stats_every: {every} with train.max_steps={steps} records {steps // every} steps of "
+            f"per-layer statistics, at most {MAX_GRAD_STATS_STEPS} (set it >= {-(-steps // MAX_GRAD_STATS_STEPS)}, "
+            "or 0 for off)"
+        )
+    return None
 
 
 def milestones_problem(train: TrainConfig) -> str | None:

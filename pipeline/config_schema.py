@@ -29,6 +29,7 @@ def _p(
 # Upper bounds shared by several fields, each far beyond any sensible value and far below an overflow.
 SEED_MAX = 2**32 - 1  # np.random.seed takes 0..2^32-1: a seed in that range means the same to every library
 MAX_STEPS = 100_000_000  # optimiser steps: ~400x the longest recipe here (COCO, 240k)
+MAX_GRAD_STATS_STEPS = 10_000  # steps of per-layer gradient statistics a tracked run keeps (the recipes: 20 to 240)
 MAX_IMAGES = 100_000_000  # images in a split: ~50x Open Images (1.9 M)
 MAX_BATCH = 4096  # images per forward pass on one worker: beyond any accelerator's memory at SSD sizes
 MAX_PROCESSES = 256  # processes or threads on one machine (loader workers, intra-op threads)

@@ -381,9 +381,11 @@ def _finish_run(job: TrainJob, model_out: Path | None, status: str, selection: d
     if selection is not None:
         tracker.set_tags({"final_weights": selection["final_weights"], "weights_step": selection["weights_step"]})
         if selection.get("best_step") is not None:
-            scores = {f"best/{k}": v for k, v in selection["best"].items()}
-            scores |= {f"last/{k}": v for k, v in selection["last"].items()}
-            tracker.log_metrics({**scores, "best/step": float(selection["best_step"])}, selection["last_step"])
+            # val/best/*, val/last/*: MLflow's UI shows these sections right after val/ (sections sort by name)
+            scores = {f"val/best/{k.removeprefix('val/')}": v for k, v in selection["best"].items()}
+            scores |= {f"val/last/{k.removeprefix('val/')}": v for k, v in selection["last"].items()}
+            scores["val/best/step"] = float(selection["best_step"])
+            tracker.log_metrics(scores, selection["last_step"])
     if model_out is not None:
         tracker.log_model_file(model_out, register=False)  # the MLflow model is registered instead
     tracker.close(status=status)

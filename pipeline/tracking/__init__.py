@@ -25,7 +25,13 @@ from pathlib import Path
 
 from pipeline.config import TrackingConfig
 from pipeline.tracking.metadata import file_sha256, git_commit, shard_dataset_profile
-from pipeline.tracking.mlflow_tracker import DEFAULT_FLUSH_TIMEOUT_S, MODEL_DIGEST_TAG, MlflowTracker, legal_metric_name
+from pipeline.tracking.mlflow_tracker import (
+    DEFAULT_FLUSH_TIMEOUT_S,
+    GRAD_METRIC_PREFIX,
+    MODEL_DIGEST_TAG,
+    MlflowTracker,
+    legal_metric_name,
+)
 from pipeline.tracking.null import NullTracker, Tracker
 from pipeline.tracking.runs import find_run_by_tag
 from pipeline.tracking.sender import MAX_METRICS_PER_REQUEST
@@ -46,6 +52,7 @@ from pipeline.tracking.uris import (
 __all__ = [
     "CREDENTIAL_VARS",
     "DEFAULT_FLUSH_TIMEOUT_S",
+    "GRAD_METRIC_PREFIX",
     "MAX_METRICS_PER_REQUEST",
     "MODEL_DIGEST_TAG",
     "TRACKING_URI_VAR",

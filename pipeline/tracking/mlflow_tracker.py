@@ -56,6 +56,7 @@ MAX_TAG_VALUE_CHARS = 8000
 MAX_NAME_CHARS = 250  # MLflow key length limit
 DEFAULT_FLUSH_TIMEOUT_S = 120.0
 MODEL_DIGEST_TAG = "model_sha256"  # run tag: sha256 of the model file logged by log_model_file
+GRAD_METRIC_PREFIX = "grad_"  # keys of the gradient statistics (pipeline.training.grad_stats): run-only metrics
 _ATEXIT_FLUSH_MAX_S = 30.0  # an interpreter exiting without close() waits at most this long for the queue
 _PERMANENT_ERROR_CODES = {
     "INVALID_PARAMETER_VALUE",
@@ -248,12 +249,11 @@ class MlflowTracker:
                     raise
             if metrics is not None:
                 tags = dict(metrics)
-            else:  # the run's latest headline metrics; per-layer statistics stay on the run
+            else:  # the run's latest headline metrics; gradient statistics stay on the run
                 latest = self.client.get_run(self.run_id).data.metrics
-                tags = {k: v for k, v in latest.items() if not k.startswith("grad/")}
+                tags = {k: v for k, v in latest.items() if not k.startswith(GRAD_METRIC_PREFIX)}
             tags = {legal_metric_name(k): str(v) for k, v in tags.items()}
-            tags["model_file"] = path.name
-            tags[MODEL_DIGEST_TAG] = digest
+            tags |= {"model_file": path.name, MODEL_DIGEST_TAG: digest}
             version = self.client.create_model_version(
                 self.cfg.model_name, source=source, run_id=self.run_id, tags=tags, await_creation_for=0
             )

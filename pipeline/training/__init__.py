@@ -14,7 +14,7 @@
 - ``checkpoint``: atomic checkpoint directories, validation, finding the newest valid one, pruning.
 - ``guard``: the joint non-finite-step decision (on the device) and skip counting; step values read in batches.
 - ``determinism``: seeds from (seed, epoch, step) and deterministic kernels.
-- ``grad_stats``: rank 0's per-layer gradient statistics and their per-epoch table and heatmap.
+- ``grad_stats``: rank 0's per-layer gradient statistics: three summary metrics, the run's table and heatmap.
 - ``faults``: ``TrainHooks`` (does nothing) and the test-only fault injection (SIGKILL, NaN) that replaces
   it when an environment variable is set.
 

@@ -241,6 +241,7 @@ class _Checkpoints:
                 pending_metrics=log.tracker.pending_metrics(),  # a job killed before they are sent resends them
             )
             contents.update(selector.checkpoint_state())  # EMA and best step (None when off)
+            contents.update(log.checkpoint_state())  # the gradient-statistics history behind the table
             local = Path(tempfile.mkdtemp(prefix="ssd-checkpoint-"))
             try:
                 hook = self.hooks.before_checkpoint_rename(self.rank, state.step)

@@ -39,8 +39,9 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 class UpdateObserver(Protocol):
     """Looks at an optimiser update from both sides (per-layer gradient statistics, ``grad_stats``)."""
 
-    def before_update(self) -> None:
-        """Gradients are final (unscaled, clipped); the weights are not yet updated."""
+    def before_update(self, grad_norm: Tensor) -> None:
+        """Gradients are final (unscaled, clipped); the weights are not yet updated. ``grad_norm`` (0-d, on the
+        device): the total L2 norm of the gradients before clipping, the value ``train.grad_clip_norm`` caps."""
 
     def after_update(self) -> None:
         """The weights are updated."""
@@ -153,7 +154,7 @@ def train_step(
     if observer is None:
         _masked_update(optimizer, scaler, skip)
     elif not bool(skip):  # the same decision on every rank; a gradient-statistics step reads it
-        observer.before_update()
+        observer.before_update(grad_norm)
         _masked_update(optimizer, scaler, skip)
         observer.after_update()
     optimizer.zero_grad(set_to_none=True)

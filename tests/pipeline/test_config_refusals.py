@@ -1,6 +1,6 @@
 """Values the schema refuses up front, each naming its key: non-finite floats, unbounded ints, seeds out of
-range, run names that are paths, malformed schedules and class lists, augmentation ssd_core refuses, and
-empty override values for keys that are not strings."""
+range, run names that are paths, malformed schedules and class lists, augmentation ssd_core refuses, more
+gradient statistics than a run keeps, and empty override values for keys that are not strings."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import ssd_core.augment
-from pipeline.config import RUN_NAME_PATTERN, ConfigError, Params, load_params
+from pipeline.config import MAX_GRAD_STATS_STEPS, RUN_NAME_PATTERN, ConfigError, Params, load_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,6 +154,17 @@ def test_milestones_are_checked_against_the_run_length_when_the_schedule_uses_th
     assert _refused("train.schedule=multistep", *run, "train.max_steps=10") == (
         "train.milestones: expected strictly increasing steps in 1..10, got [500, 1000]"
     )
+
+
+def test_a_tracked_run_keeps_at_most_max_grad_stats_steps_of_gradient_statistics():
+    # 1,000,000 steps / 50 = 20,000 steps of per-layer statistics, over 10,000: every >= 100 fits.
+    assert _refused("train.max_steps=1000000") == (
+        "tracking.grad_stats_every: 50 with train.max_steps=1000000 records 20000 steps of per-layer statistics, "
+        f"at most {MAX_GRAD_STATS_STEPS} (set it >= 100, or 0 for off)"
+    )
+    assert load_params(None, ["train.max_steps=1000000", "tracking.grad_stats_every=100"]).train.max_steps == 1000000
+    for off in ("tracking.grad_stats_every=0", "tracking.enabled=false"):
+        assert load_params(None, ["train.max_steps=1000000", off]).train.max_steps == 1000000
 
 
 @pytest.mark.parametrize(

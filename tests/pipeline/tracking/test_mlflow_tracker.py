@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking import create_tracker
+from pipeline.tracking import GRAD_METRIC_PREFIX, create_tracker
 from pipeline.tracking.mlflow_tracker import MlflowTracker, legal_metric_name
 from pipeline.tracking.sender import MAX_METRICS_PER_REQUEST
 from pipeline.tracking.uris import TrackingError
@@ -84,7 +84,7 @@ def test_sqlite_default_store_run_metadata_artifacts_and_resume_without_duplicat
     )
     for step in range(1, 7):
         tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.01}, step)
-    wide = {f"grad/layer{i}/norm": float(i) for i in range(MAX_METRICS_PER_REQUEST + 200)}  # over one request
+    wide = {f"{GRAD_METRIC_PREFIX}layer{i}": float(i) for i in range(MAX_METRICS_PER_REQUEST + 200)}  # > 1 request
     tracker.log_metrics(wide, 6)
     (tmp_path / "table.csv").write_text("a,b\n1,2\n")
     tracker.log_artifact(tmp_path / "table.csv", "grad_stats")
@@ -113,7 +113,7 @@ def test_sqlite_default_store_run_metadata_artifacts_and_resume_without_duplicat
     resumed.log_params({"train": {"lr": 0.01}, "seed": 0})  # same values: fine, nothing new sent
     for step in range(5, 9):
         resumed.log_metrics({"train/loss": 10.0 + step}, step)
-    resumed.log_metrics({"grad/layer0/norm": 5.0}, 8)
+    resumed.log_metrics({"grad_layer0": 5.0}, 8)
     model_file = tmp_path / "ssd.pt"
     model_file.write_bytes(b"weights")
     resumed.log_model_file(model_file)
@@ -122,13 +122,13 @@ def test_sqlite_default_store_run_metadata_artifacts_and_resume_without_duplicat
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # one run per job
     assert history(client, run_id, "train/loss") == [(s, 1.0 / s) for s in range(1, 7)] + [(7, 17.0), (8, 18.0)]
-    assert history(client, run_id, "grad/layer0/norm") == [(6, 0.0), (8, 5.0)]
+    assert history(client, run_id, "grad_layer0") == [(6, 0.0), (8, 5.0)]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/ssd.pt"]
     (version,) = client.search_model_versions("name='ssd-test'")
     assert version.run_id == run_id and version.source.endswith("/model")
     assert version.tags["train/loss"] == str(18.0) and version.tags["val/map_voc07"] == "0.5"
-    assert not any(k.startswith("grad/") for k in version.tags)
+    assert not any(k.startswith(GRAD_METRIC_PREFIX) for k in version.tags)  # gradient statistics stay on the run
 
 
 def test_unknown_run_id_is_a_clear_error(tmp_path, monkeypatch):

@@ -79,7 +79,8 @@ class _Gradients:
     def __init__(self, model: nn.Module) -> None:
         self.model, self.grads = model, {}
 
-    def before_update(self) -> None:
+    def before_update(self, grad_norm: torch.Tensor) -> None:
+        del grad_norm
         self.grads = {name: w.grad.detach().clone() for name, w in self.model.named_parameters()}
 
     def after_update(self) -> None:

@@ -10,6 +10,7 @@ The no-fault run is the reference: a run with a fault must end with bit-identica
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -25,6 +26,7 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_params
 from pipeline.stages.train import build_job, train
 from pipeline.training import checkpoint, faults
+from pipeline.training.grad_stats import NORM_KEY, SUMMARY_KEYS
 from pipeline.training.launcher import TrainingError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -253,14 +255,24 @@ def test_stopping_and_rerunning_resumes_instead_of_restarting(reference, shards,
         "train/skipped_steps",
         "train/bad_samples",
     } <= set(stored)
-    grad = next(k for k in stored if k.startswith("grad/") and k.endswith("/update_ratio"))
-    for name in ("train/loss", grad):
+    assert set(SUMMARY_KEYS) <= set(stored) and not any(k.startswith("grad/") for k in stored)
+    for name in ("train/loss", NORM_KEY):
         steps = [m.step for m in client.get_metric_history(run_id, name)]
         # Each step once. Step 4 was logged before the kill (it may not have reached the store: SIGKILL
         # gives the buffered sender no chance to flush); the resumed run does not log it again.
         assert len(steps) == len(set(steps)) and {8, 12, 16} <= set(steps) <= {4, 8, 12, 16}, (name, steps)
-    artifacts = {a.path for a in client.list_artifacts(run_id, "grad_stats")}
-    assert {"grad_stats/grad_stats_epoch001.csv", "grad_stats/grad_norm_heatmap_epoch001.png"} <= artifacts
+    artifacts = {
+        a.path for folder in ("grad_stats", "grad_stats/snapshots") for a in client.list_artifacts(run_id, folder)
+    }
+    assert artifacts == {  # one table and heatmap, rewritten; snapshots at 25/50/75 % of the run
+        "grad_stats/grad_stats.csv",
+        "grad_stats/grad_norm_heatmap.png",
+        "grad_stats/snapshots",
+        *(f"grad_stats/snapshots/grad_norm_heatmap_step{s:06d}.png" for s in (4, 8, 12)),
+    }
+    with open(client.download_artifacts(run_id, "grad_stats/grad_stats.csv", str(tmp_path / "down"))) as handle:
+        table_steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert sorted(set(table_steps)) == [4, 8, 12, 16]  # step 4 came before the stop: the checkpoint carried it
     assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/ssd.pt"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -127,13 +128,16 @@ def test_the_collective_averages_losses_and_sums_counts():
 
 
 class _Recorder:
-    """An ``UpdateObserver`` that notes the model's first weight at each call."""
+    """An ``UpdateObserver`` that notes the model's first weight at each call, and the norms before and after
+    clipping (the one handed over, the one of the gradients it sees)."""
 
     def __init__(self, model: SSD) -> None:
-        self.model, self.calls = model, []
+        self.model, self.calls, self.norms = model, [], None
 
-    def before_update(self) -> None:
+    def before_update(self, grad_norm: torch.Tensor) -> None:
         self.calls.append(("before", _first_weight(self.model)))
+        applied = torch.nn.utils.get_total_norm([w.grad for w in self.model.parameters() if w.grad is not None])
+        self.norms = (grad_norm.item(), applied.item())
 
     def after_update(self) -> None:
         self.calls.append(("after", _first_weight(self.model)))
@@ -152,6 +156,23 @@ def test_the_observer_sees_the_weights_before_and_after_the_update():
     assert [name for name, _ in calls] == ["before", "after"]
     assert torch.equal(calls[0][1], initial) and not torch.equal(calls[1][1], initial)
     assert torch.equal(calls[1][1], _first_weight(model))
+
+
+def test_the_observer_gets_the_gradient_norm_before_clipping():
+    # The reference: the same model and batch through the plain step without clipping, torch's own total norm.
+    model = _model()
+    batch, priors = tiny_batch(model.image_size), model.priors()
+    plain = copy.deepcopy(model)
+    _reference_step(
+        plain, batch, priors, torch.optim.SGD(plain.parameters(), lr=0.0), dataclasses.replace(CFG, grad_clip_norm=1e9)
+    )
+    unclipped = torch.nn.utils.get_total_norm([w.grad for w in plain.parameters()]).item()
+    cfg = dataclasses.replace(CFG, grad_clip_norm=unclipped / 4)  # well below: the step clips
+    clip = cfg.grad_clip_norm
+    recorder = _Recorder(model)
+    train_step(model, batch, priors, build_optimizer(model, cfg), cfg=cfg, observer=recorder)
+    handed, applied = recorder.norms
+    assert handed == pytest.approx(unclipped, rel=1e-5) and applied == pytest.approx(clip, rel=1e-5)
 
 
 def test_the_default_hooks_do_nothing():

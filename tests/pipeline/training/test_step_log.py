@@ -1,7 +1,9 @@
-"""``StepLog`` without Ray: what rank 0 logs at which step, and that the other ranks log nothing."""
+"""``StepLog`` without Ray: what rank 0 logs at which step, that the other ranks log nothing, and the gradient
+artifacts of a run in a real MLflow store across a checkpoint and resume."""
 
 from __future__ import annotations
 
+import csv
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import TrainConfig
 from pipeline.tracking import MlflowTracker, NullTracker
 from pipeline.training import checkpoint
-from pipeline.training.grad_stats import GradStats
+from pipeline.training.grad_stats import MAX_LAYER_KEY, NORM_KEY, STAT_NAMES, SUMMARY_KEYS, GradStats
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import build_optimizer
 from pipeline.training.progress import Progress
@@ -27,12 +29,16 @@ CFG = TrainConfig(lr=0.01, lr_reference_batch=2, batch_size=2)
 
 
 class _RecordingTracker(NullTracker):
-    """Keeps what is logged (metric names per step, artifact file names) instead of sending it anywhere."""
+    """Keeps what is logged (metric names per step, tags, artifact file names) instead of sending it anywhere."""
 
     def __init__(self) -> None:
         self.metrics: dict[int, set[str]] = {}
         self.values: dict[tuple[int, str], float] = {}
+        self.tags: list[dict[str, str]] = []
         self.artifacts: list[str] = []
+
+    def set_tags(self, tags) -> None:
+        self.tags.append(dict(tags))
 
     def log_metrics(self, metrics, step: int) -> None:
         self.metrics.setdefault(step, set()).update(metrics)
@@ -47,7 +53,7 @@ def _run(rank: int, steps: int = 4) -> tuple[_RecordingTracker, StepLog]:
     model = build_ssd("ssd_tiny", 4).train()
     optimizer, priors = build_optimizer(model, CFG), model.priors()
     tracker = _RecordingTracker()
-    grad_stats = GradStats(model, every=2) if rank == 0 else None
+    grad_stats = GradStats(model, every=2, max_steps=steps) if rank == 0 else None
     log = StepLog(
         rank=rank,
         tracker=tracker,
@@ -71,16 +77,88 @@ def test_rank_zero_logs_step_metrics_and_gradient_statistics_when_due():
     assert "train/loss" in tracker.metrics[3] and "train/loss" in tracker.metrics[4]
     assert not any(name.startswith("train/") for name in tracker.metrics[2])
     assert tracker.values[(3, "train/world_size")] == tracker.values[(4, "train/world_size")] == 3.0
-    for step in (2, 4):
-        assert any(name.startswith("grad/") and name.endswith("/update_ratio") for name in tracker.metrics[step])
+    assert tracker.metrics[2] == set(SUMMARY_KEYS) and set(SUMMARY_KEYS) < tracker.metrics[4]
+    layers = log.grad_stats.layers
+    indices = [int(tracker.values[(step, MAX_LAYER_KEY)]) for step in (2, 4)]
+    # The tag names the layer whose index is the metric; it is set again only when that layer changes.
+    assert tracker.tags == [{MAX_LAYER_KEY: f"{layers[i]} (layer_index {i})"} for i in dict.fromkeys(indices)]
     assert {row.step for row in log.grad_stats.table_rows} == {2, 4}
-    assert tracker.artifacts == ["grad_stats/grad_stats_epoch000.csv", "grad_stats/grad_norm_heatmap_epoch000.png"]
+    # Snapshots at ceil(25/50/75 % of 4 steps) = 1, 2, 3: their last due steps are none, 2 and 2 -> one.
+    assert tracker.artifacts == [
+        "grad_stats/grad_stats.csv",
+        "grad_stats/grad_norm_heatmap.png",
+        "grad_stats/snapshots/grad_norm_heatmap_step000002.png",
+    ]
+    log.close()
+    assert len(tracker.artifacts) == 3  # nothing new since the epoch's end: nothing written again
     assert log.bad_samples == 4  # one corrupt sample per batch, summed
 
 
 def test_other_ranks_log_nothing():
     tracker, log = _run(rank=1)
     assert tracker.metrics == {} and tracker.artifacts == [] and log.update_observer(2) is None
+
+
+def _train_steps(log: StepLog, model, optimizer, steps: range, epoch_steps: int) -> None:
+    """``train_step`` on the tiny batch for ``steps``, gradient statistics where due, ``end_epoch`` after every
+    ``epoch_steps``."""
+    priors = model.priors()
+    for step in steps:
+        observer = log.update_observer(step)
+        train_step(model, tiny_batch(model.image_size), priors, optimizer, cfg=CFG, observer=observer).read()
+        if step % epoch_steps == 0:
+            log.end_epoch(step // epoch_steps - 1)
+
+
+@pytest.mark.slow
+def test_gradient_artifacts_are_replaced_in_place_and_their_history_survives_a_resume(tmp_path):
+    # 8 steps, statistics every 2, "epochs" of 1 step: the first job checkpoints at step 4 and ends; the
+    # resumed job restores the history from the checkpoint and logs steps 5..8 to the same run.
+    params = make_params(**{"model.preset": "ssd_tiny", "train.max_steps": 8, "tracking.grad_stats_every": 2})
+    params.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = TrainJob(params, str(tmp_path / "shards"), ("a", "b", "c"), str(tmp_path / "run"), str(tmp_path), "0" * 64)
+    model = build_model(job, None)
+    state = build_state(job, model, 1, None)
+    first = StepLog.start(job, 0, 1, model, 0, None)
+    _train_steps(first, model, state.optimizer, range(1, 5), epoch_steps=1)
+    state.step = 4
+    contents, meta = state.checkpoint(job, epoch=3, world=1, bad_samples=0, tracking_run_id=first.tracker.run_id)
+    contents.update(first.checkpoint_state())
+    checkpoint.write_checkpoint(checkpoint.join(job.run_uri, checkpoint.dir_name(4)), contents, meta)
+    first.close()
+
+    resumed = find_resume_checkpoint(job, None, world=1)
+    second = StepLog.start(job, 0, 1, model, 4, resumed)
+    assert second.grad_stats.table_rows == first.grad_stats.table_rows  # steps 2 and 4
+    _train_steps(second, model, state.optimizer, range(5, 9), epoch_steps=1)
+    second.close()
+    assert second.tracker.close(status=None, timeout_s=30)
+
+    client, run_id = MlflowClient(params.tracking.uri), first.tracker.run_id
+    assert second.tracker.run_id == run_id
+    files = [a.path for a in client.list_artifacts(run_id, "grad_stats")]
+    files += [a.path for a in client.list_artifacts(run_id, "grad_stats/snapshots")]
+    assert sorted(files) == [  # logged 5 times each (new rows, the resume), stored once; snapshots at 25/50/75 %
+        "grad_stats/grad_norm_heatmap.png",
+        "grad_stats/grad_stats.csv",
+        "grad_stats/snapshots",
+        "grad_stats/snapshots/grad_norm_heatmap_step000002.png",
+        "grad_stats/snapshots/grad_norm_heatmap_step000004.png",
+        "grad_stats/snapshots/grad_norm_heatmap_step000006.png",
+    ]
+    table = Path(client.download_artifacts(run_id, "grad_stats/grad_stats.csv", str(tmp_path / "down")))
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = sorted(second.grad_stats.table_rows, key=lambda row: (-row.step, row.layer_index))  # newest first
+    assert sorted({row.step for row in expected}) == [2, 4, 6, 8]  # the steps before the resume included
+    assert [(int(r["step"]), int(r["layer_index"]), r["layer"]) for r in rows] == [row[:3] for row in expected]
+    for r, row in zip(rows, expected, strict=True):
+        assert [float(r[name]) for name in STAT_NAMES] == list(row[3:])  # csv writes repr(float): exact
+    for step in (2, 4, 6, 8):  # the layers' (clipped) norms add up to the global norm, or to the clip below it
+        squares = sum(row.norm**2 for row in expected if row.step == step)
+        (norm,) = [m.value for m in client.get_metric_history(run_id, NORM_KEY) if m.step == step]
+        assert min(norm, CFG.grad_clip_norm) == pytest.approx(squares**0.5, rel=1e-5), step
+    assert MAX_LAYER_KEY in client.get_run(run_id).data.tags
 
 
 class _StoreThatGoesDown:

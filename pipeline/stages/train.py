@@ -79,10 +79,11 @@ def main(args: argparse.Namespace, params: Params) -> int:
         return 1
     from pipeline.training.launcher import TrainingError, TrainingStopped, connect_ray  # imports Ray: only here
 
+    lock = _read_lock(repo_root)  # before Ray: a job's working_dir copy may vanish once joined (ray_runtime)
     with lease:
         connected = connect_ray(job.params.train)
         try:
-            train(job, params, model_out)
+            train(job, params, model_out, lock=lock)
         except TrainingStopped as error:
             if lease.lost is not None:  # the heartbeat stopped this job: another one took its folder
                 logger.error("train: %s", lease.lost)
@@ -201,13 +202,21 @@ def _check_rank_share(params: Params) -> None:
     )
 
 
-def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group_timeout_s: int | None = None) -> None:
+def train(
+    job: TrainJob,
+    params: Params,
+    model_out: str | Path,
+    *,
+    process_group_timeout_s: int | None = None,
+    lock: bytes | None = None,
+) -> None:
     """Resume or start the run in ``job.run_uri``, train, write the model file (a local path or a URL); Ray
     must be connected.
 
     ``params`` are the parameters as given (recorded in MLflow and in the model file, URIs redacted);
     ``job.params`` are the same with absolute locations. ``process_group_timeout_s`` bounds
-    torch.distributed collectives (default: Ray's 30 minutes; tests use less).
+    torch.distributed collectives (default: Ray's 30 minutes; tests use less). ``lock``: ``requirements.lock``
+    as ``main`` read it before joining Ray (``_read_lock``; read here when not given).
     """
     from pipeline.training.launcher import (
         DEFAULT_PROCESS_GROUP_TIMEOUT_S,
@@ -219,9 +228,8 @@ def train(job: TrainJob, params: Params, model_out: str | Path, *, process_group
 
     cfg = job.params.train
     recorded = redact_params(params_to_dict(params))
-    # Read now: under `ray job submit` Ray may delete the job's working directory (this repository's copy, the
-    # driver's cwd) once the training actors end, before the model is published
-    lock = _read_lock(Path(job.repo_root))
+    if lock is None:  # under `ray job submit` the job's working directory may vanish later (ray_runtime)
+        lock = _read_lock(Path(job.repo_root))
     found = prepare_run_folder(job.run_uri, resume=cfg.resume)
     run_folder = redact_uri(job.run_uri)
     if found:

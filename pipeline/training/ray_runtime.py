@@ -8,12 +8,21 @@ the machine has only oversubscribes it). Without an address Ray is started with 
 instance, never a ``ray start`` cluster that happens to run on this machine.
 
 Imports only Ray core, so that a command that needs no Ray Train (``predict --ray``) starts quickly.
+
+Joining a cluster by address is what a ``ray job submit`` driver does, and that driver runs inside the job's
+``working_dir`` copy on the head node. When the driver connects, the head's runtime-env agent may set the
+job's environment up again, and Ray 2.60 does that by deleting the copy and unpacking it anew
+(``WorkingDirPlugin.create`` calls ``download_and_unpack_package(..., overwrite=True)``): the cwd is gone and,
+until the unpacking ends, so is every module file. So before joining, every module of the ``pipeline``
+package is imported (``import_package``): nothing the driver does later needs the copy's files.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pkgutil
 
 import ray
 
@@ -34,6 +43,7 @@ def connect_ray(*, cpus_needed: int, address: str | None = None, dashboard: bool
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        import_package("pipeline")  # the working_dir copy may vanish for a while once joined (module docstring)
         logger.info("%s: joining the Ray cluster at %s", purpose, redact_uri(address))
         ray.init(address=address, logging_level=logging.WARNING)
         return True
@@ -48,3 +58,16 @@ def connect_ray(*, cpus_needed: int, address: str | None = None, dashboard: bool
         logging_level=logging.WARNING,
     )
     return True
+
+
+def import_package(name: str) -> list[str]:
+    """Import every module of package ``name`` (but ``__main__``, which runs a command); returns their names."""
+    package = importlib.import_module(name)
+    names = [
+        info.name
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}.")
+        if not info.name.endswith(".__main__")
+    ]
+    for module in names:
+        importlib.import_module(module)
+    return names

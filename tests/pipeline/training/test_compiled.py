@@ -53,7 +53,7 @@ class _Gradients:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.flat = model, None
 
-    def before_update(self) -> None:
+    def before_update(self, grad_norm: torch.Tensor) -> None:
         self.flat = torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None])
 
     def after_update(self) -> None:

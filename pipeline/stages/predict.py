@@ -165,6 +165,18 @@ def load_model(model: str | Path, params: Params, map_location: str | torch.devi
         shutil.rmtree(local.parent, ignore_errors=True)
 
 
+def run_info(args: argparse.Namespace, params: Params, loaded) -> dict[str, object]:
+    """``detections.json``'s ``info``: the model and the post-processing settings the detections come from."""
+    return {
+        "model": str(args.model),
+        "preset": loaded.preset,
+        "min_score": args.min_score,
+        "score_threshold": params.eval.score_threshold,
+        "nms_iou": params.eval.nms_iou,
+        "max_detections": params.eval.max_detections,
+    }
+
+
 def check_options(args: argparse.Namespace, params: Params) -> None:
     """Refuse a bad ``--min-score`` or ``--batch-size`` (``InputError``); warn when ``eval.score_threshold``
     decides before ``--min-score``."""
@@ -272,15 +284,7 @@ def main(args: argparse.Namespace, params: Params) -> int:
     elapsed = time.perf_counter() - started
     logger.info("predict: %.1f s, %.1f images/s", elapsed, (len(predictions) + len(failures)) / max(elapsed, 1e-9))
 
-    info = {
-        "model": str(args.model),
-        "preset": loaded.preset,
-        "min_score": args.min_score,
-        "score_threshold": params.eval.score_threshold,
-        "nms_iou": params.eval.nms_iou,
-        "max_detections": params.eval.max_detections,
-    }
-    document = detections_json(predictions, failures, loaded.classes, drawn=drawn, info=info)
+    document = detections_json(predictions, failures, loaded.classes, drawn=drawn, info=run_info(args, params, loaded))
     write_json(out / DETECTIONS_NAME, document, overwrite=owned)
     write_json(out / RESULTS_NAME, results_list(document), overwrite=owned)
     shown = f"{args.min_score:.2f}" if round(args.min_score, 2) == args.min_score else f"{args.min_score:g}"

@@ -42,7 +42,7 @@ from pipeline import storage
 from pipeline.artifacts.atomic_write import write_bytes_atomic
 from pipeline.artifacts.output_folder import claim_output_folder, owns, write_marker
 from pipeline.config import EvalConfig, Params
-from pipeline.stages.predict import USAGE_ERRORS, check_options, load_model, predict_images, refuse
+from pipeline.stages.predict import USAGE_ERRORS, check_options, load_model, predict_images, refuse, run_info
 from pipeline.stages.predict_inputs import (
     DETECTIONS_NAME,
     PREDICT_STAGE,
@@ -285,15 +285,7 @@ def run_ray(args: argparse.Namespace, params: Params) -> int:
     elapsed = time.perf_counter() - started
     logger.info("predict --ray: %.1f s, %.1f images/s", elapsed, len(results) / max(elapsed, 1e-9))
 
-    info = {
-        "model": str(args.model),
-        "preset": loaded.preset,
-        "min_score": args.min_score,
-        "score_threshold": params.eval.score_threshold,
-        "nms_iou": params.eval.nms_iou,
-        "max_detections": params.eval.max_detections,
-        "ray_workers": args.ray_workers,
-    }
+    info = {**run_info(args, params, loaded), "ray_workers": args.ray_workers}
     document = detections_json(predictions, failures, loaded.classes, info=info)
     write_outputs(out, owned, document, detections_table(predictions, loaded.classes))
     logger.info(

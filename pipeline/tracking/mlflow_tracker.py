@@ -46,7 +46,7 @@ from pipeline.config import TrackingConfig, flatten
 from pipeline.tracking.metadata import file_sha256, shard_dataset_profile
 from pipeline.tracking.runs import StoredRun, connect, continue_run, create_run, experiment_id
 from pipeline.tracking.sender import Sender
-from pipeline.tracking.uris import TrackingError, redact_uri
+from pipeline.tracking.uris import TrackingError, is_http, redact_uri, run_page_url
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class MlflowTracker:
             self._send_metrics, is_transient=_is_transient, store=self.uri, name=f"tracker for run {self.run_id}"
         )
         atexit.register(self._atexit)
-        logger.info("MLflow run %s in experiment %r at %s", self.run_id, cfg.experiment, self.uri)
+        page = f"; its page: {run_page_url(self.uri, self.experiment_id, self.run_id)}" if is_http(self.uri) else ""
+        logger.info("MLflow run %s in experiment %r at %s%s", self.run_id, cfg.experiment, self.uri, page)
 
     # ---------------------------------------------------------------- the public, non-blocking calls
     def last_logged_step(self, key: str) -> int | None:

@@ -147,6 +147,16 @@ def resolve_tracking_uri(uri: str, repo_root: str | Path) -> str:
     return uri
 
 
+TRAINING_VIEW = "workflowType=machine_learning"
+"""MLflow 3.17's UI picks its GenAI or model-training pages from this query parameter (then remembers the choice in
+the browser), not from the experiment's ``mlflow.experimentKind`` tag."""
+
+
+def run_page_url(server: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI of tracking server ``server`` (its userinfo dropped), in the model-training view."""
+    return f"{split_credentials(server)[0].rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
 def is_http(uri: str) -> bool:
     """Whether ``uri`` names a tracking server (probed, retried) rather than a local store."""
     return uri.startswith(("http://", "https://"))

@@ -15,6 +15,7 @@ from pipeline.tracking.uris import (
     redact_params,
     redact_uri,
     resolve_tracking_uri,
+    run_page_url,
     split_credentials,
     tracking_credentials,
 )
@@ -50,6 +51,14 @@ def test_uri_precedence_and_resolution(tmp_path, monkeypatch):
 )
 def test_redact_uri_hides_userinfo_and_secret_query_values(text, shown):
     assert redact_uri(text) == shown
+
+
+def test_run_page_url_opens_the_training_view_without_userinfo():
+    """MLflow 3.17's UI shows its GenAI pages unless the URL (or the browser's remembered toggle) asks for the
+    model-training ones; checked in headless Chromium: the experiment tag alone still opened the GenAI overview."""
+    assert run_page_url("http://alice:secret@127.0.0.1:5000/", "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
 
 
 def test_split_credentials_gives_the_clean_uri_and_mlflows_credential_variables():

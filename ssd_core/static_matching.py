@@ -15,7 +15,7 @@ SSD300 priors) from tensors whose shapes depend only on ``[B, G]`` and ``P``:
   *not yet claimed* is always among them. The rounds run on ``[B, G, K]`` and ``[B, G, G]`` tensors; each
   round settles at least one pending box of every image that has one, so ``G`` rounds settle them all, and
   a round with nothing pending changes nothing. No round reads a count back: the loop is over a Python
-  constant, which ``torch.compile`` unrolls.
+  constant, and ``torch.compile`` generates the round once and calls it ``G`` times (a nested compile region).
 - step 4 (difficult boxes) by reductions over the difficult slots.
 
 Memory: the IoU table is ``B x P x G`` floats (32 x 8,732 x 64: 72 MB), its int64 keys twice that.
@@ -73,6 +73,44 @@ def _candidates(iou: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return prior, by_box.gather(2, prior)
 
 
+def _forced_round(
+    prior: Tensor, cand_iou: Tensor, claimed: Tensor, forced: Tensor, pending: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forced-match round: every pending box proposes its best free candidate and the proposals that no
+    other pending box beats are granted. ``prior``/``cand_iou [B, G, K]``, ``claimed [B, P + 1]`` bool,
+    ``forced [B, G]`` int64, ``pending [B, G]`` bool -> the new ``(claimed, forced, pending)``."""
+    batch, slots, k = prior.shape
+    num_priors = claimed.shape[1] - 1
+    slot = torch.arange(slots, device=prior.device)
+    h_later = slot[None, None, :] > slot[None, :, None]  # [1, G(g), G(h)]: box h comes after box g
+    taken = claimed.gather(1, prior.reshape(batch, slots * k)).view(batch, slots, k)  # [B, G, K]
+    first_free = torch.where(taken, k, torch.arange(k, device=prior.device)).amin(dim=2)  # [B, G], k: none
+    pending = pending & (first_free < k)  # a box without a free prior gets none
+    pick = first_free.clamp(max=k - 1)[..., None]
+    proposal = prior.gather(2, pick).squeeze(2)  # [B, G]
+    proposal_iou = cand_iou.gather(2, pick).squeeze(2)  # [B, G]
+    # Box g wins its prior unless a pending box h proposing the same prior has a higher IoU, or the
+    # same IoU and is later (the packed rounds' order).
+    same = (proposal[:, :, None] == proposal[:, None, :]) & pending[:, None, :]  # [B, G(g), G(h)]
+    iou_g, iou_h = proposal_iou[:, :, None], proposal_iou[:, None, :]
+    beats = (iou_h > iou_g) | ((iou_h == iou_g) & h_later)  # [B, G, G], never on the diagonal
+    wins = pending & ~(same & beats).any(dim=2)  # [B, G]
+    forced = torch.where(wins, proposal, forced)
+    claimed = claimed.scatter(1, torch.where(wins, proposal, num_priors), True)  # column P: never read
+    return claimed, forced, pending & ~wins
+
+
+def _compile_once(fn):
+    """``torch.compiler.nested_compile_region(fn)`` (torch >= 2.8): ``torch.compile`` traces and generates the
+    round once and calls it every round, instead of unrolling ``G`` copies (100 rounds made one 6.3 MB C++
+    source that GCC 12 could not compile). Eager: ``fn`` itself. Older torch: ``fn`` (the rounds unroll)."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    return region(fn) if region is not None else fn
+
+
+_compiled_round = _compile_once(_forced_round)
+
+
 def _forced_priors(iou: Tensor, claims: Tensor) -> Tensor:
     """Step 1 of :mod:`ssd_core.matching`: one distinct prior per claiming box, ``[B, G]`` int64, -1 for
     slots that do not claim and for boxes left without a free prior (an image with more boxes than priors).
@@ -80,30 +118,12 @@ def _forced_priors(iou: Tensor, claims: Tensor) -> Tensor:
     ``iou [B, P, G]`` (real IoUs >= 0), ``claims [B, G]`` bool (valid, not difficult).
     """
     batch, num_priors, slots = iou.shape
-    k = min(slots, num_priors)
-    prior, cand_iou = _candidates(iou, k)  # [B, G, K] each
-    device = iou.device
-    slot = torch.arange(slots, device=device)
-    h_later = slot[None, None, :] > slot[None, :, None]  # [1, G(g), G(h)]: box h comes after box g
-    claimed = torch.zeros(batch, num_priors + 1, dtype=torch.bool, device=device)  # column P: "no prior"
-    forced = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+    prior, cand_iou = _candidates(iou, min(slots, num_priors))  # [B, G, K] each
+    claimed = torch.zeros(batch, num_priors + 1, dtype=torch.bool, device=iou.device)  # column P: "no prior"
+    forced = torch.full((batch, slots), -1, dtype=torch.long, device=iou.device)
     pending = claims.clone()  # [B, G]
     for _ in range(slots):  # each round settles >= 1 pending box per image; extra rounds change nothing
-        taken = claimed.gather(1, prior.reshape(batch, slots * k)).view(batch, slots, k)  # [B, G, K]
-        first_free = torch.where(taken, k, torch.arange(k, device=device)).amin(dim=2)  # [B, G], k: none left
-        pending = pending & (first_free < k)  # a box without a free prior gets none
-        pick = first_free.clamp(max=k - 1)[..., None]
-        proposal = prior.gather(2, pick).squeeze(2)  # [B, G]
-        proposal_iou = cand_iou.gather(2, pick).squeeze(2)  # [B, G]
-        # Box g wins its prior unless a pending box h proposing the same prior has a higher IoU, or the
-        # same IoU and is later (the packed rounds' order).
-        same = (proposal[:, :, None] == proposal[:, None, :]) & pending[:, None, :]  # [B, G(g), G(h)]
-        iou_g, iou_h = proposal_iou[:, :, None], proposal_iou[:, None, :]
-        beats = (iou_h > iou_g) | ((iou_h == iou_g) & h_later)  # [B, G, G], never on the diagonal
-        wins = pending & ~(same & beats).any(dim=2)  # [B, G]
-        forced = torch.where(wins, proposal, forced)
-        claimed = claimed.scatter(1, torch.where(wins, proposal, num_priors), True)  # column P: never read
-        pending = pending & ~wins
+        claimed, forced, pending = _compiled_round(prior, cand_iou, claimed, forced, pending)
     return forced
 
 

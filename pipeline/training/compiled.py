@@ -8,6 +8,11 @@ padded to ``train.max_boxes`` its shapes are the same every step: one compilatio
 batch made shorter by a corrupt sample compiles once more for its own shape). The backward pass is
 compiled with it (AOTAutograd). The optimiser step, the clip and the collective stay eager.
 
+On a CPU target assignment stays eager: there a host read costs nothing, and the packed form
+(``ssd_core.matching``) is ~40x faster than even the compiled static one (7 ms against 270 ms for
+``ssd300_vgg16`` priors at batch 16 x 100 boxes: the static form's ``[B, P, G]`` tables and its ``G``
+forced-match rounds are the price of never reading back, which only an accelerator needs).
+
 ``train.cuda_graphs`` compiles with ``mode="reduce-overhead"``: inductor records the forward and backward
 kernels into CUDA graphs and replays them, which removes the per-kernel launch cost that dominates small
 kernels at high step rates. CUDA graphs exist only on CUDA devices: it is refused at load time without
@@ -38,7 +43,7 @@ def build_step_functions(cfg: TrainConfig, device: torch.device, *, backend: str
     if not cfg.compile:
         return StepFunctions()
     options = {"mode": "reduce-overhead"} if cfg.cuda_graphs else {}
-    return StepFunctions(
-        targets=torch.compile(step_targets, backend=backend, dynamic=False, **options),
-        loss=torch.compile(step_loss, backend=backend, dynamic=False, **options),
-    )
+    targets = step_targets
+    if device.type != "cpu":
+        targets = torch.compile(step_targets, backend=backend, dynamic=False, **options)
+    return StepFunctions(targets=targets, loss=torch.compile(step_loss, backend=backend, dynamic=False, **options))

@@ -109,6 +109,30 @@ def test_assignment_and_loss_compile_to_one_graph_with_their_backward():
         torch.testing.assert_close(got, want)
 
 
+def test_the_forced_rounds_are_traced_once_not_unrolled():
+    """``train.max_boxes`` (100) forced-match rounds unrolled made one 6.3 MB C++ source that GCC 12 crashed on.
+    The round is a nested compile region: the traced graph holds one round's code, called once per slot."""
+    boxes, labels, mask, _ = random_batch(torch.Generator().manual_seed(0), 2, 40)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda b, lab, m: assign_targets(b, lab, m, SMALL_PRIORS, static_shapes=True).cls_targets,
+        fullgraph=True,
+        backend=capture,
+    )
+    assert torch.equal(compiled(boxes, labels, mask), assign_targets(boxes, labels, mask, SMALL_PRIORS).cls_targets)
+    (graph,) = graphs
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
+    assert len(calls) == 40  # one per box slot
+    assert len({n.args[0].target for n in calls}) == 1  # all the same subgraph
+    assert len(graph.graph.nodes) < 400  # unrolled, each round's ~20 operations would make > 800
+
+
 def test_the_packed_forms_break_the_graph():
     """The check above can fail: the packed CPU forms read counts back, which ``fullgraph`` refuses."""
     boxes, labels, mask, difficult = random_batch(torch.Generator().manual_seed(0), 2, 4)

@@ -9,7 +9,8 @@
   access_key, secret_key, env, pid, url()).
 - ``s3_env`` (function): sets the server's client variables for the test (and points ``AWS_PROFILE``,
   ``~/.aws/config`` and ``~/.aws/credentials`` away, so a developer's own AWS setup cannot interfere, and
-  the shard cache into the test's folder); returns the same ``S3Server``.
+  the shard cache into the test's folder); returns the same ``S3Server``. ``point_clients_at`` does the
+  same for a module-scoped fixture's ``MonkeyPatch.context()``.
 
 ``S3Server(root).start()`` / ``.stop()`` work without pytest too. The server runs in its own session and is
 stopped by its PID (SIGTERM, then SIGKILL), never by name.
@@ -135,11 +136,18 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]
 @pytest.fixture
 def s3_env(object_store: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
     """The server's client variables for one test, with any other AWS configuration pointed away."""
+    return point_clients_at(object_store, monkeypatch, tmp_path)
+
+
+def point_clients_at(server: S3Server, mp: pytest.MonkeyPatch, home: Path) -> S3Server:
+    """Set ``server``'s client variables in ``mp``, point ``AWS_PROFILE``, ``~/.aws/config`` and
+    ``~/.aws/credentials`` away (to absent files under ``home``) and the shard cache into ``home``. For a
+    module-scoped fixture, ``mp`` is a ``pytest.MonkeyPatch.context()``; returns ``server``."""
     for key in FOREIGN_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+        mp.delenv(key, raising=False)
+    mp.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
     for key in ENV_KEYS:
-        monkeypatch.setenv(key, object_store.env[key])
-    monkeypatch.setenv("SSD_SHARD_CACHE", str(tmp_path / "shard-cache"))  # pipeline.shards.cache, not ~/.cache
-    return object_store
+        mp.setenv(key, server.env[key])
+    mp.setenv("SSD_SHARD_CACHE", str(home / "shard-cache"))  # pipeline.shards.cache, not ~/.cache
+    return server

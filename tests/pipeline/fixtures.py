@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.cli import main as cli_main
 from pipeline.config import Params, load_params
 from pipeline.sources.records import write_index
 from pipeline.stages.prepare import prepare
@@ -404,6 +405,27 @@ def prepare_and_shard(params: Params, base: Path) -> tuple[Path, Path]:
     write_index(index, result.records, result.classes)
     shard(index, shards, params.shard, progress=False)
     return index, shards
+
+
+def synthetic_shards(base: Path, *, num_train: int, num_val: int, image_size: int) -> str:
+    """The synthetic source (schema defaults, seed 0) with these sizes, prepared and sharded under ``base``;
+    returns the shards folder."""
+    sizes = {"data.synthetic.num_train": num_train, "data.synthetic.num_val": num_val}
+    return str(prepare_and_shard(make_params(**sizes, **{"data.synthetic.image_size": image_size}), base)[1])
+
+
+def run_evaluate(model: str | Path, shards: str | Path, out: Path, *overrides: str, metrics: Path | None = None) -> int:
+    """``python -m pipeline evaluate`` (in-process) of ``model`` on ``shards``: its metrics in ``metrics``
+    (default ``out/eval.json``), plots in ``out/plots``, detections in ``out/eval``. Returns the exit code."""
+    outputs = [
+        "--metrics",
+        str(metrics or out / "eval.json"),
+        "--plots",
+        str(out / "plots"),
+        "--out",
+        str(out / "eval"),
+    ]
+    return cli_main(["evaluate", "--model", str(model), "--shards", str(shards), *outputs, *overrides])
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -17,14 +17,12 @@ import http.client
 import http.server
 import logging
 import shutil
-import tempfile
 import threading
 import urllib.parse
 import uuid
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -36,6 +34,7 @@ from pipeline.tracking import TrackingError, create_tracker, find_run_by_tag
 from ssd_core.model import build_ssd
 from tests.pipeline.fixtures import make_params, prepare_and_shard
 from tests.pipeline.mlflow_server import MlflowServer, free_port
+from tests.private_ray import private_ray
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -161,26 +160,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def ray_local():
     """A private local Ray for the module; yields its session folder (searched for the password too)."""
-    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1; no ~/.ray/auth_token
-        mp.delenv("RAY_ADDRESS", raising=False)
         for var in CREDENTIAL_VARS:  # Ray's processes must not inherit credentials from the environment
             mp.delenv(var, raising=False)
-        ray.init(
-            num_cpus=1,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp,
-            logging_level="WARNING",
-        )
-        try:
-            yield Path(temp)
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
+        with private_ray(mp, "rs", num_cpus=1) as session:
+            yield session.temp
 
 
 @pytest.fixture(scope="module")

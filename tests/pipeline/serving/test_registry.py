@@ -145,13 +145,12 @@ def test_two_real_runs_the_better_is_champion_and_the_worse_evaluated_after_stay
     ``challenger``), then scored by the real ``evaluate`` stage, better run first: it becomes the champion;
     the worse run, registered and evaluated after it, stays the challenger and its decision says why."""
     from pipeline.artifacts.model_file import save_model_file
-    from pipeline.cli import main as cli_main
     from pipeline.config import TrackingConfig, params_to_dict
     from pipeline.serving.publish import publish_model
     from pipeline.stages.evaluate import validation_digest
     from pipeline.stages.train import build_job
     from pipeline.tracking import MlflowTracker
-    from tests.pipeline.fixtures import make_params, prepare_and_shard
+    from tests.pipeline.fixtures import make_params, prepare_and_shard, run_evaluate
     from tests.pipeline.mlflow_server import MlflowServer
     from tests.pipeline.serving.conftest import REPO
     from tests.pipeline.training.test_init_from import train_steps
@@ -186,24 +185,14 @@ def test_two_real_runs_the_better_is_champion_and_the_worse_evaluated_after_stay
             assert str(alias_version(client, name, CHALLENGER).version) == published.version
 
             out = tmp_path / "evaluate" / run
-            code = cli_main(
-                [
-                    "evaluate",
-                    "--model",
-                    str(model_file),
-                    "--shards",
-                    str(shards),
-                    "--metrics",
-                    str(out / "eval.json"),
-                    "--plots",
-                    str(out / "plots"),
-                    "--out",
-                    str(out / "eval"),
-                    "eval.batch_size=8",
-                    "eval.num_workers=0",
-                    "eval.num_sample_images=2",
-                    *tracking,
-                ]
+            code = run_evaluate(
+                model_file,
+                shards,
+                out,
+                "eval.batch_size=8",
+                "eval.num_workers=0",
+                "eval.num_sample_images=2",
+                *tracking,
             )
             assert code == 0
             scores[run] = json.loads((out / "eval.json").read_text())["map_voc07"]

@@ -24,7 +24,7 @@ from pipeline.shards.eval_loader import eval_loader
 from pipeline.stages.evaluate import validation_digest
 from pipeline.tracking import create_tracker
 from ssd_core.model import build_ssd
-from tests.pipeline.fixtures import make_params
+from tests.pipeline.fixtures import make_params, run_evaluate
 from tests.pipeline.mlflow_server import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,25 +46,8 @@ def model_file(tmp_path_factory, classes):
 
 
 def run_cli(tmp_path, model_file, shards, *overrides, expect: int = 0):
-    code = cli_main(
-        [
-            "evaluate",
-            "--model",
-            str(model_file),
-            "--shards",
-            str(shards),
-            "--metrics",
-            str(tmp_path / "metrics" / "eval.json"),
-            "--plots",
-            str(tmp_path / "plots"),
-            "--out",
-            str(tmp_path / "eval"),
-            "eval.batch_size=2",
-            "eval.num_sample_images=3",
-            "train.loader_workers=0",
-            *overrides,
-        ]
-    )
+    settings = ("eval.batch_size=2", "eval.num_sample_images=3", "train.loader_workers=0")
+    code = run_evaluate(model_file, shards, tmp_path, *settings, *overrides, metrics=tmp_path / "metrics" / "eval.json")
     assert code == expect
 
 

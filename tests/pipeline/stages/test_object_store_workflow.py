@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 
 import pytest
-import ray
 import torch
 
 from pipeline import storage
 from pipeline.artifacts.model_file import load_model_file
 from pipeline.cli import main as cli_main
 from pipeline.training import checkpoint
-from tests.object_store import ENV_KEYS, FOREIGN_KEYS
-from tests.pipeline.fixtures import image_with_box, save_jpeg
-from tests.pipeline.mlflow_server import free_port
+from tests.object_store import point_clients_at
+from tests.pipeline.fixtures import image_with_box, run_evaluate, save_jpeg
+from tests.private_ray import private_ray
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,32 +51,10 @@ TRAIN = [
 @pytest.fixture(scope="module")
 def cluster(object_store, tmp_path_factory):
     """The server's client environment for the whole module, and a local Ray started inside it."""
-    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    aws = tmp_path_factory.mktemp("aws")
     with pytest.MonkeyPatch.context() as mp:
-        for key in FOREIGN_KEYS:
-            mp.delenv(key, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", str(aws / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws / "credentials"))
-        for key in ENV_KEYS:
-            mp.setenv(key, object_store.env[key])
-        mp.setenv("SSD_SHARD_CACHE", str(aws / "shard-cache"))  # the workers' shard copies, not ~/.cache
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp,
-            logging_level="WARNING",
-        )
-        try:
+        point_clients_at(object_store, mp, tmp_path_factory.mktemp("aws"))  # the workers' shard copies there too
+        with private_ray(mp, "rs", num_cpus=2):
             yield object_store
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _train(shards: str, runs: str, model_out: str, *extra: str) -> int:
@@ -121,25 +96,8 @@ def test_train_evaluate_predict_with_everything_on_s3(cluster, uneven_shards, tm
     )
 
     out = tmp_path / "eval"
-    code = cli_main(
-        [
-            "evaluate",
-            "--model",
-            model_out,
-            "--shards",
-            shards,
-            "--metrics",
-            str(out / "eval.json"),
-            "--plots",
-            str(out / "plots"),
-            "--out",
-            str(out / "eval"),
-            "eval.batch_size=2",
-            "eval.num_sample_images=2",
-            "tracking.enabled=false",
-            "train.loader_workers=0",
-        ]
-    )
+    settings = ("eval.batch_size=2", "eval.num_sample_images=2", "tracking.enabled=false", "train.loader_workers=0")
+    code = run_evaluate(model_out, shards, out, *settings)
     assert code == 0
     metrics = json.loads((out / "eval.json").read_text())
     assert 0.0 <= metrics["map_voc07"] <= 1.0 and metrics["num_images"] == 5  # the 5 validation images

@@ -14,15 +14,12 @@ on one thread, as each actor (1 CPU) does: the convolutions' float sums depend o
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -35,8 +32,9 @@ from pipeline.stages.predict import predict_images
 from pipeline.stages.predict_inputs import InputError
 from pipeline.stages.predict_outputs import TABLE_COLUMNS, Failure, Prediction, detections_table
 from ssd_core.model import build_ssd
-from tests.object_store import ENV_KEYS, FOREIGN_KEYS
+from tests.object_store import point_clients_at
 from tests.pipeline.fixtures import save_jpeg
+from tests.private_ray import private_ray
 
 NUM_IMAGES = 50
 MIN_SCORE = "0.3"
@@ -95,30 +93,10 @@ def single(model_file, photos, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_local(object_store, tmp_path_factory):
     """A local Ray on 127.0.0.1 whose processes hold the S3 server's variables (``predict --ray`` reuses it)."""
-    temp = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    away = tmp_path_factory.mktemp("aws")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1; no ~/.ray/auth_token
-        mp.delenv("RAY_ADDRESS", raising=False)
-        for key in FOREIGN_KEYS:
-            mp.delenv(key, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", str(away / "no-aws-config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(away / "no-aws-credentials"))
-        for key in ENV_KEYS:
-            mp.setenv(key, object_store.env[key])
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp,
-            logging_level="WARNING",
-        )
-        try:
+        point_clients_at(object_store, mp, tmp_path_factory.mktemp("aws"))
+        with private_ray(mp, "rp", num_cpus=2, dashboard=False):
             yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _predict_ray(model_file: Path, *inputs: str, out: str) -> int:

@@ -28,11 +28,11 @@ import ray
 import torch
 
 from pipeline.artifacts.model_file import load_model_file
-from pipeline.cli import main as cli_main
 from pipeline.config import load_params
 from pipeline.shards.order import epoch_plan
 from pipeline.stages.train import build_job, train
 from pipeline.training import checkpoint, faults
+from tests.pipeline.fixtures import synthetic_shards
 
 REPO = Path(__file__).resolve().parents[3]
 NUM_TRAIN, BATCH, EVERY = 64, 8, 4  # 64 images in global batches of 8: 8 steps per epoch
@@ -61,14 +61,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    synthetic = [f"data.synthetic.num_train={NUM_TRAIN}", "data.synthetic.num_val=8", "data.synthetic.image_size=96"]
-    (root / "params.yaml").write_text("seed: 0\n")  # schema defaults, not the repository's params.yaml
-    params = ["--params", str(root / "params.yaml")]
-    prepare = ["prepare", *params, "--out", str(root / "prepared"), "--report", str(root / "prepare.json")]
-    assert cli_main([*prepare, *synthetic]) == 0
-    assert cli_main(["shard", *params, "--index", str(root / "prepared"), "--out", str(root / "shards")]) == 0
-    return str(root / "shards")
+    return synthetic_shards(tmp_path_factory.mktemp("data"), num_train=NUM_TRAIN, num_val=8, image_size=96)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

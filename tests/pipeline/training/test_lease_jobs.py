@@ -8,20 +8,17 @@ taken before Ray is joined, so the refused one never touches it.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from pipeline.artifacts.model_file import load_model_file
 from tests.pipeline.fixtures import make_params, prepare_and_shard
+from tests.private_ray import private_ray
 
 REPO = Path(__file__).resolve().parents[3]
 PARAMS = """seed: 1
@@ -48,39 +45,9 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """One local Ray for the module, which the commands join (``RAY_ADDRESS``). A busy machine can miss Ray's
-    fixed 30 s node start-up wait: that is retried here, where it is not what the test is about."""
-    temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1; no ~/.ray/auth_token
-        mp.delenv("RAY_ADDRESS", raising=False)
-        for attempt in range(3):
-            try:
-                context = ray.init(
-                    num_cpus=2,
-                    include_dashboard=True,
-                    dashboard_host="127.0.0.1",
-                    dashboard_port=_free_port(),
-                    _node_ip_address="127.0.0.1",
-                    _temp_dir=temp,
-                    logging_level="WARNING",
-                )
-                break
-            except Exception:  # noqa: BLE001 - Ray raises a bare Exception when its node start-up times out
-                ray.shutdown()
-                if attempt == 2:
-                    raise
-        try:
-            yield context.address_info["gcs_address"]
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One local Ray for the module, which the commands join (``RAY_ADDRESS``)."""
+    with pytest.MonkeyPatch.context() as mp, private_ray(mp, "rl", num_cpus=2) as session:
+        yield session.address
 
 
 def _start(root: Path, storage: Path, model_out: Path, address: str) -> subprocess.Popen:

@@ -13,21 +13,19 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from pipeline.artifacts.model_file import load_model_file
-from pipeline.cli import main as cli_main
 from pipeline.config import load_params
 from pipeline.stages.train import build_job, train
 from pipeline.training import checkpoint, faults
 from pipeline.training.grad_stats import NORM_KEY, SUMMARY_KEYS
 from pipeline.training.launcher import TrainingError
+from tests.pipeline.fixtures import synthetic_shards
+from tests.private_ray import private_ray
 
 REPO = Path(__file__).resolve().parents[3]
 MAX_STEPS, EVERY, KEEP, PER_EPOCH = 16, 4, 2, 8  # 64 images / a global batch of 8 = 8 steps per epoch
@@ -56,72 +54,18 @@ PG_TIMEOUT_S = 60  # a collective that waited this long would fail the run inste
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance for the module (the stage reuses an initialised Ray and leaves it running)."""
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # a private instance on 127.0.0.1; no ~/.ray/auth_token
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice a killed worker sooner
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(
-            address="local",  # never another test's `ray start` cluster on this machine
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),
-            _node_ip_address="127.0.0.1",
-            _temp_dir=temp,
-            logging_level="WARNING",
-        )
-        try:
+        with private_ray(mp, "rt", num_cpus=2):
             yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    synthetic = ["data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.image_size=96"]
-    (root / "params.yaml").write_text("seed: 0\n")  # schema defaults, not the repository's params.yaml
-    assert (
-        cli_main(
-            [
-                "prepare",
-                "--params",
-                str(root / "params.yaml"),
-                "--out",
-                str(root / "prepared"),
-                "--report",
-                str(root / "prepare.json"),
-                *synthetic,
-            ]
-        )
-        == 0
-    )
-    assert (
-        cli_main(
-            [
-                "shard",
-                "--params",
-                str(root / "params.yaml"),
-                "--index",
-                str(root / "prepared"),
-                "--out",
-                str(root / "shards"),
-            ]
-        )
-        == 0
-    )
-    return str(root / "shards")
+    return synthetic_shards(tmp_path_factory.mktemp("data"), num_train=64, num_val=16, image_size=96)
 
 
 class Run:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts.model_file import load_model_file
-from pipeline.cli import main as cli_main
+from tests.pipeline.fixtures import synthetic_shards
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
@@ -127,37 +127,7 @@ def head(tmp_path):
 
 def test_ray_job_submit_trains_and_writes_the_model_file(head, tmp_path):
     address, env = head
-    (tmp_path / "empty.yaml").write_text("seed: 0\n")
-    synthetic = ["data.synthetic.num_train=32", "data.synthetic.num_val=8", "data.synthetic.image_size=96"]
-    assert (
-        cli_main(
-            [
-                "prepare",
-                "--params",
-                str(tmp_path / "empty.yaml"),
-                "--out",
-                str(tmp_path / "prepared"),
-                "--report",
-                str(tmp_path / "prepare.json"),
-                *synthetic,
-            ]
-        )
-        == 0
-    )
-    assert (
-        cli_main(
-            [
-                "shard",
-                "--params",
-                str(tmp_path / "empty.yaml"),
-                "--index",
-                str(tmp_path / "prepared"),
-                "--out",
-                str(tmp_path / "shards"),
-            ]
-        )
-        == 0
-    )
+    shards = synthetic_shards(tmp_path, num_train=32, num_val=8, image_size=96)
     params = tmp_path / "params.yaml"
     params.write_text(
         "seed: 3\nmodel: {preset: ssd_tiny}\naugment: {expand: false, crop: false}\n"
@@ -191,7 +161,7 @@ def test_ray_job_submit_trains_and_writes_the_model_file(head, tmp_path):
         "--params",
         str(params),
         "--shards",
-        str(tmp_path / "shards"),
+        shards,
         "--model-out",
         str(model_out),
         f"train.storage_path={tmp_path / 'runs'}",

@@ -55,14 +55,15 @@ LINTED := ssd_core pipeline tests benchmarks infra
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): much of the slow tests' time is spent waiting on servers,
 # Ray and subprocesses, so two workers on CI's 2 cores took the suite from 29 to 20 minutes. Every test binds
-# free ports and its own folders, so any count works; TEST_WORKERS=0 runs everything in this process.
+# free ports and its own folders, so any count works; TEST_WORKERS=0 runs everything in this process. Tests marked
+# xdist_group("multinode_ray") (the loopback clusters) run in one process, one after the other (--dist loadgroup).
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=40
 
 # The markers are registered in pyproject.toml: slow (over a few seconds), ray (starts Ray), dvc (runs dvc).
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not ray and not dvc"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not ray and not dvc"
 
 lint: install
 	$(PY) -m ruff check $(LINTED)

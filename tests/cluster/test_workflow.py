@@ -34,7 +34,14 @@ import torch
 
 from tests.cluster import workflow as wf
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.dvc, pytest.mark.cluster, pytest.mark.timeout(2400)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.ray,
+    pytest.mark.dvc,
+    pytest.mark.cluster,
+    pytest.mark.timeout(2400),
+    pytest.mark.xdist_group("multinode_ray"),  # never beside test_elastic's cluster (see there)
+]
 
 OUTAGE_S = 20.0  # how long the MLflow server stays down
 JOB_TIMEOUT_S = 420.0

@@ -62,19 +62,17 @@ sys.path[:0] = [str(REPO)]
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from _raccoon import raccoon_root, raccoon_shards  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from pipeline.config import load_params  # noqa: E402
 from pipeline.shards.jpeg import decode_reduction, decode_rgb, jpeg_size  # noqa: E402
 from pipeline.shards.loader import collate_train, train_loader  # noqa: E402
 from pipeline.shards.manifest import load_manifest  # noqa: E402
 from pipeline.shards.order import sample_seed  # noqa: E402
 from pipeline.sources.images import inspect_image, load_rgb  # noqa: E402
-from pipeline.sources.records import read_index, write_index  # noqa: E402
+from pipeline.sources.records import read_index  # noqa: E402
 from pipeline.sources.voc import parse_voc_xml  # noqa: E402
-from pipeline.stages.prepare import prepare  # noqa: E402
-from pipeline.stages.shard import shard  # noqa: E402
 from ssd_core.augment import AugmentOptions, plan_augmentation, train_transform  # noqa: E402
 
 SIZE, BATCH, WORKERS, SEED = 300, 32, 2, 0
@@ -215,19 +213,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    raccoon = Path(os.environ.get("SSD_RACCOON_DIR") or REPO.parent / "shared" / "datasets" / "raccoon")
-    if not raccoon.is_dir():
-        print(f"raccoon dataset not found at {raccoon}; set SSD_RACCOON_DIR", file=sys.stderr)
-        return 1
+    raccoon = raccoon_root()
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        params = load_params(None, ["data.source=voc", f"data.root={raccoon}"])
-        result = prepare(params, work / "prepared", progress=False)
-        write_index(work / "prepared", result.records, result.classes)
-        shard(work / "prepared", work / "shards", params.shard, progress=False)
-        shards = str(work / "shards")
+        data = raccoon_shards(work)
+        result, shards = data.prepared, data.shards
         records = read_index(work / "prepared", "train")
         manifest = load_manifest(shards, verify=True)
         locations = [loc for s in manifest.split_shards("train") for loc in s.samples]

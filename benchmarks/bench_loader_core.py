@@ -31,12 +31,9 @@ RESULTS = REPO / "benchmarks" / "results" / "bench_loader_core.json"
 sys.path[:0] = [str(REPO)]
 
 import torch  # noqa: E402
+from _raccoon import raccoon_shards  # noqa: E402
 
-from pipeline.config import load_params  # noqa: E402
 from pipeline.shards.loader import train_loader  # noqa: E402
-from pipeline.sources.records import write_index  # noqa: E402
-from pipeline.stages.prepare import prepare  # noqa: E402
-from pipeline.stages.shard import shard  # noqa: E402
 from ssd_core.augment import AugmentOptions  # noqa: E402
 
 TARGET_IMAGES_PER_S, HOST_CORES = 2000, 16
@@ -46,20 +43,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=4, help="of the 180 training photos")
     args = parser.parse_args()
-    raccoon = Path(os.environ.get("SSD_RACCOON_DIR") or REPO.parent / "shared" / "datasets" / "raccoon")
-    if not raccoon.is_dir():
-        print(f"raccoon dataset not found at {raccoon}; set SSD_RACCOON_DIR", file=sys.stderr)
-        return 1
     torch.set_num_threads(1)
     load = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        params = load_params(None, ["data.source=voc", f"data.root={raccoon}"])
-        result = prepare(params, work / "prepared", progress=False)
-        write_index(work / "prepared", result.records, result.classes)
-        shard(work / "prepared", work / "shards", params.shard, progress=False)
+        data = raccoon_shards(Path(tmp))
         loader = train_loader(
-            str(work / "shards"),
+            data.shards,
             rank=0,
             world_size=1,
             global_batch=32,
@@ -68,7 +57,7 @@ def main() -> int:
             seed=0,
             num_steps=args.epochs * 180 // 32,
             num_workers=0,
-            max_boxes=params.train.max_boxes,
+            max_boxes=data.params.train.max_boxes,
         )
         cpu0, wall0, images = time.process_time(), time.perf_counter(), 0
         for batch in loader:

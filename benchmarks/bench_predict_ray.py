@@ -40,6 +40,7 @@ sys.path[:0] = [str(REPO)]
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from _raccoon import raccoon_root  # noqa: E402
 
 from pipeline.artifacts.model_file import save_model_file  # noqa: E402
 from pipeline.cli import main as cli_main  # noqa: E402
@@ -49,10 +50,7 @@ from ssd_core.model import build_ssd  # noqa: E402
 
 
 def photos_folder() -> Path:
-    root = Path(os.environ.get("SSD_RACCOON_DIR") or REPO.parent / "shared" / "datasets" / "raccoon")
-    if not (root / "images").is_dir():
-        sys.exit(f"raccoon photos not found in {root / 'images'}; set SSD_RACCOON_DIR")
-    return root / "images"
+    return raccoon_root() / "images"
 
 
 def run(name: str, argv: list[str], out: Path) -> float:

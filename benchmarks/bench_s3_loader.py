@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -40,13 +41,10 @@ RESULTS = REPO / "benchmarks" / "results" / "bench_s3_loader.json"
 sys.path[:0] = [str(REPO)]
 
 import torch  # noqa: E402
+from _raccoon import raccoon_shards  # noqa: E402
 
-from pipeline.config import load_params  # noqa: E402
 from pipeline.shards.cache import CACHE_ENV  # noqa: E402
 from pipeline.shards.loader import train_loader  # noqa: E402
-from pipeline.sources.records import write_index  # noqa: E402
-from pipeline.stages.prepare import prepare  # noqa: E402
-from pipeline.stages.shard import shard  # noqa: E402
 from pipeline.stages.upload import upload_shards  # noqa: E402
 from ssd_core.augment import AugmentOptions  # noqa: E402
 from tests.object_store import ENV_KEYS, S3Server  # noqa: E402
@@ -68,12 +66,6 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    raccoon = Path(os.environ.get("SSD_RACCOON_DIR") or REPO.parent / "shared" / "datasets" / "raccoon")
-    if not raccoon.is_dir():
-        raccoon = Path("/work/shared/datasets/raccoon")
-    if not raccoon.is_dir():
-        print(f"raccoon dataset not found at {raccoon}; set SSD_RACCOON_DIR", file=sys.stderr)
-        return 1
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,15 +73,13 @@ def main() -> int:
         server = S3Server(work / "s3").start()
         try:
             os.environ.update({key: server.env[key] for key in ENV_KEYS})  # the loader's workers inherit it
-            params = load_params(None, ["data.source=voc", f"data.root={raccoon}"])
-            result = prepare(params, work / "prepared", progress=False)
-            write_index(work / "prepared", result.records, result.classes)
-            shard(work / "prepared", work / "shards", params.shard, progress=False)
+            data = raccoon_shards(work)
+            epoch_steps = math.ceil(len(data.prepared.records["train"]) / BATCH)
             remote = server.url("bench", "shards")
             started = time.perf_counter()
             manifest = upload_shards(work / "shards", remote, progress=False)
             upload_s = time.perf_counter() - started
-            sources = {"local": str(work / "shards"), "s3_cold": remote, "s3_warm": remote}
+            sources = {"local": data.shards, "s3_cold": remote, "s3_warm": remote}
             cache = work / "cache"
             os.environ[CACHE_ENV] = str(cache)
 
@@ -100,12 +90,11 @@ def main() -> int:
                     sources[name],
                     rank=0,
                     world_size=1,
-                    batch_size=BATCH,
+                    global_batch=BATCH,
                     image_size=SIZE,
                     augment=FULL,
                     seed=SEED,
-                    epoch=0,
-                    epochs=epochs,
+                    num_steps=epochs * epoch_steps,
                     num_workers=WORKERS,
                 )
 

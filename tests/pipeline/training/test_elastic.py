@@ -222,11 +222,8 @@ class _Run:
     def groups(self) -> list[tuple[int, int]]:
         """(first step, world size) of each worker group that trained, in the order they started; steps are
         0-based, as the loader counts, so a group's first step is the step of the checkpoint it resumed from."""
-        starts = {(start["step"], start["world"]) for start in self._first_records()}
-        return sorted(starts)
-
-    def _first_records(self) -> list[dict]:
-        return [json.loads(path.read_text().splitlines()[0]) for path in self.samples.glob("*.jsonl")]
+        starts = [json.loads(path.read_text().splitlines()[0]) for path in self.samples.glob("*.jsonl")]
+        return sorted({(start["step"], start["world"]) for start in starts})
 
     def global_batches(self) -> dict[int, list[int]]:
         """Step (0-based, as the loader counts) -> the sample ids of its global batch, in rank order, as the

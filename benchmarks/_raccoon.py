@@ -25,7 +25,6 @@ from pipeline.stages.shard import shard  # noqa: E402
 class RaccoonShards(NamedTuple):
     params: Params
     prepared: Prepared  # ``.records`` of every split, ``.classes``
-    prepared_dir: Path
     shards: str
 
 
@@ -41,4 +40,4 @@ def raccoon_shards(work: Path) -> RaccoonShards:
     result = prepare(params, work / "prepared", progress=False)
     write_index(work / "prepared", result.records, result.classes)
     shard(work / "prepared", work / "shards", params.shard, progress=False)
-    return RaccoonShards(params, result, work / "prepared", str(work / "shards"))
+    return RaccoonShards(params, result, str(work / "shards"))

@@ -71,7 +71,6 @@ from pipeline.shards.loader import collate_train, train_loader  # noqa: E402
 from pipeline.shards.manifest import load_manifest  # noqa: E402
 from pipeline.shards.order import sample_seed  # noqa: E402
 from pipeline.sources.images import inspect_image, load_rgb  # noqa: E402
-from pipeline.sources.records import read_index  # noqa: E402
 from pipeline.sources.voc import parse_voc_xml  # noqa: E402
 from ssd_core.augment import AugmentOptions, plan_augmentation, train_transform  # noqa: E402
 
@@ -217,10 +216,9 @@ def main() -> int:
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        data = raccoon_shards(work)
+        data = raccoon_shards(Path(tmp))
         result, shards = data.prepared, data.shards
-        records = read_index(work / "prepared", "train")
+        records = result.records["train"]  # what the index holds (read_index gives equal records)
         manifest = load_manifest(shards, verify=True)
         locations = [loc for s in manifest.split_shards("train") for loc in s.samples]
         items = [

@@ -149,7 +149,7 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         marker.touch()
-        for folder in ("mlflow", "ray", "logs"):
+        for folder in ("mlflow", "ray", "logs", *(p.name for p in self.root.glob("ray-w*"))):
             shutil.rmtree(self.root / folder, ignore_errors=True)
 
     def _start_s3(self) -> None:
@@ -201,7 +201,8 @@ class Cluster:
         self.state["next_worker"] = index + 1
         name, resource = f"ray-worker-{index}", f"ssd_node_{index}"
         ports = dict(zip(svc.NODE_PORTS, svc.free_ports(len(svc.NODE_PORTS)), strict=True))
-        cmd = svc.ray_worker_command(self.state["ports"]["gcs"], ports, resource)
+        temp = self.root / f"ray-w{index}"  # the node's own (see ray_worker_command); short, as the head's
+        cmd = svc.ray_worker_command(self.state["ports"]["gcs"], ports, resource, temp)
         pid = svc.spawn(cmd, env=self._node_env(), log=self.log(name), cwd=self.root)
         self._record(name, pid, resource=resource)
         token, dashboard = self.secret("ray_token"), self.state["ports"]["dashboard"]

@@ -162,8 +162,10 @@ def ray_head_command(ports: dict[str, int], temp_dir: Path) -> list[str]:
     ]
 
 
-def ray_worker_command(gcs_port: int, ports: dict[str, int], name: str) -> list[str]:
-    """``ray start --address ... --block``: a worker node with one CPU and a resource of its own, ``name``."""
+def ray_worker_command(gcs_port: int, ports: dict[str, int], name: str, temp_dir: Path) -> list[str]:
+    """``ray start --address ... --block``: a worker node with one CPU and a resource of its own, ``name``.
+    ``temp_dir`` is the node's own, as on a real cluster: nodes that share one would each forward every node's
+    worker logs to the job's driver (each line of ``ray job logs`` once per node)."""
     return [
         str(BIN / "ray"),
         "start",
@@ -171,6 +173,7 @@ def ray_worker_command(gcs_port: int, ports: dict[str, int], name: str) -> list[
         "--block",
         f"--node-ip-address={HOST}",
         *_node_port_flags(ports),
+        f"--temp-dir={temp_dir}",
         f"--num-cpus={WORKER_CPUS}",
         "--num-gpus=0",
         f"--resources={json.dumps({name: 1})}",

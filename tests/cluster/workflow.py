@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent  # the clones get a .venv link to it, like a checkout after `make install`
 
 # The short training run the README rehearses: the embedded default's data and model, 2 workers of 1 thread,
-# 4 images per step, a checkpoint every 10 steps, every step logged.
-MAX_STEPS = 60
+# 4 images per step, a checkpoint every 40 steps, every step logged. 200 steps: after the node failure the
+# recovered job must still be running when `ray job stop` reaches it, and on a busy 2-core machine that CLI took
+# 14 s to start while the job did 0.2 s steps (with 60 steps and a checkpoint every 10, the job finished first;
+# with 120 and 20, the stop landed 2 steps before the end).
+MAX_STEPS = 200
 EXCLUDES = '{"excludes": ["/.git", "/.venv", "/.dvc/cache", "/data", "/shards", "/runs", "/models", "/mlflow.db"]}'
 SUBMIT = (
     ".venv/bin/ray job submit --submission-id $JOB --no-wait --working-dir . "
@@ -35,7 +38,7 @@ SUBMIT = (
     "-- python -m pipeline train --wait --shards s3://$SSD_S3_BUCKET/shards "
     "--model-out s3://$SSD_S3_BUCKET/models/$RUN.pt "
     "train.storage_path=s3://$SSD_S3_BUCKET/runs tracking.uri=$MLFLOW_TRACKING_URI "
-    f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=4 train.checkpoint_every_steps=10 "
+    f"train.run_name=$RUN train.max_steps={MAX_STEPS} train.batch_size=4 train.checkpoint_every_steps=40 "
     "train.log_every_steps=1 train.loader_workers=0 train.precision=fp32"
 )
 START = "infra/local/start"

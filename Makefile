@@ -53,6 +53,11 @@ run: install
 
 LINTED := ssd_core pipeline tests benchmarks infra
 
+# Python keeps compiled bytecode (__pycache__, git-ignored) even where the environment turns that off, as this
+# machine's does (PYTHONDONTWRITEBYTECODE=1): every Python process the targets start (test workers, `python -m
+# pipeline`, servers, Ray workers) would otherwise compile what it imports from source. make test-fast: 107 -> 90 s.
+export PYTHONDONTWRITEBYTECODE :=
+
 # Tests run in TEST_WORKERS processes (pytest-xdist): much of the slow tests' time is spent waiting on servers,
 # Ray and subprocesses, so two workers on CI's 2 cores took the suite from 29 to 20 minutes. Every test binds
 # free ports and its own folders, so any count works; TEST_WORKERS=0 runs everything in this process. Tests marked

@@ -36,6 +36,7 @@ import ray.exceptions
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,12 @@ class StopRequests:
 
 
 def start_stop_requests() -> Any:
-    """A ``StopRequests`` actor for one driver invocation (no CPU reserved; the driver kills it at the end)."""
-    return ray.remote(num_cpus=0, max_concurrency=1000)(StopRequests).remote()
+    """A ``StopRequests`` actor for one driver invocation (no CPU reserved; the driver kills it at the end), on
+    the driver's own node. Ray places an actor that asks for no resources on any node (9 of 12 on the worker
+    nodes of the loopback cluster): there it died with its node, and a later SIGTERM reached no rank."""
+    on_the_drivers_node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_concurrency=1000)(StopRequests)
+    return actor.options(scheduling_strategy=on_the_drivers_node).remote()
 
 
 class Signalled(NamedTuple):

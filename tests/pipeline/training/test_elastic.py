@@ -7,7 +7,8 @@
    with ``train.num_workers=[1,2]``; one worker node is killed after the first checkpoint. Ray Train restarts
    the group on the one node left and the run finishes: ``train/world_size`` in MLflow goes 2 -> 1, every
    step's global batch is the planned one (sample ids counted), and the loss curve stays within noise of a
-   fixed 2-worker run on the same cluster.
+   fixed 2-worker run on the same cluster. On that cluster, too: the actor that carries a SIGTERM to the ranks
+   lives on the driver's node, so it outlives the loss of any worker node.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pipeline.config import load_params
 from pipeline.shards.order import epoch_plan
 from pipeline.stages.train import build_job, train
 from pipeline.training import checkpoint, faults
+from pipeline.training.preemption import start_stop_requests
 from tests.pipeline.fixtures import synthetic_shards
 
 REPO = Path(__file__).resolve().parents[3]
@@ -183,6 +185,15 @@ def two_node_cluster():
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+def test_the_stop_requests_actor_lives_on_the_drivers_node(two_node_cluster):
+    """A stop request must outlive the loss of any worker node: a SIGTERM after a node failure still stops the
+    run. Ray alone spreads actors that ask for no resources over every node (the head here has no CPUs)."""
+    driver_node = ray.get_runtime_context().get_node_id()
+    actors = [start_stop_requests() for _ in range(8)]
+    nodes = ray.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in actors])
+    assert nodes == [driver_node] * 8
 
 
 class _Run:

@@ -168,7 +168,7 @@ class Cluster:
         """Start the head; returns the wait for it to be ready."""
         ports = dict(self.state["ports"])
         ports.update(zip(svc.NODE_PORTS, svc.free_ports(len(svc.NODE_PORTS)), strict=True))
-        env = {**self._node_env(), **svc.HEALTH_CHECK_ENV}
+        env = {**self._node_env(), **svc.HEALTH_CHECK_ENV, **svc.JOB_STOP_ENV}
         temp = self.root / "ray"  # Ray's socket paths must stay under 108 bytes: keep DIR short
         pid = svc.spawn(svc.ray_head_command(ports, temp), env=env, log=self.log("ray-head"), cwd=self.root)
         self._record("ray-head", pid)

@@ -36,6 +36,12 @@ HEALTH_CHECK_ENV = {
     "RAY_health_check_failure_threshold": "3",
 }
 
+# `ray job stop` sends the driver SIGTERM and, by default, SIGKILL 3 s later: too soon for `train` to stop at a
+# step boundary, write that step's checkpoint, flush MLflow and release the run folder's lease (a killed driver
+# leaves it behind, and the next job waits until it is stale). The job supervisors run on the head and read this.
+# infra/docker/Dockerfile sets the same for every cluster that runs the image (a test keeps them equal).
+JOB_STOP_ENV = {"RAY_JOB_STOP_WAIT_TIME_S": "120"}
+
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports that are free on 127.0.0.1 now (held open together, then released)."""

@@ -10,11 +10,12 @@ One scenario, in the order a team lives it (``tests/cluster/workflow.py`` holds 
    every step's metrics arrive (none lost, none twice) and the steps went on while it was down.
 3. The same command as run ``laptop``: two ranks on two different worker nodes (node ids; all nodes share one
    IP). After the first checkpoint one of those nodes is killed, its whole process group, and a replacement
-   node is started: the ranks run on the survivor and the replacement. Then ``ray job stop``, and the same
-   command again: it resumes from the newest checkpoint in S3 and ends at exactly ``train.max_steps``, with
-   final weights bit-identical to the fault-free run's, one MLflow run without a step logged twice, the model
-   registered and its artifacts in the bucket, and every step's metrics stored: those rank 0 still had queued
-   when ``ray job stop`` ended the job travel in the checkpoint and are sent again on resume.
+   node is started: the ranks run on the survivor and the replacement. Then ``ray job stop``, which gives the
+   driver time to checkpoint and release its lease, and the same command again, which starts at once: it
+   resumes from the newest checkpoint in S3 and ends at exactly ``train.max_steps``, with final weights
+   bit-identical to the fault-free run's, one MLflow run without a step logged twice, the model registered and
+   its artifacts in the bucket, and every step's metrics stored: those rank 0 still had queued when ``ray job
+   stop`` ended the job travel in the checkpoint and are sent again on resume.
 4. A teammate clones the data owner's commit, ``dvc pull shard``: every shard's sha256 is the manifest's.
 """
 
@@ -186,6 +187,8 @@ def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> list[
     )
     shell.run(wf.JOB_STOP, owner, JOB="laptop-1")
     assert jobs.wait("laptop-1", 120) == "STOPPED"
+    stopping = _driver_lines(jobs.logs("laptop-1"))  # SIGTERM, and time to end well before any SIGKILL:
+    assert "run the same command again" in stopping and re.search(r"lease: job \S+ released", stopping), stopping
     print("node failure:", json.dumps(recovered))  # for benchmarks/README
     stopped_at = max(_checkpoints(env, "laptop"))
     assert stopped_at < wf.MAX_STEPS
@@ -193,6 +196,7 @@ def _run_with_a_node_failure_and_a_stop(shell, owner, env, cluster_dir) -> list[
     shell.run(wf.SUBMIT, owner, JOB="laptop-2", RUN="laptop")  # the same command again
     assert jobs.wait("laptop-2", JOB_TIMEOUT_S) == "SUCCEEDED", _driver_lines(jobs.logs("laptop-2"))
     logs = jobs.logs("laptop-2")
+    assert "lease: waiting for" not in logs and "took over" not in logs  # laptop-1 let go of the run folder
     assert "resuming from s3://" in logs and f"starting at step {stopped_at} of {wf.MAX_STEPS}" in logs, logs[-4000:]
     assert f"{wf.MAX_STEPS} steps" in shell.run(wf.JOB_LOGS, owner, JOB="laptop-2")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
 import re
@@ -81,6 +83,20 @@ def test_the_final_user_is_not_root_and_sudo_is_removed(instructions):
     assert users[-1] not in {"root", "0", "0:0"}, f"the image ends as {users[-1]}"
     removing = " ".join(rest for keyword, rest in instructions if keyword == "RUN" and "sudoers" in rest)
     assert "NOPASSWD" in removing and "not allowed to run sudo" in removing
+
+
+def test_ray_job_stop_gives_the_driver_the_same_grace_here_and_on_the_local_cluster(instructions):
+    """`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: Ray's default, 3 s, is too soon for
+    `train` to checkpoint the step it stops at, flush MLflow and release its lease. The image and infra/local set
+    one value, and Ray's job supervisor still reads that name."""
+    from ray.dashboard.modules.job import job_supervisor
+
+    spec = importlib.util.spec_from_file_location("local_services", INFRA / "local" / "services.py")
+    services = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(services)
+    grace = dockerfile_env(instructions)["RAY_JOB_STOP_WAIT_TIME_S"]
+    assert grace == services.JOB_STOP_ENV["RAY_JOB_STOP_WAIT_TIME_S"] and int(grace) >= 60
+    assert '"RAY_JOB_STOP_WAIT_TIME_S"' in inspect.getsource(job_supervisor)
 
 
 def test_entry_point_is_the_checked_script_in_exec_form(instructions):

@@ -55,7 +55,7 @@ LINTED := ssd_core pipeline tests benchmarks infra
 
 # Python keeps compiled bytecode (__pycache__, git-ignored) even where the environment turns that off, as this
 # machine's does (PYTHONDONTWRITEBYTECODE=1): every Python process the targets start (test workers, `python -m
-# pipeline`, servers, Ray workers) would otherwise compile what it imports from source. make test-fast: 107 -> 90 s.
+# pipeline`, servers, Ray workers) would otherwise compile what it imports from source. make test-fast: 105 -> 85-92 s.
 export PYTHONDONTWRITEBYTECODE :=
 
 # Tests run in TEST_WORKERS processes (pytest-xdist): much of the slow tests' time is spent waiting on servers,

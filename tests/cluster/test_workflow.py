@@ -122,8 +122,11 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
     jobs, mlflow = wf.JobServer(env), wf.Mlflow(env)
     shell.run(wf.SUBMIT, owner, JOB="fault-free", RUN="fault-free")
 
+    def logged_steps() -> list[int]:
+        return [step for _, step in wf.step_times(jobs.logs("fault-free"))]
+
     def last_step() -> int:
-        return max((step for _, step in wf.step_times(jobs.logs("fault-free"))), default=0)
+        return max(logged_steps(), default=0)
 
     wf.wait_for(lambda: last_step() >= 3, "the fault-free run's third step", JOB_TIMEOUT_S, every_s=0.5)
     down = time.time()
@@ -140,7 +143,7 @@ def _fault_free_run_through_an_mlflow_outage(shell, owner, env, cluster_dir) -> 
     shell.run(wf.REVIVE_MLFLOW, owner)
     print(f"MLflow down {up - down:.1f} s, from step {at_kill} to step {last_step()} (rank 0's log)")
     assert jobs.wait("fault-free", JOB_TIMEOUT_S) == "SUCCEEDED", _driver_lines(jobs.logs("fault-free"))
-    logged = [step for _, step in wf.step_times(jobs.logs("fault-free"))]
+    logged = logged_steps()
     assert logged == list(range(1, wf.MAX_STEPS + 1)), logged  # each of rank 0's lines once, not once per node
 
     runs = mlflow.runs("fault-free")
